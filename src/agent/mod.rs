@@ -1,0 +1,1 @@
+//! One actor per agent: spawn, watch, stop, restart with backoff.

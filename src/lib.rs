@@ -1,0 +1,6 @@
+//! agent-supervisor: runs a fleet of LLM agents so that one runaway agent costs
+//! one agent, never the fleet. See ARCHITECTURE.md for the map.
+
+pub mod agent;
+pub mod fleet;
+pub mod vault;
