@@ -2,5 +2,8 @@
 //! one agent, never the fleet. See ARCHITECTURE.md for the map.
 
 pub mod agent;
+pub mod check;
+pub mod cli;
 pub mod fleet;
+pub mod supervisor;
 pub mod vault;

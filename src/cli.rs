@@ -1,0 +1,73 @@
+//! Command-line interface: argument parsing and dispatch. No logic lives here;
+//! each command calls into its module and returns an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit codes, documented in `--help` and README.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// The command failed (for `check`: the fleet is not valid).
+    pub const FAILURE: u8 = 1;
+    /// Usage error: bad arguments (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// `run` was refused because fleet.yaml is not valid (EX_CONFIG).
+    pub const CONFIG: u8 = 78;
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   success
+  1   failure (`check`: the fleet is not valid)
+  2   usage error (bad arguments)
+  78  `run`: fleet.yaml is not valid, nothing was started";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "supervisor",
+    version,
+    about = "Run a fleet of LLM agents so that one runaway agent costs one agent, never the fleet.",
+    after_help = EXIT_CODES_HELP
+)]
+pub struct Cli {
+    /// Path to the fleet file.
+    #[arg(short = 'f', long = "fleet", global = true, default_value = "fleet.yaml")]
+    pub fleet: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the fleet in the foreground until SIGTERM/SIGINT; SIGHUP reloads fleet.yaml.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Run {
+        /// Log format: `auto` (coloured `agent | line` on a terminal, plain otherwise), `plain` or `json`.
+        #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
+        log_format: LogFormat,
+    },
+    /// Validate fleet.yaml and check that every referenced secret resolves (values are never printed).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Check,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Plain,
+    Json,
+}
+
+/// Parse arguments and run the chosen command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run { log_format } => crate::supervisor::run_command(&cli.fleet, log_format),
+        Command::Check => crate::check::check_command(&cli.fleet),
+    };
+    ExitCode::from(code)
+}
