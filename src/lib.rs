@@ -5,6 +5,7 @@ pub mod agent;
 pub mod check;
 pub mod cli;
 pub mod fleet;
+pub mod ledger;
 pub mod logging;
 pub mod supervisor;
 pub mod vault;
