@@ -7,5 +7,6 @@ pub mod cli;
 pub mod fleet;
 pub mod ledger;
 pub mod logging;
+pub mod proxy;
 pub mod supervisor;
 pub mod vault;
