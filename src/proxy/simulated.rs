@@ -222,7 +222,7 @@ fn arguments_for(schema: &Value, salt: u64) -> Value {
         for (name, prop) in props {
             let value = match prop.get("type").and_then(Value::as_str) {
                 Some("integer") | Some("number") => json!(salt % 97 + 1),
-                Some("boolean") => json!(salt % 2 == 0),
+                Some("boolean") => json!(salt.is_multiple_of(2)),
                 Some("array") => json!([]),
                 Some("object") => json!({}),
                 _ => json!(format!("{name}-{}", salt % 1000)),
