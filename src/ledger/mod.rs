@@ -11,8 +11,6 @@
 //!
 //! Must not: do arithmetic on ceilings (that is `budget`), or hold secrets.
 
-mod month;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -24,7 +22,15 @@ use anyhow::{Context, Result};
 use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::oneshot;
 
-pub use month::{Month, unix_millis_now};
+pub use crate::budget::Month;
+
+/// Milliseconds since the Unix epoch; 0 if the clock is before 1970.
+pub fn unix_millis_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
 
 /// File name of the ledger inside `state_dir`.
 pub const LEDGER_FILE: &str = "ledger.db";
