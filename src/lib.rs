@@ -5,5 +5,7 @@ pub mod agent;
 pub mod check;
 pub mod cli;
 pub mod fleet;
+pub mod pricing;
+pub mod proxy;
 pub mod supervisor;
 pub mod vault;
