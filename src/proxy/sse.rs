@@ -351,7 +351,9 @@ mod tests {
         events
     }
 
-    fn parse(input: &str) -> Vec<(Option<String>, String)> {
+    type Parsed = Vec<(Option<String>, String)>;
+
+    fn parse(input: &str) -> Parsed {
         let mut parser = SseParser::default();
         collect(&mut parser, &[input.as_bytes()])
             .into_iter()
@@ -365,7 +367,7 @@ mod tests {
 
     #[test]
     fn spec_cases() {
-        let cases: &[(&str, &str, Vec<(Option<String>, String)>)] = &[
+        let cases: &[(&str, &str, Parsed)] = &[
             ("plain", "data: hi\n\n", vec![ev(None, "hi")]),
             (
                 "event name",
