@@ -1,5 +1,15 @@
 //! The metering sidecar proxy (loopback HTTP): identifies the agent by its
 //! scoped token, admits or refuses, forwards with the real key, taps usage.
+//!
+//! Pure cores: `sse` splits an event stream and keeps event byte spans so the
+//! original bytes pass through; `usage` reads exact usage (and what the runaway
+//! detector wants) from answers; `estimate` bounds a request's worst case before
+//! it is forwarded; `refusal` shapes the proxy's own answers; `simulated` is the
+//! offline model. The shell (`server`) calls these per request and per chunk.
+
+pub mod estimate;
 pub mod refusal;
 pub mod simulated;
+pub mod sse;
 pub mod tokens;
+pub mod usage;
