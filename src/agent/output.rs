@@ -144,9 +144,17 @@ mod tests {
         out
     }
 
+    /// (what, bound, chunks fed, lines expected)
+    type Case = (
+        &'static str,
+        usize,
+        &'static [&'static [u8]],
+        &'static [&'static str],
+    );
+
     #[test]
     fn splitting_table() {
-        let cases: &[(&str, usize, &[&[u8]], &[&str])] = &[
+        let cases: &[Case] = &[
             ("one line", 16, &[b"hello\n"], &["hello"]),
             ("no newline at end", 16, &[b"a\nb"], &["a", "b"]),
             ("crlf", 16, &[b"a\r\nb\r\n"], &["a", "b"]),
