@@ -286,7 +286,9 @@ impl Actor {
                 }
                 Event::LeaderExited(status) => self.on_leader_exit(status),
                 Event::GraceOver => self.escalate(),
-                Event::PollGroup => self.check_gone(),
+                Event::PollGroup => {
+                    self.check_gone();
+                }
                 Event::BackoffOver => self.spawn_agent(),
             }
         }
@@ -464,31 +466,39 @@ impl Actor {
             }
         };
         run.leader_exit = Some(exit);
-        self.check_gone();
+        let lingering = run.stopping.is_none();
+        // Once the run is finished, `self.run` may already hold the next one,
+        // which must not be stopped.
+        if self.check_gone() {
+            return;
+        }
         // The leader went by itself but left processes in its group: they
         // belong to the agent, so they go too before it counts as exited.
-        if self.run.as_ref().is_some_and(|r| r.stopping.is_none()) {
+        if lingering {
             tracing::info!(agent = %self.name, "agent process exited, stopping what it left in its process group");
             self.begin_stop();
         }
     }
 
-    fn check_gone(&mut self) {
+    /// Finishes the run if its leader was reaped and its group is empty;
+    /// returns whether it did.
+    fn check_gone(&mut self) -> bool {
         let gone = self
             .run
             .as_ref()
             .is_some_and(|r| r.child.is_none() && r.group.is_gone());
         if !gone {
-            return;
+            return false;
         }
         let Some(mut run) = self.run.take() else {
-            return;
+            return false;
         };
         run.guard.disarm();
         let exit = run.leader_exit.take().unwrap_or(Exit::Code(-1));
         let ran_for = run.started.elapsed();
         reply(&mut self.on_gone);
         self.after_exit(exit, ran_for);
+        true
     }
 
     /// Records how a run ended and takes the next step.
