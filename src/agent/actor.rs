@@ -409,7 +409,7 @@ impl Actor {
         );
         run.stopping = Some(Stopping {
             since: now,
-            kill_at: Some(now + grace),
+            kill_at: Some(deadline(now, grace)),
             killed: false,
         });
         let sent = run.group.signal(signal);
@@ -522,7 +522,7 @@ impl Actor {
             Next::Backoff => {
                 let delay = self.backoff.on_exit(ran_for);
                 let attempt = self.backoff.attempt();
-                let until = Instant::now() + delay;
+                let until = deadline(Instant::now(), delay);
                 self.backoff_until = Some(until);
                 let delay = humantime::format_duration(delay);
                 match &exit {
@@ -624,6 +624,13 @@ impl Actor {
     }
 }
 
+/// `from + after`, saturating: a configured `10000y` must not panic.
+fn deadline(from: Instant, after: Duration) -> Instant {
+    from.checked_add(after)
+        .or_else(|| from.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(from)
+}
+
 async fn wait_leader(child: Option<&mut Child>) -> io::Result<ExitStatus> {
     match child {
         Some(child) => child.wait().await,
@@ -684,6 +691,16 @@ mod tests {
                 "{goal:?} start_now={start_now} {policy:?} {exit:?}"
             );
         }
+    }
+
+    #[test]
+    fn deadlines_saturate() {
+        let now = Instant::now();
+        assert_eq!(
+            deadline(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+        assert!(deadline(now, Duration::MAX) > now + Duration::from_secs(86_400 * 365));
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod output;
 pub mod process_group;
 mod status;
 
-pub use actor::{AgentHandle, AgentLaunch, Goal, Next, next_after_exit};
+pub use actor::{AgentHandle, AgentLaunch};
 pub use backoff::{Backoff, Exit, should_restart};
 pub use launch::child_env;
 pub use process_group::{ProcessGroup, become_subreaper};
