@@ -1152,6 +1152,44 @@ agents:
     }
 
     #[test]
+    fn integers_are_named_with_their_value() {
+        assert_eq!(
+            errors("version: 1\nagents:\n  a:\n    command: 5\n"),
+            [
+                "fleet.yaml:4:14: agent \"a\": `command`: invalid type: integer `5`, expected a list of arguments, like `[python3, agent.py]`"
+            ]
+        );
+    }
+
+    #[test]
+    fn unreadable_oversized_and_non_utf8_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            read_source(&path).unwrap_err()
+        };
+        let big = read("big.yaml", &vec![b'#'; MAX_FILE_BYTES as usize + 1]);
+        assert_eq!(
+            big.errors[0].message,
+            "the file is larger than 1024 KiB; a fleet file is never this big"
+        );
+        let bad = read("bad.yaml", b"version: 1\nagents:\n  a\xff: {}\n");
+        assert_eq!((bad.errors[0].line, bad.errors[0].column), (3, 4));
+        assert_eq!(
+            bad.errors[0].message,
+            "the file is not UTF-8 text; save it as UTF-8"
+        );
+        let missing = read_source(&dir.path().join("absent.yaml")).unwrap_err();
+        assert_eq!(
+            missing.unreadable.map(|e| e.kind()),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        let folder = read_source(dir.path()).unwrap_err();
+        assert!(folder.unreadable.is_some() && folder.errors.is_empty());
+    }
+
+    #[test]
     fn names() {
         for ok in ["a", "0", "sparkles", "agent-1", "a_b", &"x".repeat(63)] {
             assert!(valid_agent_name(ok), "{ok}");

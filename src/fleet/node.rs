@@ -644,8 +644,8 @@ fn unexpected(node: &Node) -> Unexpected<'_> {
         } => Unexpected::Bool(*b),
         Value::Scalar {
             kind: Scalar::Int(_),
-            text,
-        } => Unexpected::Other(int_word(text)),
+            ..
+        } => Unexpected::Other("integer"),
         Value::Scalar {
             kind: Scalar::Float(f),
             ..
@@ -657,10 +657,6 @@ fn unexpected(node: &Node) -> Unexpected<'_> {
         Value::Seq(_) => Unexpected::Seq,
         Value::Map(_) => Unexpected::Map,
     }
-}
-
-fn int_word(_text: &str) -> &'static str {
-    "integer"
 }
 
 impl<'de> Node {
@@ -766,7 +762,6 @@ impl<'de> de::Deserializer<'de> for &'de Node {
                 kind: Scalar::Float(f),
                 ..
             } => visitor.visit_f64(*f),
-            #[allow(clippy::cast_precision_loss)]
             Value::Scalar {
                 kind: Scalar::Int(i),
                 ..

@@ -64,7 +64,10 @@ impl SecretStore for DirStore {
             });
         }
 
-        let folder_mode = fs::metadata(&folder).map_err(io_error)?.permissions().mode();
+        let folder_mode = fs::metadata(&folder)
+            .map_err(io_error)?
+            .permissions()
+            .mode();
         insecure(agent, name, &folder, folder_mode, 0o700)?;
 
         // Check the mode of what was opened, not of what a path named earlier.
@@ -75,7 +78,13 @@ impl SecretStore for DirStore {
     }
 }
 
-fn insecure(agent: &str, name: &SecretName, path: &Path, mode: u32, fix: u32) -> Result<(), VaultError> {
+fn insecure(
+    agent: &str,
+    name: &SecretName,
+    path: &Path,
+    mode: u32,
+    fix: u32,
+) -> Result<(), VaultError> {
     if mode & GROUP_OTHER == 0 {
         return Ok(());
     }
@@ -141,12 +150,19 @@ mod tests {
         let path = v.root().join("sparkles/nope");
         assert_eq!(
             err.to_string(),
-            format!("secret `nope` not found: `{}` does not exist", path.display())
+            format!(
+                "secret `nope` not found: `{}` does not exist",
+                path.display()
+            )
         );
         // No vault at all, or no agent folder: the same answer.
-        assert!(matches!(v.get("other", "nope"), Err(VaultError::NotFound { .. })));
         assert!(matches!(
-            DirStore::new(v.dir.path().join("absent")).get_secret("a", &SecretName::parse("k").unwrap()),
+            v.get("other", "nope"),
+            Err(VaultError::NotFound { .. })
+        ));
+        assert!(matches!(
+            DirStore::new(v.dir.path().join("absent"))
+                .get_secret("a", &SecretName::parse("k").unwrap()),
             Err(VaultError::NotFound { .. })
         ));
     }
@@ -160,7 +176,9 @@ mod tests {
             let p = path.display();
             assert_eq!(
                 err.to_string(),
-                format!("secret `k`: `{p}` is accessible by group or others (mode 0{mode:o}); run `chmod 600 {p}`")
+                format!(
+                    "secret `k`: `{p}` is accessible by group or others (mode 0{mode:o}); run `chmod 600 {p}`"
+                )
             );
             assert!(!format!("{err} {err:?}").contains("sk-secret-value"));
         }
@@ -175,7 +193,9 @@ mod tests {
             let f = folder.display();
             assert_eq!(
                 v.get("a", "k").unwrap_err().to_string(),
-                format!("secret `k`: `{f}` is accessible by group or others (mode 0{mode:o}); run `chmod 700 {f}`")
+                format!(
+                    "secret `k`: `{f}` is accessible by group or others (mode 0{mode:o}); run `chmod 700 {f}`"
+                )
             );
         }
         v.folder("a", 0o700);
@@ -205,7 +225,10 @@ mod tests {
         fs::write(elsewhere.join("k"), b"v").unwrap();
         fs::set_permissions(elsewhere.join("k"), fs::Permissions::from_mode(0o600)).unwrap();
         symlink(&elsewhere, v.root().join("b")).unwrap();
-        assert!(matches!(v.get("b", "k"), Err(VaultError::OutsideVault { .. })));
+        assert!(matches!(
+            v.get("b", "k"),
+            Err(VaultError::OutsideVault { .. })
+        ));
     }
 
     #[test]
@@ -216,16 +239,25 @@ mod tests {
         fs::create_dir(v.root().join("a/folder")).unwrap();
         let problem = |name: &str| v.get("a", name).unwrap_err().to_string();
         let p = |name: &str| v.root().join("a").join(name).display().to_string();
-        assert_eq!(problem("empty"), format!("secret `empty`: `{}` is unusable: it is empty", p("empty")));
+        assert_eq!(
+            problem("empty"),
+            format!("secret `empty`: `{}` is unusable: it is empty", p("empty"))
+        );
         assert_eq!(
             problem("binary"),
-            format!("secret `binary`: `{}` is unusable: it is not UTF-8 text", p("binary"))
+            format!(
+                "secret `binary`: `{}` is unusable: it is not UTF-8 text",
+                p("binary")
+            )
         );
         // A folder is refused for its mode (0755 from create_dir) or for not being a file.
         fs::set_permissions(v.root().join("a/folder"), fs::Permissions::from_mode(0o700)).unwrap();
         assert_eq!(
             problem("folder"),
-            format!("secret `folder`: `{}` is unusable: it is not a regular file", p("folder"))
+            format!(
+                "secret `folder`: `{}` is unusable: it is not a regular file",
+                p("folder")
+            )
         );
     }
 }

@@ -97,8 +97,16 @@ mod tests {
     #[test]
     fn variable_names() {
         let cases = [
-            ("sparkles", "llm_api_key", "SUPERVISOR_SECRET_SPARKLES_LLM_API_KEY"),
-            ("sound-wave", "gmail.token", "SUPERVISOR_SECRET_SOUND_WAVE_GMAIL_TOKEN"),
+            (
+                "sparkles",
+                "llm_api_key",
+                "SUPERVISOR_SECRET_SPARKLES_LLM_API_KEY",
+            ),
+            (
+                "sound-wave",
+                "gmail.token",
+                "SUPERVISOR_SECRET_SOUND_WAVE_GMAIL_TOKEN",
+            ),
             ("a1", "Key-2", "SUPERVISOR_SECRET_A1_KEY_2"),
         ];
         for (agent, secret, want) in cases {
@@ -115,13 +123,22 @@ mod tests {
         ]
         .into();
         let store = EnvStore::new(move |v| vars.get(v).map(OsString::from));
-        assert_eq!(store.get_secret("a", &name("key")).unwrap().expose(), "sk-env");
         assert_eq!(
-            store.get_secret("a", &name("nope")).unwrap_err().to_string(),
+            store.get_secret("a", &name("key")).unwrap().expose(),
+            "sk-env"
+        );
+        assert_eq!(
+            store
+                .get_secret("a", &name("nope"))
+                .unwrap_err()
+                .to_string(),
             "secret `nope` not found: environment variable `SUPERVISOR_SECRET_A_NOPE` does not exist"
         );
         assert_eq!(
-            store.get_secret("a", &name("empty")).unwrap_err().to_string(),
+            store
+                .get_secret("a", &name("empty"))
+                .unwrap_err()
+                .to_string(),
             "secret `empty`: environment variable `SUPERVISOR_SECRET_A_EMPTY` is unusable: it is empty"
         );
     }

@@ -177,22 +177,33 @@ mod tests {
         let got: Vec<(&str, &str)> = ok.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
         assert_eq!(got, [("A", "a/one"), ("B", "a/two")]);
 
-        let errs = resolve_agent_secrets(&Fake, &agent(&[("A", "missing"), ("B", "ok"), ("C", "missing")]))
-            .unwrap_err();
+        let errs = resolve_agent_secrets(
+            &Fake,
+            &agent(&[("A", "missing"), ("B", "ok"), ("C", "missing")]),
+        )
+        .unwrap_err();
         let vars: Vec<&str> = errs.iter().map(|e| e.env_var.as_str()).collect();
         assert_eq!(vars, ["A", "C"]);
         assert_eq!(
             errs[0].error.to_string(),
             "secret `missing` not found: `nowhere` does not exist"
         );
-        assert!(resolve_agent_secrets(&Fake, &agent(&[])).unwrap().is_empty());
+        assert!(
+            resolve_agent_secrets(&Fake, &agent(&[]))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn open_picks_the_backend() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(&VaultConfig::Dir { path: dir.path().to_owned() });
-        let err = store.get_secret("a", &SecretName::parse("k").unwrap()).unwrap_err();
+        let store = open(&VaultConfig::Dir {
+            path: dir.path().to_owned(),
+        });
+        let err = store
+            .get_secret("a", &SecretName::parse("k").unwrap())
+            .unwrap_err();
         assert!(matches!(err, VaultError::NotFound { .. }), "{err}");
     }
 

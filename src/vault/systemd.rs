@@ -21,7 +21,11 @@ impl SystemdCredsStore {
 
     /// Reads `$CREDENTIALS_DIRECTORY` (an empty value counts as unset).
     pub fn from_process() -> Self {
-        Self::new(std::env::var_os("CREDENTIALS_DIRECTORY").filter(|v| !v.is_empty()).map(PathBuf::from))
+        Self::new(
+            std::env::var_os("CREDENTIALS_DIRECTORY")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+        )
     }
 }
 
@@ -71,7 +75,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("sparkles.llm_api_key"), b"sk-cred\n").unwrap();
         let store = SystemdCredsStore::new(Some(dir.path().to_owned()));
-        assert_eq!(store.get_secret("sparkles", &name("llm_api_key")).unwrap().expose(), "sk-cred");
+        assert_eq!(
+            store
+                .get_secret("sparkles", &name("llm_api_key"))
+                .unwrap()
+                .expose(),
+            "sk-cred"
+        );
 
         let err = store.get_secret("sparkles", &name("other")).unwrap_err();
         assert_eq!(
@@ -87,7 +97,9 @@ mod tests {
 
     #[test]
     fn unset_credentials_directory_says_how_to_fix() {
-        let err = SystemdCredsStore::new(None).get_secret("a", &name("k")).unwrap_err();
+        let err = SystemdCredsStore::new(None)
+            .get_secret("a", &name("k"))
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "secret `k`: `$CREDENTIALS_DIRECTORY` is not set, so credential `a.k` cannot be read; run the \

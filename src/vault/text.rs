@@ -87,7 +87,11 @@ mod tests {
         ];
         for (bytes, want) in cases {
             let got = decode(bytes.to_vec());
-            assert_eq!(got.as_ref().map(Secret::expose).map_err(|e| *e), *want, "{bytes:?}");
+            assert_eq!(
+                got.as_ref().map(Secret::expose).map_err(|e| *e),
+                *want,
+                "{bytes:?}"
+            );
         }
         let big = vec![b'x'; MAX_SECRET_BYTES as usize + 1];
         assert_eq!(decode(big).unwrap_err(), "it is larger than 64 KiB");
