@@ -44,19 +44,41 @@ fn each_agent_gets_only_its_own_environment() {
         let vars: std::collections::BTreeMap<&str, &str> =
             env.lines().filter_map(|l| l.split_once('=')).collect();
         assert_eq!(vars.get("SUPERVISOR_AGENT"), Some(&agent), "{env}");
-        assert_eq!(vars.get("API_KEY").copied(), Some(secret_for(agent, "api").as_str()));
-        assert_eq!(vars.get("DB_PASSWORD").copied(), Some(secret_for(agent, "db").as_str()));
+        assert_eq!(
+            vars.get("API_KEY").copied(),
+            Some(secret_for(agent, "api").as_str())
+        );
+        assert_eq!(
+            vars.get("DB_PASSWORD").copied(),
+            Some(secret_for(agent, "db").as_str())
+        );
         assert_eq!(vars.get("SHARED_SETTING"), Some(&"from-defaults"));
-        assert_eq!(vars.get("OWN_SETTING").copied(), Some(format!("{agent}-value").as_str()));
+        assert_eq!(
+            vars.get("OWN_SETTING").copied(),
+            Some(format!("{agent}-value").as_str())
+        );
         assert_eq!(vars.get("PYTHONUNBUFFERED"), Some(&"1"));
         assert_eq!(vars.get("LC_ALL"), Some(&"C"), "LC_* is allow-listed");
         assert_eq!(vars.get("TZ"), Some(&"UTC"));
         assert!(!vars.contains_key("SUPERVISOR_ONLY_VARIABLE"), "{env}");
         let allowed = [
-            "PATH", "HOME", "USER", "LANG", "TZ", "TMPDIR", "SUPERVISOR_AGENT", "API_KEY",
-            "DB_PASSWORD", "SHARED_SETTING", "OWN_SETTING", "PYTHONUNBUFFERED",
+            "PATH",
+            "HOME",
+            "USER",
+            "LANG",
+            "TZ",
+            "TMPDIR",
+            "SUPERVISOR_AGENT",
+            "API_KEY",
+            "DB_PASSWORD",
+            "SHARED_SETTING",
+            "OWN_SETTING",
+            "PYTHONUNBUFFERED",
             // set by sh itself
-            "PWD", "SHLVL", "_", "OLDPWD",
+            "PWD",
+            "SHLVL",
+            "_",
+            "OLDPWD",
         ];
         for name in vars.keys() {
             assert!(
@@ -65,15 +87,24 @@ fn each_agent_gets_only_its_own_environment() {
             );
         }
         for other in AGENTS.iter().filter(|o| **o != agent) {
-            assert!(!env.contains(&secret_for(other, "api")), "{agent} saw {other}'s secret");
-            assert!(!env.contains(&secret_for(other, "db")), "{agent} saw {other}'s secret");
+            assert!(
+                !env.contains(&secret_for(other, "api")),
+                "{agent} saw {other}'s secret"
+            );
+            assert!(
+                !env.contains(&secret_for(other, "db")),
+                "{agent} saw {other}'s secret"
+            );
         }
     }
 
     let cmdlines = all_cmdlines().join("\n");
     for agent in AGENTS {
         for which in ["api", "db"] {
-            assert!(!cmdlines.contains(&secret_for(agent, which)), "secret in some argv");
+            assert!(
+                !cmdlines.contains(&secret_for(agent, which)),
+                "secret in some argv"
+            );
         }
     }
 
@@ -83,7 +114,10 @@ fn each_agent_gets_only_its_own_environment() {
     assert!(log.contains("alpha"), "log names the agents:\n{log}");
     for agent in AGENTS {
         for which in ["api", "db"] {
-            assert!(!log.contains(&secret_for(agent, which)), "secret in the log:\n{log}");
+            assert!(
+                !log.contains(&secret_for(agent, which)),
+                "secret in the log:\n{log}"
+            );
         }
     }
 }

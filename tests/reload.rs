@@ -28,7 +28,12 @@ fn forget_pid(fleet: &FleetDir, name: &str) {
 fn reload_touches_only_what_changed() {
     let fleet = FleetDir::new();
     fleet.write_secret("keeper", "token", "first-value");
-    let keeper = |extra: &str| agent("keeper", &format!("    secrets: {{ TOKEN: token }}\n{extra}"));
+    let keeper = |extra: &str| {
+        agent(
+            "keeper",
+            &format!("    secrets: {{ TOKEN: token }}\n{extra}"),
+        )
+    };
     fleet.write_fleet(&fleet_yaml(&[
         keeper(""),
         agent("changer", "    env: { MODE: one }\n"),
@@ -57,8 +62,14 @@ fn reload_touches_only_what_changed() {
     assert!(!group_alive(leaver_pid), "removed agent's group is gone");
     wait_gone(changer_pid);
     sup.wait_log("reload applied");
-    assert!(process_alive(keeper_pid) && process_alive(steady_pid), "unchanged agents untouched");
-    assert_eq!(fleet.read("steady.pid").unwrap().trim(), steady_pid.to_string());
+    assert!(
+        process_alive(keeper_pid) && process_alive(steady_pid),
+        "unchanged agents untouched"
+    );
+    assert_eq!(
+        fleet.read("steady.pid").unwrap().trim(),
+        steady_pid.to_string()
+    );
 
     // A changed secret value, same file: only `keeper` restarts.
     forget_pid(&fleet, "keeper");
@@ -68,7 +79,10 @@ fn reload_touches_only_what_changed() {
     assert_ne!(new_keeper_pid, keeper_pid);
     wait_gone(keeper_pid);
     for pid in [steady_pid, joiner_pid, new_changer_pid] {
-        assert!(process_alive(pid), "pid {pid} must be untouched by a secret change elsewhere");
+        assert!(
+            process_alive(pid),
+            "pid {pid} must be untouched by a secret change elsewhere"
+        );
     }
 
     // A broken file: every agent keeps running with the same pid.
@@ -80,8 +94,14 @@ fn reload_touches_only_what_changed() {
         assert!(process_alive(pid), "pid {pid} must survive a broken reload");
     }
     let log = sup.log();
-    assert!(log.contains("fleet.yaml:"), "the rejection names file:line:col:\n{log}");
-    assert!(!log.contains("second-value") && !log.contains("first-value"), "no secret in log");
+    assert!(
+        log.contains("fleet.yaml:"),
+        "the rejection names file:line:col:\n{log}"
+    );
+    assert!(
+        !log.contains("second-value") && !log.contains("first-value"),
+        "no secret in log"
+    );
 
     // A global that cannot change live is refused by name.
     fleet.write_fleet(&format!(
@@ -90,7 +110,10 @@ fn reload_touches_only_what_changed() {
     ));
     sup.signal(Signal::SIGHUP);
     sup.wait_log("`state_dir` cannot change");
-    assert!(process_alive(joiner_pid), "a refused reload removes nothing");
+    assert!(
+        process_alive(joiner_pid),
+        "a refused reload removes nothing"
+    );
 
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success());

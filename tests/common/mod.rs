@@ -98,7 +98,8 @@ impl Supervisor {
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal supervisor");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig)
+            .expect("signal supervisor");
     }
 
     pub fn log(&self) -> String {
@@ -170,7 +171,9 @@ pub fn process_alive(pid: i32) -> bool {
 }
 
 pub fn wait_gone(pid: i32) {
-    wait_for(&format!("pid {pid} to exit"), || (!process_alive(pid)).then_some(()));
+    wait_for(&format!("pid {pid} to exit"), || {
+        (!process_alive(pid)).then_some(())
+    });
 }
 
 /// Every process's argv on the machine, for "no secret in argv" checks.
