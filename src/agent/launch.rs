@@ -63,6 +63,15 @@ pub fn child_env(
 /// piped to the supervisor's log. `None` when `spec.command` is empty.
 pub fn command(spec: &AgentSpec, env: Vec<(OsString, OsString)>) -> Option<Command> {
     let (program, args) = spec.command.split_first()?;
+    // A relative program path like `./run.sh` means "in the agent's cwd"; resolve
+    // it here because std leaves relative-path-plus-current_dir platform-defined.
+    // A bare name (`python3`) is still looked up on the child's PATH.
+    let program = Path::new(program);
+    let program = if program.is_relative() && program.components().count() > 1 {
+        spec.cwd.join(program)
+    } else {
+        program.to_owned()
+    };
     let mut cmd = Command::new(program);
     cmd.args(args)
         .current_dir(&spec.cwd)
@@ -224,6 +233,25 @@ mod tests {
             let got = child_env(&spec("a", case.env), &secrets(case.secrets), os(case.host));
             assert_eq!(got, os(case.want), "{}", case.what);
         }
+    }
+
+    #[test]
+    fn relative_program_paths_resolve_against_cwd() {
+        let mut s = spec("a", &[]);
+        s.cwd = "/srv/agents".into();
+        s.command = vec!["bin/run".into(), "--flag".into()];
+        let cmd = command(&s, Vec::new()).unwrap();
+        assert_eq!(cmd.as_std().get_program(), "/srv/agents/bin/run");
+        s.command = vec!["python3".into()];
+        assert_eq!(
+            command(&s, Vec::new()).unwrap().as_std().get_program(),
+            "python3"
+        );
+        s.command = vec!["/usr/bin/env".into()];
+        assert_eq!(
+            command(&s, Vec::new()).unwrap().as_std().get_program(),
+            "/usr/bin/env"
+        );
     }
 
     #[test]
