@@ -108,6 +108,10 @@ where
         } else {
             write!(writer, "{:>width$} | {label} ", "supervisor")?;
         }
+        // Events about one agent name it first: `supervisor | INFO sparkles: agent started pid=7`.
+        if let Some(agent) = &fields.agent {
+            write!(writer, "{agent}: ")?;
+        }
         writeln!(writer, "{}{}", fields.message, fields.rest)
     }
 }

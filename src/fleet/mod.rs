@@ -1,7 +1,22 @@
 //! fleet.yaml: schema, parsing with source locations, validation that collects
 //! every error, defaults merging, and `diff(old, new)`. Pure apart from reading
 //! the file; must not start processes or resolve secrets.
+//!
+//! Entry points: [`load`] (or [`load_located`] when later errors need the
+//! file's positions), [`diff`] and [`non_reloadable_changes`] for reloads.
 
+mod diff;
+mod error;
+mod load;
 mod model;
+mod node;
+mod schema;
 
+pub use diff::{FleetDiff, diff, non_reloadable_changes};
+pub use error::{ConfigError, ConfigErrors};
+pub use load::{
+    LoadEnv, Located, MAX_FILE_BYTES, SourceMap, VERSION, load, load_located, parse_fleet,
+    valid_agent_name, valid_env_name,
+};
 pub use model::*;
+pub use node::Pos;

@@ -1,0 +1,225 @@
+//! An agent's stdout and stderr, turned into log lines. Owns the bound on how
+//! much of one line is held in memory, so a child printing without newlines
+//! cannot make the supervisor buffer without limit. Must not interpret the
+//! output: lines are logged as they are (lossy UTF-8), nothing else.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// A longer line is logged in pieces of at most this many bytes.
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// Which pipe a line came from; the log field `stream` carries its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Splits a byte stream into lines: at `\n` (a `\r` before it is dropped), or
+/// at `max` bytes, backing off so a UTF-8 character is not cut in two.
+#[derive(Debug)]
+pub struct LineSplitter {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl LineSplitter {
+    pub fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max: max.max(4),
+        }
+    }
+
+    /// Feeds a chunk; returns the lines it completed.
+    pub fn push(&mut self, mut chunk: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        while !chunk.is_empty() {
+            let room = self.max - self.buf.len();
+            let take = chunk.len().min(room);
+            match chunk[..take].iter().position(|&b| b == b'\n') {
+                Some(nl) => {
+                    self.buf.extend_from_slice(&chunk[..nl]);
+                    chunk = &chunk[nl + 1..];
+                    if self.buf.last() == Some(&b'\r') {
+                        self.buf.pop();
+                    }
+                    lines.push(decode(&self.buf));
+                    self.buf.clear();
+                }
+                None => {
+                    self.buf.extend_from_slice(&chunk[..take]);
+                    chunk = &chunk[take..];
+                    if self.buf.len() >= self.max {
+                        let cut = char_boundary(&self.buf);
+                        lines.push(decode(&self.buf[..cut]));
+                        self.buf.drain(..cut);
+                    }
+                }
+            }
+        }
+        lines
+    }
+
+    /// The last line if the stream ended without a newline.
+    pub fn finish(&mut self) -> Option<String> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let line = decode(&self.buf);
+        self.buf.clear();
+        Some(line)
+    }
+}
+
+fn decode(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Where to cut a full buffer: before an incomplete UTF-8 character at its
+/// end, if there is one, else at the end. Never at 0, so a buffer holding only
+/// broken bytes still goes out (lossy) instead of stalling.
+fn char_boundary(buf: &[u8]) -> usize {
+    let Some(lead) = buf.iter().rposition(|&b| b & 0xC0 != 0x80) else {
+        return buf.len();
+    };
+    let needed = match buf[lead] {
+        0xC0..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF7 => 4,
+        _ => 1,
+    };
+    if lead > 0 && buf.len() - lead < needed {
+        lead
+    } else {
+        buf.len()
+    }
+}
+
+/// Reads `reader` to its end, logging each line with the agent's name under
+/// the `agent` target, which the supervisor's log layer renders as
+/// `name | line`. A read error ends the pump quietly: it only happens when the
+/// pipe breaks, and the process's exit is reported elsewhere.
+pub async fn pump(mut reader: impl AsyncRead + Unpin, agent: Arc<str>, stream: Stream) {
+    let mut splitter = LineSplitter::new(MAX_LINE);
+    let mut chunk = vec![0u8; 8 * 1024];
+    loop {
+        match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                for line in splitter.push(&chunk[..n]) {
+                    emit(&agent, stream, &line);
+                }
+            }
+        }
+    }
+    if let Some(line) = splitter.finish() {
+        emit(&agent, stream, &line);
+    }
+}
+
+fn emit(agent: &str, stream: Stream, line: &str) {
+    tracing::info!(target: "agent", agent = %agent, stream = stream.as_str(), "{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(max: usize, chunks: &[&[u8]]) -> Vec<String> {
+        let mut s = LineSplitter::new(max);
+        let mut out: Vec<String> = chunks.iter().flat_map(|c| s.push(c)).collect();
+        out.extend(s.finish());
+        out
+    }
+
+    /// (what, bound, chunks fed, lines expected)
+    type Case = (
+        &'static str,
+        usize,
+        &'static [&'static [u8]],
+        &'static [&'static str],
+    );
+
+    #[test]
+    fn splitting_table() {
+        let cases: &[Case] = &[
+            ("one line", 16, &[b"hello\n"], &["hello"]),
+            ("no newline at end", 16, &[b"a\nb"], &["a", "b"]),
+            ("crlf", 16, &[b"a\r\nb\r\n"], &["a", "b"]),
+            ("empty lines kept", 16, &[b"\n\nx\n"], &["", "", "x"]),
+            (
+                "line across chunks",
+                16,
+                &[b"ab", b"cd\ne", b"f\n"],
+                &["abcd", "ef"],
+            ),
+            (
+                "long line split at bound",
+                4,
+                &[b"abcdefghij\n"],
+                &["abcd", "efgh", "ij"],
+            ),
+            ("exactly the bound", 4, &[b"abcd\n"], &["abcd", ""]),
+            (
+                "bound across chunks",
+                4,
+                &[b"ab", b"cdef", b"\n"],
+                &["abcd", "ef"],
+            ),
+            (
+                "invalid utf-8 is lossy",
+                16,
+                &[b"a\xffb\n"],
+                &["a\u{fffd}b"],
+            ),
+            ("nothing", 16, &[], &[]),
+        ];
+        for (what, max, chunks, want) in cases {
+            assert_eq!(feed(*max, chunks), *want, "{what}");
+        }
+    }
+
+    #[test]
+    fn bound_does_not_cut_a_character() {
+        // 'é' is 2 bytes and would straddle a 4-byte bound after "aaa".
+        let got = feed(4, &["aaaé\n".as_bytes()]);
+        assert_eq!(got, ["aaa", "é"]);
+        // A 4-byte character at a bound of 6 after 3 ASCII bytes.
+        let got = feed(6, &["abc😀xyz\n".as_bytes()]);
+        assert_eq!(got, ["abc", "😀xy", "z"]);
+    }
+
+    #[test]
+    fn memory_stays_bounded_without_newlines() {
+        let mut s = LineSplitter::new(MAX_LINE);
+        let big = vec![b'x'; MAX_LINE * 3 + 10];
+        let lines = s.push(&big);
+        assert_eq!(lines.len(), 3);
+        assert!(lines.iter().all(|l| l.len() == MAX_LINE));
+        assert!(s.buf.len() <= MAX_LINE);
+        assert_eq!(s.finish().map(|l| l.len()), Some(10));
+    }
+
+    #[test]
+    fn char_boundary_cases() {
+        assert_eq!(char_boundary(b"abcd"), 4);
+        assert_eq!(char_boundary("abé".as_bytes()), 4);
+        assert_eq!(char_boundary(&"abcé".as_bytes()[..4]), 3);
+        // Only an incomplete lead byte: emitted lossy rather than looping.
+        assert_eq!(char_boundary(&[0xE2, 0x82]), 2);
+        // Garbage earlier plus an incomplete tail.
+        assert_eq!(char_boundary(&[0xFF, b'a', b'b', 0xE2, 0x82]), 3);
+    }
+}
