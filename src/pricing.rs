@@ -60,7 +60,7 @@ impl Prices {
 fn to_micro(field: &'static str, usd: f64) -> Result<u64, InvalidPrice> {
     let scaled = usd * 1e6;
     // 2^63 keeps the cast exact-enough and far above any real price.
-    if !scaled.is_finite() || scaled < 0.0 || scaled >= 9.2e18 {
+    if !(0.0..9.2e18).contains(&scaled) {
         return Err(InvalidPrice { field, value: usd });
     }
     let nearest = scaled.round();
