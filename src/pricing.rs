@@ -59,7 +59,8 @@ impl Prices {
 
 fn to_micro(field: &'static str, usd: f64) -> Result<u64, InvalidPrice> {
     let scaled = usd * 1e6;
-    // 2^63 keeps the cast exact-enough and far above any real price.
+    // Refuses NaN, infinities, negatives and absurd values, so the cast below
+    // stays in range.
     if !(0.0..9.2e18).contains(&scaled) {
         return Err(InvalidPrice { field, value: usd });
     }
