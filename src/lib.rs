@@ -5,5 +5,6 @@ pub mod agent;
 pub mod check;
 pub mod cli;
 pub mod fleet;
+pub mod runaway;
 pub mod supervisor;
 pub mod vault;
