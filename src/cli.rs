@@ -34,7 +34,12 @@ Exit codes:
 )]
 pub struct Cli {
     /// Path to the fleet file.
-    #[arg(short = 'f', long = "fleet", global = true, default_value = "fleet.yaml")]
+    #[arg(
+        short = 'f',
+        long = "fleet",
+        global = true,
+        default_value = "fleet.yaml"
+    )]
     pub fleet: PathBuf,
 
     #[command(subcommand)]

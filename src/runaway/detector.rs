@@ -327,7 +327,11 @@ impl Detector {
                     .flat_map(|f| [f.full, f.head])
                     .take(MAX_MARKS)
                     .collect(),
-                calls: calls.iter().map(|c| c.fingerprint).take(MAX_MARKS).collect(),
+                calls: calls
+                    .iter()
+                    .map(|c| c.fingerprint)
+                    .take(MAX_MARKS)
+                    .collect(),
             };
             let period = conv
                 .run
@@ -426,4 +430,397 @@ impl Detector {
 
 fn intersects(a: &[Fingerprint], b: &[Fingerprint]) -> bool {
     a.iter().any(|x| b.contains(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::runaway::summary::{Api, InputUsage};
+
+    /// An Anthropic conversation the test appends turns to.
+    struct Chat {
+        body: Value,
+        calls: usize,
+    }
+
+    impl Chat {
+        fn new(first: &str) -> Self {
+            Self {
+                body: json!({"model": "claude-sonnet-4-5", "max_tokens": 512,
+                    "system": "You keep notes.", "messages": [{"role": "user", "content": first}]}),
+                calls: 0,
+            }
+        }
+
+        fn push(&mut self, message: Value) {
+            self.body["messages"].as_array_mut().unwrap().push(message);
+        }
+
+        /// Appends one tool call and its result.
+        fn tool(&mut self, name: &str, args: Value, result: &str, is_error: bool) {
+            self.calls += 1;
+            let id = format!("toolu_{:04}", self.calls);
+            self.push(json!({"role": "assistant", "content": [
+                {"type": "tool_use", "id": id, "name": name, "input": args}]}));
+            self.push(json!({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": id, "content": result, "is_error": is_error}]}));
+        }
+
+        fn summary(&self, retry: u32) -> RequestSummary {
+            RequestSummary::from_json(Api::AnthropicMessages, &self.body, retry).unwrap()
+        }
+    }
+
+    fn ok_answer() -> ResponseSummary {
+        ResponseSummary {
+            status: 200,
+            usage: Some(InputUsage {
+                input_tokens: 100,
+                ..InputUsage::default()
+            }),
+            ..ResponseSummary::default()
+        }
+    }
+
+    /// Observes the chat's current request and a 200 answer.
+    fn step(d: &mut Detector, chat: &Chat) -> Verdict {
+        let s = chat.summary(0);
+        let v = d.observe_request(&s);
+        d.observe_response(s.conversation, &ok_answer());
+        v
+    }
+
+    fn detector() -> Detector {
+        Detector::new(RunawayConfig::default())
+    }
+
+    /// Runs a failing loop; returns the 1-based failing step that tripped.
+    fn failing_loop(d: &mut Detector, chat: &mut Chat, results: &[&str]) -> Option<usize> {
+        for (i, result) in results.iter().enumerate() {
+            chat.tool("read_notes", json!({"path": "notes.md"}), result, true);
+            if step(d, chat).is_tripped() {
+                return Some(i + 1);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn repeated_failure_trips_after_failing_retries() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        assert_eq!(step(&mut d, &chat), Verdict::Healthy);
+        let results = vec!["malformed JSON at byte 17 (req 8a7f)"; 10];
+        assert_eq!(failing_loop(&mut d, &mut chat, &results), Some(5));
+    }
+
+    #[test]
+    fn failing_retries_is_configurable() {
+        for n in 1..=6u32 {
+            let mut d = Detector::new(RunawayConfig {
+                failing_retries: n,
+                ..RunawayConfig::default()
+            });
+            let mut chat = Chat::new("summarise");
+            step(&mut d, &chat);
+            let results = vec!["boom: invalid output"; 20];
+            assert_eq!(
+                failing_loop(&mut d, &mut chat, &results),
+                Some(n as usize + 1)
+            );
+        }
+    }
+
+    #[test]
+    fn evidence_is_bounded_and_normalised() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        step(&mut d, &chat);
+        let mut verdict = Verdict::Healthy;
+        for i in 0..5 {
+            chat.tool(
+                "read_notes",
+                json!({}),
+                &format!(
+                    "malformed output, trace id sk-{i}abc999 {}",
+                    "x".repeat(300)
+                ),
+                true,
+            );
+            verdict = step(&mut d, &chat);
+        }
+        let Verdict::Tripped(e) = verdict else {
+            panic!("expected a trip")
+        };
+        assert_eq!(e.reason, TripReason::FailingRetries);
+        assert_eq!(e.count, 4);
+        assert_eq!(e.steps.len(), HISTORY);
+        let last = e.steps.last().unwrap();
+        assert_eq!(last.tools, ["read_notes"]);
+        assert_eq!(last.appended, 2);
+        assert!(last.growth > 0);
+        assert_eq!(
+            last.input_tokens, None,
+            "the tripping step was never answered"
+        );
+        assert_eq!(e.steps[0].input_tokens, Some(100));
+        let failure = last.failure.as_deref().unwrap();
+        assert!(failure.chars().count() <= 201);
+        assert!(
+            failure.starts_with("malformed output, trace id sk-#"),
+            "{failure}"
+        );
+        let text = e.to_string();
+        assert!(text.starts_with("4 failing retries in a row"), "{text}");
+        assert!(!text.contains("abc999"), "{text}");
+    }
+
+    #[test]
+    fn changing_ids_and_timestamps_still_repeat() {
+        let mut d = detector();
+        let mut chat = Chat::new("sync");
+        step(&mut d, &chat);
+        for i in 0..5 {
+            chat.tool(
+                "fetch",
+                json!({"page": i}), // a different call each time
+                &format!(
+                    "Error: request req_{i:x}9f failed at 2025-03-0{}T10:{i:02}:00Z",
+                    i + 1
+                ),
+                false,
+            );
+            let v = step(&mut d, &chat);
+            assert_eq!(v.is_tripped(), i == 4, "step {i}");
+        }
+    }
+
+    #[test]
+    fn alternating_failures_trip_as_fast_as_a_simple_loop() {
+        let mut d = detector();
+        let mut chat = Chat::new("deploy");
+        step(&mut d, &chat);
+        let mut tripped_at = None;
+        for i in 0..8 {
+            let (tool, err) = if i % 2 == 0 {
+                ("build", "build failed: missing file")
+            } else {
+                ("lint", "lint exception: bad config")
+            };
+            chat.tool(tool, json!({}), err, true);
+            if step(&mut d, &chat).is_tripped() {
+                tripped_at = Some(i + 1);
+                break;
+            }
+        }
+        assert_eq!(tripped_at, Some(5));
+    }
+
+    #[test]
+    fn distinct_failures_or_a_success_restart_the_count() {
+        let mut d = detector();
+        let mut chat = Chat::new("explore");
+        step(&mut d, &chat);
+        for i in 0..20 {
+            // Every failure is new, every call is new: exploration, not a loop.
+            chat.tool(
+                &format!("tool_{}", char::from(b'a' + i)),
+                json!({}),
+                &format!("{} failed", "x".repeat(i as usize + 1)),
+                true,
+            );
+            assert!(!step(&mut d, &chat).is_tripped(), "step {i}");
+        }
+        for _ in 0..10 {
+            // Three repeats, then a success: never reaches four.
+            for _ in 0..3 {
+                chat.tool("read_notes", json!({}), "malformed", true);
+                assert!(!step(&mut d, &chat).is_tripped());
+            }
+            chat.tool("read_notes", json!({}), "3 notes read", false);
+            assert!(!step(&mut d, &chat).is_tripped());
+        }
+    }
+
+    #[test]
+    fn upstream_errors_count_as_failures() {
+        let mut d = detector();
+        let mut chat = Chat::new("go");
+        let mut tripped_at = None;
+        for i in 0..8 {
+            let s = chat.summary(0);
+            if d.observe_request(&s).is_tripped() {
+                tripped_at = Some(i);
+                break;
+            }
+            let answer = ResponseSummary::from_json(
+                Api::AnthropicMessages,
+                400,
+                &json!({"type": "error", "error": {"type": "invalid_request_error",
+                    "message": format!("messages.{}: unexpected `tool_use_id`", 2 * i + 1)}}),
+            );
+            d.observe_response(s.conversation, &answer);
+            chat.push(json!({"role": "user", "content": "Please try again."}));
+        }
+        // Request 0 gets the first 400; requests 1..=4 repeat it.
+        assert_eq!(tripped_at, Some(5));
+    }
+
+    #[test]
+    fn compaction_starts_a_fresh_chain() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        step(&mut d, &chat);
+        assert_eq!(failing_loop(&mut d, &mut chat, &["malformed"; 3]), None);
+        // Compaction: the history is replaced by a summary; the key stays.
+        let mut compacted = Chat::new("summarise");
+        compacted
+            .push(json!({"role": "assistant", "content": "Summary so far: notes unreadable."}));
+        compacted.push(json!({"role": "user", "content": "Continue."}));
+        assert!(!step(&mut d, &compacted).is_tripped());
+        // The old streak is gone: it takes a full new run to trip.
+        assert_eq!(
+            failing_loop(&mut d, &mut compacted, &["malformed"; 10]),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn prefix_must_match_to_count_as_growth() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        step(&mut d, &chat);
+        for i in 0..10 {
+            // The agent rewrites an earlier message each time: never a clean
+            // "previous + tail", so never a failing retry.
+            chat.body["messages"][0]["content"] = json!("summarise");
+            chat.tool("read_notes", json!({}), "malformed", true);
+            let msgs = chat.body["messages"].as_array_mut().unwrap();
+            let n = msgs.len();
+            msgs[n - 3] = json!({"role": "user", "content": format!("edited {i}")});
+            assert!(!step(&mut d, &chat).is_tripped(), "step {i}");
+        }
+    }
+
+    #[test]
+    fn transport_retries_are_ignored() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        step(&mut d, &chat);
+        for _ in 0..3 {
+            chat.tool("read_notes", json!({}), "malformed", true);
+            assert!(!step(&mut d, &chat).is_tripped());
+        }
+        // The SDK resends the identical body many times: no effect.
+        for retry in 1..=10 {
+            assert!(!d.observe_request(&chat.summary(retry)).is_tripped());
+        }
+        // The loop's own count was kept: retries 3 and 4 trip as before.
+        chat.tool("read_notes", json!({}), "malformed", true);
+        assert!(!step(&mut d, &chat).is_tripped());
+        chat.tool("read_notes", json!({}), "malformed", true);
+        assert!(step(&mut d, &chat).is_tripped());
+    }
+
+    #[test]
+    fn no_progress_trips_on_byte_identical_results() {
+        let mut d = detector();
+        let mut chat = Chat::new("wait for the job");
+        step(&mut d, &chat);
+        let mut tripped = None;
+        for i in 1..=12 {
+            chat.tool("poll_job", json!({"id": 42}), "status: pending", false);
+            if let Verdict::Tripped(e) = step(&mut d, &chat) {
+                tripped = Some((i, e.reason, e.count));
+                break;
+            }
+        }
+        assert_eq!(tripped, Some((8, TripReason::NoProgress, 8)));
+    }
+
+    #[test]
+    fn polling_with_changing_results_is_healthy() {
+        let mut d = detector();
+        let mut chat = Chat::new("wait for the job");
+        step(&mut d, &chat);
+        for i in 1..=40 {
+            chat.tool(
+                "poll_job",
+                json!({"id": 42}),
+                &format!("status: running, {i}% done"),
+                false,
+            );
+            assert!(!step(&mut d, &chat).is_tripped(), "poll {i}");
+        }
+    }
+
+    #[test]
+    fn parallel_conversations_are_independent() {
+        let mut d = detector();
+        let mut a = Chat::new("task a");
+        let mut b = Chat::new("task b");
+        step(&mut d, &a);
+        step(&mut d, &b);
+        for i in 0..4 {
+            a.tool("read_notes", json!({}), "malformed", true);
+            assert!(!step(&mut d, &a).is_tripped(), "a {i}");
+            b.tool(
+                "search",
+                json!({"q": i}),
+                &format!("result {i}: found {} docs", i * 7 + 1),
+                false,
+            );
+            assert!(!step(&mut d, &b).is_tripped(), "b {i}");
+        }
+        assert_eq!(d.tracked_conversations(), 2);
+        a.tool("read_notes", json!({}), "malformed", true);
+        assert!(step(&mut d, &a).is_tripped(), "a's fifth failing call");
+    }
+
+    #[test]
+    fn lru_evicts_the_least_recently_used_conversation() {
+        let mut d = Detector::with_capacity(RunawayConfig::default(), 3);
+        let mut looping = Chat::new("looping");
+        step(&mut d, &looping);
+        assert_eq!(failing_loop(&mut d, &mut looping, &["malformed"; 3]), None);
+        for i in 0..3 {
+            step(&mut d, &Chat::new(&format!("other {i}")));
+            assert!(d.tracked_conversations() <= 3);
+        }
+        assert_eq!(d.tracked_conversations(), 3);
+        // `looping` was evicted: its next request starts a fresh chain, and
+        // the loop needs a full failing_retries + 1 calls again.
+        looping.tool("read_notes", json!({}), "malformed", true);
+        assert!(!step(&mut d, &looping).is_tripped());
+        assert_eq!(
+            failing_loop(&mut d, &mut looping, &["malformed"; 10]),
+            Some(5)
+        );
+
+        // Recently used conversations survive.
+        let mut d = Detector::with_capacity(RunawayConfig::default(), 2);
+        let mut kept = Chat::new("kept");
+        step(&mut d, &kept);
+        assert_eq!(failing_loop(&mut d, &mut kept, &["malformed"; 3]), None);
+        step(&mut d, &Chat::new("x"));
+        step(&mut d, &kept);
+        step(&mut d, &Chat::new("y"));
+        assert_eq!(failing_loop(&mut d, &mut kept, &["malformed"; 10]), Some(2));
+    }
+
+    #[test]
+    fn resend_without_growth_is_neutral_and_reset_forgets() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        step(&mut d, &chat);
+        assert_eq!(failing_loop(&mut d, &mut chat, &["malformed"; 3]), None);
+        for _ in 0..5 {
+            assert!(!step(&mut d, &chat).is_tripped(), "identical re-send");
+        }
+        assert_eq!(failing_loop(&mut d, &mut chat, &["malformed"; 10]), Some(2));
+        d.reset();
+        assert_eq!(d.tracked_conversations(), 0);
+    }
 }

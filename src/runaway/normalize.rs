@@ -165,8 +165,7 @@ fn push_hash(out: &mut String) {
     if n >= 1 && bytes[n - 1] == b'#' {
         return;
     }
-    if n >= 2 && bytes[n - 2] == b'#' && matches!(bytes[n - 1], b'.' | b':' | b'-' | b'/' | b'+')
-    {
+    if n >= 2 && bytes[n - 2] == b'#' && matches!(bytes[n - 1], b'.' | b':' | b'-' | b'/' | b'+') {
         out.pop();
         return;
     }
@@ -246,8 +245,23 @@ const NEGATING_BEFORE: &[&str] = &["0 ", "no ", "zero ", "without ", "non-", "\"
 
 /// Text right after a word (and its plural/suffix) that negates it.
 const NEGATING_AFTER: &[&str] = &[
-    ": 0", ":0", "=0", "= 0", "\": 0", "\":0", "\": null", "\":null", "\": []", "\":[]",
-    "\": \"\"", "\": false", "\":false", ": none", ": null", ": false", "\": {}",
+    ": 0",
+    ":0",
+    "=0",
+    "= 0",
+    "\": 0",
+    "\":0",
+    "\": null",
+    "\":null",
+    "\": []",
+    "\":[]",
+    "\": \"\"",
+    "\": false",
+    "\":false",
+    ": none",
+    ": null",
+    ": false",
+    "\": {}",
 ];
 
 fn scan_for_error(lower: &str) -> bool {
@@ -284,8 +298,14 @@ mod tests {
             ("tool toolu_01A09q90qw90lq917835lq9 bad", "tool # bad"),
             ("sha deadbeefcafebabe ok", "sha # ok"),
             ("bytes 1,024 of 2,048", "bytes #,# of #,#"),
-            ("HTTP/1.1 500 Internal Server Error", "http/# # internal server error"),
-            ("JSONDecodeError: line 1 column 523", "jsondecodeerror: line # column #"),
+            (
+                "HTTP/1.1 500 Internal Server Error",
+                "http/# # internal server error",
+            ),
+            (
+                "JSONDecodeError: line 1 column 523",
+                "jsondecodeerror: line # column #",
+            ),
             ("café ÉCOLE", "café école"),
             ("", ""),
         ];
@@ -319,8 +339,14 @@ mod tests {
         let a: Value = serde_json::from_str(r#"{"path":"notes.md","limit":10}"#).unwrap();
         let b: Value = serde_json::from_str(r#"{ "limit": 10, "path": "notes.md" }"#).unwrap();
         let c: Value = serde_json::from_str(r#"{"path":"notes.md","limit":11}"#).unwrap();
-        assert_eq!(Fingerprint::of_value_canonical(&a), Fingerprint::of_value_canonical(&b));
-        assert_ne!(Fingerprint::of_value_canonical(&a), Fingerprint::of_value_canonical(&c));
+        assert_eq!(
+            Fingerprint::of_value_canonical(&a),
+            Fingerprint::of_value_canonical(&b)
+        );
+        assert_ne!(
+            Fingerprint::of_value_canonical(&a),
+            Fingerprint::of_value_canonical(&c)
+        );
         let (fa, size) = Fingerprint::of_value(&a);
         assert!(size > 0);
         assert_ne!(fa, Fingerprint::of_value(&c).0);

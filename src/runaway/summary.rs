@@ -81,7 +81,8 @@ impl ToolCall {
     pub fn new(name: &str, arguments: &Value) -> Self {
         let args = match arguments {
             Value::String(s) => Fingerprint::of_value_canonical(
-                &serde_json::from_str::<Value>(s).unwrap_or_else(|_| Value::String(s.trim().to_owned())),
+                &serde_json::from_str::<Value>(s)
+                    .unwrap_or_else(|_| Value::String(s.trim().to_owned())),
             ),
             other => Fingerprint::of_value_canonical(other),
         };
@@ -313,7 +314,9 @@ fn blocks_of(api: Api, m: &Value) -> Vec<BlockSummary> {
                         ),
                         Some("tool_result") => tool_result_block(
                             part.get("content").unwrap_or(&Value::Null),
-                            part.get("is_error").and_then(Value::as_bool).unwrap_or(false),
+                            part.get("is_error")
+                                .and_then(Value::as_bool)
+                                .unwrap_or(false),
                         ),
                         _ => other_block(),
                     });
@@ -328,7 +331,12 @@ fn blocks_of(api: Api, m: &Value) -> Vec<BlockSummary> {
             } else if !content.is_null() {
                 blocks.push(text_block(&plain_text(content)));
             }
-            for call in m.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+            for call in m
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let f = call.get("function").unwrap_or(&Value::Null);
                 blocks.push(tool_use_block(
                     str_field(f, "name"),
@@ -339,14 +347,16 @@ fn blocks_of(api: Api, m: &Value) -> Vec<BlockSummary> {
         Api::OpenAiResponses => match m.get("type").and_then(Value::as_str) {
             Some("function_call" | "custom_tool_call") => blocks.push(tool_use_block(
                 str_field(m, "name"),
-                m.get("arguments").or_else(|| m.get("input")).unwrap_or(&Value::Null),
+                m.get("arguments")
+                    .or_else(|| m.get("input"))
+                    .unwrap_or(&Value::Null),
             )),
-            Some("function_call_output" | "custom_tool_call_output") => {
-                blocks.push(tool_result_block(m.get("output").unwrap_or(&Value::Null), false))
-            }
-            Some("message") | None => {
-                blocks.push(text_block(&plain_text(m.get("content").unwrap_or(&Value::Null))))
-            }
+            Some("function_call_output" | "custom_tool_call_output") => blocks.push(
+                tool_result_block(m.get("output").unwrap_or(&Value::Null), false),
+            ),
+            Some("message") | None => blocks.push(text_block(&plain_text(
+                m.get("content").unwrap_or(&Value::Null),
+            ))),
             Some(_) => blocks.push(other_block()),
         },
     }
@@ -503,7 +513,8 @@ pub struct ResponseSummary {
 impl ResponseSummary {
     /// For answers whose body is not JSON (an HTML 502, a cut stream).
     pub fn upstream_error(status: u16, error_type: Option<&str>, message: &str) -> Self {
-        let error_type: Option<String> = error_type.map(|t| t.chars().take(TOOL_NAME_CHARS).collect());
+        let error_type: Option<String> =
+            error_type.map(|t| t.chars().take(TOOL_NAME_CHARS).collect());
         let text = format!("{status} {} {message}", error_type.as_deref().unwrap_or(""));
         Self {
             status,
@@ -527,7 +538,9 @@ impl ResponseSummary {
             };
             return Self::upstream_error(
                 status,
-                err.get("type").or_else(|| err.get("code")).and_then(Value::as_str),
+                err.get("type")
+                    .or_else(|| err.get("code"))
+                    .and_then(Value::as_str),
                 &message,
             );
         }
@@ -535,7 +548,12 @@ impl ResponseSummary {
         let usage = body.get("usage");
         let usage = match api {
             Api::AnthropicMessages => {
-                for block in body.get("content").and_then(Value::as_array).into_iter().flatten() {
+                for block in body
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     if block.get("type").and_then(Value::as_str) == Some("tool_use") {
                         tool_calls.push(ToolCall::new(
                             str_field(block, "name"),
@@ -547,7 +565,12 @@ impl ResponseSummary {
             }
             Api::OpenAiChat => {
                 let message = body.pointer("/choices/0/message").unwrap_or(&Value::Null);
-                for call in message.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                for call in message
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     let f = call.get("function").unwrap_or(&Value::Null);
                     tool_calls.push(ToolCall::new(
                         str_field(f, "name"),
@@ -555,15 +578,21 @@ impl ResponseSummary {
                     ));
                 }
                 // `prompt_tokens` already includes cached tokens.
-                usage.and_then(|u| u.get("prompt_tokens")).and_then(Value::as_u64).map(|n| {
-                    InputUsage {
+                usage
+                    .and_then(|u| u.get("prompt_tokens"))
+                    .and_then(Value::as_u64)
+                    .map(|n| InputUsage {
                         input_tokens: n,
                         ..InputUsage::default()
-                    }
-                })
+                    })
             }
             Api::OpenAiResponses => {
-                for item in body.get("output").and_then(Value::as_array).into_iter().flatten() {
+                for item in body
+                    .get("output")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     if item.get("type").and_then(Value::as_str) == Some("function_call") {
                         tool_calls.push(ToolCall::new(
                             str_field(item, "name"),
@@ -572,12 +601,13 @@ impl ResponseSummary {
                     }
                 }
                 // `input_tokens` already includes cached tokens.
-                usage.and_then(|u| u.get("input_tokens")).and_then(Value::as_u64).map(|n| {
-                    InputUsage {
+                usage
+                    .and_then(|u| u.get("input_tokens"))
+                    .and_then(Value::as_u64)
+                    .map(|n| InputUsage {
                         input_tokens: n,
                         ..InputUsage::default()
-                    }
-                })
+                    })
             }
         };
         Self {
@@ -615,7 +645,10 @@ mod tests {
         let body = anthropic_loop(&[("ok", false), ("Malformed output at byte 17", true)]);
         let s = RequestSummary::from_json(Api::AnthropicMessages, &body, 0).unwrap();
         assert_eq!(s.message_count(), 5);
-        assert_eq!(s.recent_start, 3, "the tail is the last assistant turn and its result");
+        assert_eq!(
+            s.recent_start, 3,
+            "the tail is the last assistant turn and its result"
+        );
         assert_eq!(s.recent[0].role, Role::Assistant);
         let kinds: Vec<_> = s.recent[0].blocks.iter().map(|b| b.kind).collect();
         assert_eq!(kinds, [BlockKind::Text, BlockKind::ToolUse]);
@@ -642,7 +675,10 @@ mod tests {
         let changed = anthropic_loop(&[("ONE", false), ("two", false)]);
         let c = RequestSummary::from_json(Api::AnthropicMessages, &changed, 0).unwrap();
         assert_eq!(c.prefix[..2], a.prefix[..2]);
-        assert_ne!(c.prefix[2], a.prefix[2], "an edited message breaks the prefix");
+        assert_ne!(
+            c.prefix[2], a.prefix[2],
+            "an edited message breaks the prefix"
+        );
     }
 
     #[test]
@@ -667,7 +703,11 @@ mod tests {
             {"role": "tool", "tool_call_id": "call_a1", "content": "HTTP 500 Internal Server Error (request 7f3e)"}
         ]});
         let s = RequestSummary::from_json(Api::OpenAiChat, &body, 2).unwrap();
-        assert_eq!(s.message_count(), 3, "the system message is part of the key only");
+        assert_eq!(
+            s.message_count(),
+            3,
+            "the system message is part of the key only"
+        );
         assert_eq!(s.transport_retry, 2);
         assert_eq!(s.recent.len(), 2);
         let result = &s.recent[1].blocks[0];
@@ -675,7 +715,10 @@ mod tests {
         assert!(!result.is_error);
         assert!(result.failure.is_some());
         let call = result.call.as_ref().unwrap();
-        assert_eq!(call, &ToolCall::new("create_ticket", &json!({"title": "x"})));
+        assert_eq!(
+            call,
+            &ToolCall::new("create_ticket", &json!({"title": "x"}))
+        );
     }
 
     #[test]
@@ -703,7 +746,8 @@ mod tests {
             RequestSummary::from_json(Api::AnthropicMessages, &json!([1]), 0),
             Err(SummaryError::NotAnObject)
         );
-        let err = RequestSummary::from_json(Api::OpenAiChat, &json!({"model": "m"}), 0).unwrap_err();
+        let err =
+            RequestSummary::from_json(Api::OpenAiChat, &json!({"model": "m"}), 0).unwrap_err();
         assert_eq!(
             err.to_string(),
             "request body has no `messages` array; hint: `messages` must list the conversation's messages"
@@ -725,7 +769,10 @@ mod tests {
         let r = ResponseSummary::from_json(Api::AnthropicMessages, 200, &ok);
         assert!(!r.is_error());
         assert_eq!(r.usage.unwrap().total(), 3210);
-        assert_eq!(r.tool_calls, [ToolCall::new("read_notes", &json!({"path": "notes.md"}))]);
+        assert_eq!(
+            r.tool_calls,
+            [ToolCall::new("read_notes", &json!({"path": "notes.md"}))]
+        );
 
         let err = json!({"type": "error", "error": {"type": "invalid_request_error", "message": "messages.3: tool_use ids must be unique (toolu_01X)"}});
         let r = ResponseSummary::from_json(Api::AnthropicMessages, 400, &err);
