@@ -16,8 +16,10 @@ pub enum Api {
     /// `POST /v1/messages`: `system`, `messages[]` with content blocks.
     AnthropicMessages,
     /// `POST /v1/chat/completions`: `messages[]` with `tool_calls` and `tool` messages.
+    #[serde(rename = "openai_chat")]
     OpenAiChat,
     /// `POST /v1/responses`: `instructions`, `input` (string or items).
+    #[serde(rename = "openai_responses")]
     OpenAiResponses,
 }
 
