@@ -198,10 +198,10 @@ fn judge(trace: &Trace, out: &Outcome) -> Result<(), String> {
                 ));
             }
             for s in &ev.steps {
-                if let Some(f) = &s.failure {
-                    if f.chars().count() > 201 || f.bytes().any(|b| b.is_ascii_digit()) {
-                        return Err(format!("evidence excerpt not normalised/bounded: {f:?}"));
-                    }
+                if let Some(f) = &s.failure
+                    && (f.chars().count() > 201 || f.bytes().any(|b| b.is_ascii_digit()))
+                {
+                    return Err(format!("evidence excerpt not normalised/bounded: {f:?}"));
                 }
             }
             Ok(())
