@@ -10,5 +10,6 @@ pub mod ledger;
 pub mod logging;
 pub mod pricing;
 pub mod proxy;
+pub mod runaway;
 pub mod supervisor;
 pub mod vault;

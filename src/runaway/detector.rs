@@ -1,0 +1,826 @@
+//! The runaway detector: one pure state machine per agent, fed request and
+//! answer summaries, returning verdicts with evidence. Owns only bounded
+//! per-conversation state (an LRU of recent conversations); must not do I/O,
+//! read clocks, or keep raw texts.
+//!
+//! A step is one request of a conversation. It *grows* the conversation when
+//! it equals the previous request's messages plus an appended tail. A growing
+//! step *fails* when the tail reports a failure (a tool result flagged or
+//! reading as an error, user text reading as an error) or the previous answer
+//! was an upstream error. A failing step *repeats* when a failure or a tool
+//! call of it was already seen in one of the last [`WINDOW`] failing steps of
+//! the current run — so A-B-A-B loops count too. Once a run repeats, every
+//! further repeating step is one more failing retry; a failing step that
+//! repeats nothing restarts the count, a healthy step or a broken prefix ends
+//! the run. A slower second wire counts steps whose tool calls got
+//! byte-identical results to the step before.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+
+use serde::Serialize;
+
+use super::config::RunawayConfig;
+use super::normalize::Fingerprint;
+use super::summary::{
+    BlockKind, ConversationKey, FailureText, RequestSummary, ResponseSummary, Role, ToolCall,
+};
+
+/// Conversations tracked per agent before the least recently used is dropped.
+pub const DEFAULT_CONVERSATIONS: usize = 64;
+/// Longest loop period recognised as a repeat (A-B-C-D-A...).
+const WINDOW: usize = 4;
+/// Steps kept per conversation as evidence.
+const HISTORY: usize = 5;
+/// Fingerprints kept per failing step; bounds memory on huge fan-outs.
+const MAX_MARKS: usize = 16;
+/// Tool names kept per evidence step.
+const MAX_TOOL_NAMES: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TripReason {
+    /// Consecutive failing retries with a growing context.
+    FailingRetries,
+    /// The same tool call answered with a byte-identical result, again and again.
+    NoProgress,
+}
+
+/// One step of a conversation as shown in evidence. Never holds a prompt,
+/// an id or a secret: sizes, tool names and a normalised failure excerpt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepEvidence {
+    /// 1-based position of the step in its conversation chain.
+    pub step: u64,
+    pub messages: usize,
+    /// Messages appended since the previous step.
+    pub appended: usize,
+    /// Input size estimated from the request body.
+    pub estimated_input_tokens: u64,
+    /// Estimated growth over the previous step.
+    pub growth: i64,
+    /// Input tokens the answer reported (incl. cache tokens); `None` until
+    /// answered, and for the step that tripped (it was never forwarded).
+    pub input_tokens: Option<u64>,
+    /// Status of the upstream answer to this step, once known.
+    pub status: Option<u16>,
+    /// Normalised, truncated (≤ 200 chars) failure this step reported.
+    pub failure: Option<String>,
+    /// Tool calls the agent made in this step.
+    pub tools: Vec<String>,
+}
+
+/// Why an agent tripped, and what it was doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Evidence {
+    pub reason: TripReason,
+    /// Failing retries, or identical answers, in a row.
+    pub count: u32,
+    /// The last few steps of the conversation, oldest first, ending with the
+    /// step that tripped.
+    pub steps: Vec<StepEvidence>,
+}
+
+impl fmt::Display for Evidence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.reason {
+            TripReason::FailingRetries => write!(
+                f,
+                "{} failing retries in a row (context grew, failure repeated)",
+                self.count
+            )?,
+            TripReason::NoProgress => write!(
+                f,
+                "the same tool call got a byte-identical result {} times in a row",
+                self.count
+            )?,
+        }
+        if let (Some(first), Some(last)) = (self.steps.first(), self.steps.last()) {
+            write!(
+                f,
+                "; input ~{} → ~{} tokens over the last {} steps",
+                first.estimated_input_tokens,
+                last.estimated_input_tokens,
+                self.steps.len()
+            )?;
+        }
+        if let Some(failure) = self.steps.iter().rev().find_map(|s| s.failure.as_deref()) {
+            write!(f, "; last failure: `{failure}`")?;
+        }
+        let mut tools: Vec<&str> = self
+            .steps
+            .iter()
+            .flat_map(|s| s.tools.iter().map(String::as_str))
+            .collect();
+        tools.sort_unstable();
+        tools.dedup();
+        if !tools.is_empty() {
+            write!(f, "; tools: {}", tools.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Healthy,
+    Tripped(Evidence),
+}
+
+impl Verdict {
+    pub fn is_tripped(&self) -> bool {
+        matches!(self, Verdict::Tripped(_))
+    }
+}
+
+/// The previous upstream answer, kept until the next step consumes it.
+#[derive(Debug, Clone)]
+struct Answer {
+    error: Option<FailureText>,
+    calls: Vec<ToolCall>,
+}
+
+#[derive(Debug, Clone)]
+struct FailingStep {
+    marks: Vec<Fingerprint>,
+    calls: Vec<Fingerprint>,
+}
+
+#[derive(Debug, Default)]
+struct Conversation {
+    last_used: u64,
+    /// Steps seen in the current chain; 0 = nothing seen yet.
+    step: u64,
+    len: usize,
+    last_prefix: Option<Fingerprint>,
+    body: Option<Fingerprint>,
+    answer: Option<Answer>,
+    /// Failing steps of the current run, newest last, at most [`WINDOW`].
+    run: VecDeque<FailingStep>,
+    failing_retries: u32,
+    /// (call, result) pairs of the previous step, sorted.
+    observation: Vec<(Fingerprint, Fingerprint)>,
+    identical_answers: u32,
+    history: VecDeque<StepEvidence>,
+}
+
+impl Conversation {
+    fn reset_chain(&mut self) {
+        let last_used = self.last_used;
+        *self = Self {
+            last_used,
+            ..Self::default()
+        };
+    }
+
+    fn push_history(&mut self, step: StepEvidence) {
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(step);
+    }
+}
+
+/// Per-agent runaway detector. The proxy calls [`Detector::observe_request`]
+/// before forwarding each request and [`Detector::observe_response`] once the
+/// answer (or its stream's summary) is known.
+#[derive(Debug)]
+pub struct Detector {
+    config: RunawayConfig,
+    capacity: usize,
+    tick: u64,
+    conversations: HashMap<ConversationKey, Conversation>,
+}
+
+impl Detector {
+    pub fn new(config: RunawayConfig) -> Self {
+        Self::with_capacity(config, DEFAULT_CONVERSATIONS)
+    }
+
+    /// `conversations`: how many conversations to track (at least 1).
+    pub fn with_capacity(config: RunawayConfig, conversations: usize) -> Self {
+        Self {
+            config,
+            capacity: conversations.max(1),
+            tick: 0,
+            conversations: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &RunawayConfig {
+        &self.config
+    }
+
+    /// Applies reloaded settings; tracked conversations keep their counts.
+    pub fn set_config(&mut self, config: RunawayConfig) {
+        self.config = config;
+    }
+
+    /// Forgets every conversation (e.g. on `supervisor release`).
+    pub fn reset(&mut self) {
+        self.conversations.clear();
+    }
+
+    pub fn tracked_conversations(&self) -> usize {
+        self.conversations.len()
+    }
+
+    /// Judges one request before it is forwarded. After a trip the
+    /// conversation's counts restart, so with `action: alert` a loop that
+    /// goes on trips again after as many steps.
+    pub fn observe_request(&mut self, req: &RequestSummary) -> Verdict {
+        self.tick += 1;
+        let (tick, config) = (self.tick, self.config);
+        let conv = self.conversation(req.conversation);
+        conv.last_used = tick;
+
+        let n = req.message_count();
+        let last_prefix = req.prefix.last().copied();
+        if conv.step > 0 && req.transport_retry > 0 && conv.body == Some(req.body) {
+            return Verdict::Healthy;
+        }
+        if conv.step > 0 && n == conv.len && last_prefix == conv.last_prefix {
+            // A re-send without growth: neither progress nor a failing retry.
+            conv.body = Some(req.body);
+            return Verdict::Healthy;
+        }
+        let grew = conv.step > 0
+            && conv.len > 0
+            && n > conv.len
+            && Some(req.prefix[conv.len - 1]) == conv.last_prefix;
+        if !grew {
+            conv.reset_chain();
+        }
+        let tail_start = if grew { conv.len } else { 0 };
+
+        let from = tail_start.max(req.recent_start);
+        let tail = &req.recent[from - req.recent_start..];
+        let answer = conv.answer.take();
+
+        let mut calls: Vec<&ToolCall> = tail
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .flat_map(|m| &m.blocks)
+            .filter(|b| b.kind == BlockKind::ToolUse)
+            .filter_map(|b| b.call.as_ref())
+            .collect();
+        if calls.is_empty()
+            && let Some(a) = &answer
+        {
+            calls = a.calls.iter().collect();
+        }
+        let mut failures: Vec<&FailureText> = tail
+            .iter()
+            .filter(|m| matches!(m.role, Role::User | Role::Tool))
+            .flat_map(|m| &m.blocks)
+            .filter_map(|b| b.failure.as_ref())
+            .collect();
+        if let Some(error) = answer.as_ref().and_then(|a| a.error.as_ref()) {
+            failures.push(error);
+        }
+        let mut observation: Vec<(Fingerprint, Fingerprint)> = tail
+            .iter()
+            .flat_map(|m| &m.blocks)
+            .filter(|b| b.kind == BlockKind::ToolResult)
+            .filter_map(|b| Some((b.call.as_ref()?.fingerprint, b.result?)))
+            .collect();
+        observation.sort_unstable();
+        observation.dedup();
+
+        let previous_estimate = conv.history.back().map(|s| s.estimated_input_tokens);
+        let mut tools: Vec<String> = Vec::new();
+        for call in &calls {
+            if tools.len() < MAX_TOOL_NAMES && !tools.contains(&call.name) {
+                tools.push(call.name.clone());
+            }
+        }
+        conv.push_history(StepEvidence {
+            step: conv.step + 1,
+            messages: n,
+            appended: n - tail_start,
+            estimated_input_tokens: req.estimated_input_tokens,
+            growth: previous_estimate.map_or(0, |p| {
+                i64::try_from(req.estimated_input_tokens).unwrap_or(i64::MAX)
+                    - i64::try_from(p).unwrap_or(i64::MAX)
+            }),
+            input_tokens: None,
+            status: None,
+            failure: failures.first().map(|f| f.excerpt.clone()),
+            tools,
+        });
+        conv.step += 1;
+        conv.len = n;
+        conv.last_prefix = last_prefix;
+        conv.body = Some(req.body);
+        if !grew {
+            return Verdict::Healthy;
+        }
+
+        let mut tripped = None;
+        if failures.is_empty() {
+            conv.run.clear();
+            conv.failing_retries = 0;
+        } else {
+            let step = FailingStep {
+                marks: failures
+                    .iter()
+                    .flat_map(|f| [f.full, f.head])
+                    .take(MAX_MARKS)
+                    .collect(),
+                calls: calls
+                    .iter()
+                    .map(|c| c.fingerprint)
+                    .take(MAX_MARKS)
+                    .collect(),
+            };
+            let period = conv
+                .run
+                .iter()
+                .rev()
+                .position(|prev| {
+                    intersects(&prev.marks, &step.marks) || intersects(&prev.calls, &step.calls)
+                })
+                .map(|i| i as u32 + 1);
+            conv.failing_retries = match period {
+                // The first repeat proves the steps since the repeated one
+                // were retries already.
+                Some(p) if conv.failing_retries == 0 => p,
+                Some(_) => conv.failing_retries + 1,
+                None => 0,
+            };
+            if conv.run.len() == WINDOW {
+                conv.run.pop_front();
+            }
+            conv.run.push_back(step);
+            if conv.failing_retries >= config.failing_retries.max(1) {
+                tripped = Some((TripReason::FailingRetries, conv.failing_retries));
+            }
+        }
+
+        if !observation.is_empty() && observation == conv.observation {
+            conv.identical_answers += 1;
+        } else {
+            conv.identical_answers = u32::from(!observation.is_empty());
+            conv.observation = observation;
+        }
+        if tripped.is_none() && conv.identical_answers >= config.no_progress_repeats.max(2) {
+            tripped = Some((TripReason::NoProgress, conv.identical_answers));
+        }
+
+        match tripped {
+            None => Verdict::Healthy,
+            Some((reason, count)) => {
+                conv.run.clear();
+                conv.failing_retries = 0;
+                conv.observation.clear();
+                conv.identical_answers = 0;
+                Verdict::Tripped(Evidence {
+                    reason,
+                    count,
+                    steps: conv.history.iter().cloned().collect(),
+                })
+            }
+        }
+    }
+
+    /// Records the upstream answer to the last request of `conversation`:
+    /// its status, error and tool calls feed the next step; its usage fills
+    /// in the evidence. Unknown (evicted) conversations are ignored.
+    pub fn observe_response(&mut self, conversation: ConversationKey, resp: &ResponseSummary) {
+        let Some(conv) = self.conversations.get_mut(&conversation) else {
+            return;
+        };
+        let error = resp.is_error().then(|| {
+            resp.error.clone().unwrap_or_else(|| {
+                FailureText::from_text(&format!(
+                    "{} {}",
+                    resp.status,
+                    resp.error_type.as_deref().unwrap_or("")
+                ))
+            })
+        });
+        conv.answer = Some(Answer {
+            error,
+            calls: resp.tool_calls.clone(),
+        });
+        if let Some(last) = conv.history.back_mut() {
+            last.status = Some(resp.status);
+            if let Some(usage) = resp.usage {
+                last.input_tokens = Some(usage.total());
+            }
+        }
+    }
+
+    /// The state of `key`, evicting the least recently used conversation
+    /// when a new one does not fit. O(capacity) only on insertion.
+    fn conversation(&mut self, key: ConversationKey) -> &mut Conversation {
+        if !self.conversations.contains_key(&key) && self.conversations.len() >= self.capacity {
+            let oldest = self
+                .conversations
+                .iter()
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(k, _)| *k);
+            if let Some(oldest) = oldest {
+                self.conversations.remove(&oldest);
+            }
+        }
+        self.conversations.entry(key).or_default()
+    }
+}
+
+fn intersects(a: &[Fingerprint], b: &[Fingerprint]) -> bool {
+    a.iter().any(|x| b.contains(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::runaway::summary::{Api, InputUsage};
+
+    /// An Anthropic conversation the test appends turns to.
+    struct Chat {
+        body: Value,
+        calls: usize,
+    }
+
+    impl Chat {
+        fn new(first: &str) -> Self {
+            Self {
+                body: json!({"model": "claude-sonnet-4-5", "max_tokens": 512,
+                    "system": "You keep notes.", "messages": [{"role": "user", "content": first}]}),
+                calls: 0,
+            }
+        }
+
+        fn push(&mut self, message: Value) {
+            self.body["messages"].as_array_mut().unwrap().push(message);
+        }
+
+        /// Appends one tool call and its result.
+        fn tool(&mut self, name: &str, args: Value, result: &str, is_error: bool) {
+            self.calls += 1;
+            let id = format!("toolu_{:04}", self.calls);
+            self.push(json!({"role": "assistant", "content": [
+                {"type": "tool_use", "id": id, "name": name, "input": args}]}));
+            self.push(json!({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": id, "content": result, "is_error": is_error}]}));
+        }
+
+        fn summary(&self, retry: u32) -> RequestSummary {
+            RequestSummary::from_json(Api::AnthropicMessages, &self.body, retry).unwrap()
+        }
+    }
+
+    fn ok_answer() -> ResponseSummary {
+        ResponseSummary {
+            status: 200,
+            usage: Some(InputUsage {
+                input_tokens: 100,
+                ..InputUsage::default()
+            }),
+            ..ResponseSummary::default()
+        }
+    }
+
+    /// Observes the chat's current request and a 200 answer.
+    fn step(d: &mut Detector, chat: &Chat) -> Verdict {
+        let s = chat.summary(0);
+        let v = d.observe_request(&s);
+        d.observe_response(s.conversation, &ok_answer());
+        v
+    }
+
+    fn detector() -> Detector {
+        Detector::new(RunawayConfig::default())
+    }
+
+    /// Runs a failing loop; returns the 1-based failing step that tripped.
+    fn failing_loop(d: &mut Detector, chat: &mut Chat, results: &[&str]) -> Option<usize> {
+        for (i, result) in results.iter().enumerate() {
+            chat.tool("read_notes", json!({"path": "notes.md"}), result, true);
+            if step(d, chat).is_tripped() {
+                return Some(i + 1);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn repeated_failure_trips_after_failing_retries() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        assert_eq!(step(&mut d, &chat), Verdict::Healthy);
+        let results = vec!["malformed JSON at byte 17 (req 8a7f)"; 10];
+        assert_eq!(failing_loop(&mut d, &mut chat, &results), Some(5));
+    }
+
+    #[test]
+    fn failing_retries_is_configurable() {
+        for n in 1..=6u32 {
+            let mut d = Detector::new(RunawayConfig {
+                failing_retries: n,
+                ..RunawayConfig::default()
+            });
+            let mut chat = Chat::new("summarise");
+            step(&mut d, &chat);
+            let results = vec!["boom: invalid output"; 20];
+            assert_eq!(
+                failing_loop(&mut d, &mut chat, &results),
+                Some(n as usize + 1)
+            );
+        }
+    }
+
+    #[test]
+    fn evidence_is_bounded_and_normalised() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        step(&mut d, &chat);
+        let mut verdict = Verdict::Healthy;
+        for i in 0..5 {
+            chat.tool(
+                "read_notes",
+                json!({}),
+                &format!(
+                    "malformed output, trace id sk-{i}abc999 {}",
+                    "x".repeat(300)
+                ),
+                true,
+            );
+            verdict = step(&mut d, &chat);
+        }
+        let Verdict::Tripped(e) = verdict else {
+            panic!("expected a trip")
+        };
+        assert_eq!(e.reason, TripReason::FailingRetries);
+        assert_eq!(e.count, 4);
+        assert_eq!(e.steps.len(), HISTORY);
+        let last = e.steps.last().unwrap();
+        assert_eq!(last.tools, ["read_notes"]);
+        assert_eq!(last.appended, 2);
+        assert!(last.growth > 0);
+        assert_eq!(
+            last.input_tokens, None,
+            "the tripping step was never answered"
+        );
+        assert_eq!(e.steps[0].input_tokens, Some(100));
+        let failure = last.failure.as_deref().unwrap();
+        assert!(failure.chars().count() <= 201);
+        assert!(
+            failure.starts_with("malformed output, trace id sk-#"),
+            "{failure}"
+        );
+        let text = e.to_string();
+        assert!(text.starts_with("4 failing retries in a row"), "{text}");
+        assert!(!text.contains("abc999"), "{text}");
+    }
+
+    #[test]
+    fn changing_ids_and_timestamps_still_repeat() {
+        let mut d = detector();
+        let mut chat = Chat::new("sync");
+        step(&mut d, &chat);
+        for i in 0..5 {
+            chat.tool(
+                "fetch",
+                json!({"page": i}), // a different call each time
+                &format!(
+                    "Error: request req_{i:x}9f failed at 2025-03-0{}T10:{i:02}:00Z",
+                    i + 1
+                ),
+                false,
+            );
+            let v = step(&mut d, &chat);
+            assert_eq!(v.is_tripped(), i == 4, "step {i}");
+        }
+    }
+
+    #[test]
+    fn alternating_failures_trip_as_fast_as_a_simple_loop() {
+        let mut d = detector();
+        let mut chat = Chat::new("deploy");
+        step(&mut d, &chat);
+        let mut tripped_at = None;
+        for i in 0..8 {
+            let (tool, err) = if i % 2 == 0 {
+                ("build", "build failed: missing file")
+            } else {
+                ("lint", "lint exception: bad config")
+            };
+            chat.tool(tool, json!({}), err, true);
+            if step(&mut d, &chat).is_tripped() {
+                tripped_at = Some(i + 1);
+                break;
+            }
+        }
+        assert_eq!(tripped_at, Some(5));
+    }
+
+    #[test]
+    fn distinct_failures_or_a_success_restart_the_count() {
+        let mut d = detector();
+        let mut chat = Chat::new("explore");
+        step(&mut d, &chat);
+        for i in 0..20 {
+            // Every failure is new, every call is new: exploration, not a loop.
+            chat.tool(
+                &format!("tool_{}", char::from(b'a' + i)),
+                json!({}),
+                &format!("{} failed", "x".repeat(i as usize + 1)),
+                true,
+            );
+            assert!(!step(&mut d, &chat).is_tripped(), "step {i}");
+        }
+        for _ in 0..10 {
+            // Three repeats, then a success: never reaches four.
+            for _ in 0..3 {
+                chat.tool("read_notes", json!({}), "malformed", true);
+                assert!(!step(&mut d, &chat).is_tripped());
+            }
+            chat.tool("read_notes", json!({}), "3 notes read", false);
+            assert!(!step(&mut d, &chat).is_tripped());
+        }
+    }
+
+    #[test]
+    fn upstream_errors_count_as_failures() {
+        let mut d = detector();
+        let mut chat = Chat::new("go");
+        let mut tripped_at = None;
+        for i in 0..8 {
+            let s = chat.summary(0);
+            if d.observe_request(&s).is_tripped() {
+                tripped_at = Some(i);
+                break;
+            }
+            let answer = ResponseSummary::from_json(
+                Api::AnthropicMessages,
+                400,
+                &json!({"type": "error", "error": {"type": "invalid_request_error",
+                    "message": format!("messages.{}: unexpected `tool_use_id`", 2 * i + 1)}}),
+            );
+            d.observe_response(s.conversation, &answer);
+            chat.push(json!({"role": "user", "content": "Please try again."}));
+        }
+        // Request 0 gets the first 400; requests 1..=4 repeat it.
+        assert_eq!(tripped_at, Some(5));
+    }
+
+    #[test]
+    fn compaction_starts_a_fresh_chain() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        step(&mut d, &chat);
+        assert_eq!(failing_loop(&mut d, &mut chat, &["malformed"; 3]), None);
+        // Compaction: the history is replaced by a summary; the key stays.
+        let mut compacted = Chat::new("summarise");
+        compacted
+            .push(json!({"role": "assistant", "content": "Summary so far: notes unreadable."}));
+        compacted.push(json!({"role": "user", "content": "Continue."}));
+        assert!(!step(&mut d, &compacted).is_tripped());
+        // The old streak is gone: it takes a full new run to trip.
+        assert_eq!(
+            failing_loop(&mut d, &mut compacted, &["malformed"; 10]),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn prefix_must_match_to_count_as_growth() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        step(&mut d, &chat);
+        for i in 0..10 {
+            // The agent rewrites an earlier message each time: never a clean
+            // "previous + tail", so never a failing retry.
+            chat.body["messages"][0]["content"] = json!("summarise");
+            chat.tool("read_notes", json!({}), "malformed", true);
+            let msgs = chat.body["messages"].as_array_mut().unwrap();
+            let n = msgs.len();
+            msgs[n - 3] = json!({"role": "user", "content": format!("edited {i}")});
+            assert!(!step(&mut d, &chat).is_tripped(), "step {i}");
+        }
+    }
+
+    #[test]
+    fn transport_retries_are_ignored() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        step(&mut d, &chat);
+        for _ in 0..3 {
+            chat.tool("read_notes", json!({}), "malformed", true);
+            assert!(!step(&mut d, &chat).is_tripped());
+        }
+        // The SDK resends the identical body many times: no effect.
+        for retry in 1..=10 {
+            assert!(!d.observe_request(&chat.summary(retry)).is_tripped());
+        }
+        // The loop's own count was kept: retries 3 and 4 trip as before.
+        chat.tool("read_notes", json!({}), "malformed", true);
+        assert!(!step(&mut d, &chat).is_tripped());
+        chat.tool("read_notes", json!({}), "malformed", true);
+        assert!(step(&mut d, &chat).is_tripped());
+    }
+
+    #[test]
+    fn no_progress_trips_on_byte_identical_results() {
+        let mut d = detector();
+        let mut chat = Chat::new("wait for the job");
+        step(&mut d, &chat);
+        let mut tripped = None;
+        for i in 1..=12 {
+            chat.tool("poll_job", json!({"id": 42}), "status: pending", false);
+            if let Verdict::Tripped(e) = step(&mut d, &chat) {
+                tripped = Some((i, e.reason, e.count));
+                break;
+            }
+        }
+        assert_eq!(tripped, Some((8, TripReason::NoProgress, 8)));
+    }
+
+    #[test]
+    fn polling_with_changing_results_is_healthy() {
+        let mut d = detector();
+        let mut chat = Chat::new("wait for the job");
+        step(&mut d, &chat);
+        for i in 1..=40 {
+            chat.tool(
+                "poll_job",
+                json!({"id": 42}),
+                &format!("status: running, {i}% done"),
+                false,
+            );
+            assert!(!step(&mut d, &chat).is_tripped(), "poll {i}");
+        }
+    }
+
+    #[test]
+    fn parallel_conversations_are_independent() {
+        let mut d = detector();
+        let mut a = Chat::new("task a");
+        let mut b = Chat::new("task b");
+        step(&mut d, &a);
+        step(&mut d, &b);
+        for i in 0..4 {
+            a.tool("read_notes", json!({}), "malformed", true);
+            assert!(!step(&mut d, &a).is_tripped(), "a {i}");
+            b.tool(
+                "search",
+                json!({"q": i}),
+                &format!("result {i}: found {} docs", i * 7 + 1),
+                false,
+            );
+            assert!(!step(&mut d, &b).is_tripped(), "b {i}");
+        }
+        assert_eq!(d.tracked_conversations(), 2);
+        a.tool("read_notes", json!({}), "malformed", true);
+        assert!(step(&mut d, &a).is_tripped(), "a's fifth failing call");
+    }
+
+    #[test]
+    fn lru_evicts_the_least_recently_used_conversation() {
+        let mut d = Detector::with_capacity(RunawayConfig::default(), 3);
+        let mut looping = Chat::new("looping");
+        step(&mut d, &looping);
+        assert_eq!(failing_loop(&mut d, &mut looping, &["malformed"; 3]), None);
+        for i in 0..3 {
+            step(&mut d, &Chat::new(&format!("other {i}")));
+            assert!(d.tracked_conversations() <= 3);
+        }
+        assert_eq!(d.tracked_conversations(), 3);
+        // `looping` was evicted: its next request starts a fresh chain, and
+        // the loop needs a full failing_retries + 1 calls again.
+        looping.tool("read_notes", json!({}), "malformed", true);
+        assert!(!step(&mut d, &looping).is_tripped());
+        assert_eq!(
+            failing_loop(&mut d, &mut looping, &["malformed"; 10]),
+            Some(5)
+        );
+
+        // Recently used conversations survive.
+        let mut d = Detector::with_capacity(RunawayConfig::default(), 2);
+        let mut kept = Chat::new("kept");
+        step(&mut d, &kept);
+        assert_eq!(failing_loop(&mut d, &mut kept, &["malformed"; 3]), None);
+        step(&mut d, &Chat::new("x"));
+        step(&mut d, &kept);
+        step(&mut d, &Chat::new("y"));
+        assert_eq!(failing_loop(&mut d, &mut kept, &["malformed"; 10]), Some(2));
+    }
+
+    #[test]
+    fn resend_without_growth_is_neutral_and_reset_forgets() {
+        let mut d = detector();
+        let mut chat = Chat::new("summarise");
+        step(&mut d, &chat);
+        assert_eq!(failing_loop(&mut d, &mut chat, &["malformed"; 3]), None);
+        for _ in 0..5 {
+            assert!(!step(&mut d, &chat).is_tripped(), "identical re-send");
+        }
+        assert_eq!(failing_loop(&mut d, &mut chat, &["malformed"; 10]), Some(2));
+        d.reset();
+        assert_eq!(d.tracked_conversations(), 0);
+    }
+}

@@ -1,0 +1,795 @@
+//! Request and answer summaries: what the detector needs from one LLM call,
+//! read from the JSON the proxy has already parsed. Understands Anthropic
+//! Messages, OpenAI Chat Completions and OpenAI Responses. Pure; owns no state.
+//! Must not keep raw texts or ids: only fingerprints, flags, tool names and
+//! normalised, truncated failure excerpts leave this module.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::normalize::{EXCERPT_CHARS, Fingerprint, excerpt, normalize, reads_as_error};
+
+/// The request shape of an upstream API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Api {
+    /// `POST /v1/messages`: `system`, `messages[]` with content blocks.
+    AnthropicMessages,
+    /// `POST /v1/chat/completions`: `messages[]` with `tool_calls` and `tool` messages.
+    #[serde(rename = "openai_chat")]
+    OpenAiChat,
+    /// `POST /v1/responses`: `instructions`, `input` (string or items).
+    #[serde(rename = "openai_responses")]
+    OpenAiResponses,
+}
+
+impl Api {
+    fn messages_field(self) -> &'static str {
+        match self {
+            Api::AnthropicMessages | Api::OpenAiChat => "messages",
+            Api::OpenAiResponses => "input",
+        }
+    }
+}
+
+/// Identifies one conversation of an agent: system prompt (normalised, so a
+/// clock in it does not split the conversation) plus the first message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConversationKey(pub Fingerprint);
+
+/// Why a body could not be summarised; the proxy forwards such requests
+/// without runaway detection (upstream will judge them).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SummaryError {
+    #[error("request body is not a JSON object; hint: send the provider's JSON request shape")]
+    NotAnObject,
+    #[error(
+        "request body has no `{field}` array; hint: `{field}` must list the conversation's messages"
+    )]
+    NoMessages { field: &'static str },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    User,
+    Assistant,
+    /// OpenAI `tool` messages and Responses `function_call_output` items.
+    Tool,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    Text,
+    ToolUse,
+    ToolResult,
+    Other,
+}
+
+/// A tool call: its name (truncated, kept for evidence) and a fingerprint of
+/// name plus canonical arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub name: String,
+    pub fingerprint: Fingerprint,
+}
+
+const TOOL_NAME_CHARS: usize = 64;
+
+impl ToolCall {
+    /// `arguments` may be an object (Anthropic `input`) or a JSON string
+    /// (OpenAI `arguments`); a string is parsed first so key order and
+    /// whitespace do not matter.
+    pub fn new(name: &str, arguments: &Value) -> Self {
+        let args = match arguments {
+            Value::String(s) => Fingerprint::of_value_canonical(
+                &serde_json::from_str::<Value>(s)
+                    .unwrap_or_else(|_| Value::String(s.trim().to_owned())),
+            ),
+            other => Fingerprint::of_value_canonical(other),
+        };
+        let name: String = name.chars().take(TOOL_NAME_CHARS).collect();
+        Self {
+            fingerprint: Fingerprint::of_str(&name).combine(args),
+            name,
+        }
+    }
+}
+
+/// A failure text reduced to what the detector compares and shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureText {
+    /// Fingerprint of the whole normalised text.
+    pub full: Fingerprint,
+    /// Fingerprint of its first [`EXCERPT_CHARS`] normalised characters, so a
+    /// failure that quotes changing payload after a stable head still matches.
+    pub head: Fingerprint,
+    /// Normalised and truncated; never the raw text.
+    pub excerpt: String,
+}
+
+impl FailureText {
+    pub fn from_text(text: &str) -> Self {
+        let normalized = normalize(text);
+        let head = excerpt(&normalized, EXCERPT_CHARS);
+        Self {
+            full: Fingerprint::of_str(&normalized),
+            head: Fingerprint::of_str(&head),
+            excerpt: head,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockSummary {
+    pub kind: BlockKind,
+    /// Anthropic `tool_result.is_error`.
+    pub is_error: bool,
+    /// Fingerprint of the normalised text (text and tool-result blocks).
+    pub text: Option<Fingerprint>,
+    /// Set when the block reports a failure (`is_error`, or reads as an error).
+    pub failure: Option<FailureText>,
+    /// For tool results: digest of the raw content, for the byte-identical
+    /// no-progress check.
+    pub result: Option<Fingerprint>,
+    /// For tool uses: the call. For tool results: the call it answers, when
+    /// that call is in the same summarised suffix.
+    pub call: Option<ToolCall>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageSummary {
+    pub role: Role,
+    pub blocks: Vec<BlockSummary>,
+}
+
+/// At most this many trailing messages are summarised in detail.
+pub const MAX_RECENT: usize = 32;
+
+/// Everything the detector needs from one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestSummary {
+    pub api: Api,
+    pub conversation: ConversationKey,
+    /// Chained hashes: `prefix[i]` covers conversation messages `0..=i`
+    /// (leading system/developer messages excluded; they are in the key).
+    pub prefix: Vec<Fingerprint>,
+    /// Identity of the whole body, for recognising SDK transport retries.
+    pub body: Fingerprint,
+    /// Index of the first message in `recent`.
+    pub recent_start: usize,
+    /// Detailed summaries of the trailing messages back through the latest
+    /// assistant turn (at most [`MAX_RECENT`]): in an agent loop this covers
+    /// the appended tail.
+    pub recent: Vec<MessageSummary>,
+    /// Rough input size (characters / 4) until the answer reports usage.
+    pub estimated_input_tokens: u64,
+    /// `x-stainless-retry-count` of this request (0 when absent).
+    pub transport_retry: u32,
+}
+
+/// Parses an `x-stainless-retry-count` header value; anything unreadable is 0.
+pub fn parse_retry_count(header: Option<&[u8]>) -> u32 {
+    header
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl RequestSummary {
+    /// Summarises a parsed request body. Cost: one hashing walk over the
+    /// messages (no copies) plus normalisation of the trailing turn only.
+    pub fn from_json(api: Api, body: &Value, transport_retry: u32) -> Result<Self, SummaryError> {
+        let obj = body.as_object().ok_or(SummaryError::NotAnObject)?;
+        let field = api.messages_field();
+        let owned_input;
+        let items: &[Value] = match obj.get(field) {
+            Some(Value::Array(items)) => items,
+            // Responses accepts a bare string as the whole input.
+            Some(s @ Value::String(_)) if api == Api::OpenAiResponses => {
+                owned_input = [serde_json::json!({"role": "user", "content": s})];
+                &owned_input
+            }
+            _ => return Err(SummaryError::NoMessages { field }),
+        };
+
+        // Leading system/developer messages belong to the key, not the chain.
+        let lead = items
+            .iter()
+            .take_while(|m| matches!(role_str(m), Some("system" | "developer")))
+            .count();
+        let messages = &items[lead..];
+
+        let mut key = Fingerprint(0x5eed);
+        for sys in obj
+            .get("system")
+            .into_iter()
+            .chain(obj.get("instructions"))
+            .chain(items[..lead].iter().filter_map(|m| m.get("content")))
+        {
+            key = key.combine(Fingerprint::of_str(&normalize(&plain_text(sys))));
+        }
+
+        let mut size = 0u64;
+        let mut prefix = Vec::with_capacity(messages.len());
+        let mut chain = Fingerprint(0);
+        for m in messages {
+            let (fp, n) = Fingerprint::of_value(m);
+            size += n;
+            chain = chain.combine(fp);
+            prefix.push(chain);
+        }
+        if let Some(first) = messages.first() {
+            key = key.combine(Fingerprint::of_value(first).0);
+        }
+
+        let mut body_fp = chain;
+        for (k, v) in obj {
+            if k != field {
+                let (fp, n) = Fingerprint::of_value(v);
+                size += n;
+                body_fp = body_fp.combine(Fingerprint::of_str(k)).combine(fp);
+            }
+        }
+
+        let recent_start = recent_start(messages, api);
+        let recent = summarize_recent(api, &messages[recent_start..]);
+
+        Ok(Self {
+            api,
+            conversation: ConversationKey(key),
+            prefix,
+            body: body_fp,
+            recent_start,
+            recent,
+            estimated_input_tokens: size / 4,
+            transport_retry,
+        })
+    }
+
+    pub fn message_count(&self) -> usize {
+        self.prefix.len()
+    }
+}
+
+fn role_str(m: &Value) -> Option<&str> {
+    m.get("role").and_then(Value::as_str)
+}
+
+fn role_of(api: Api, m: &Value) -> Role {
+    if api == Api::OpenAiResponses {
+        match m.get("type").and_then(Value::as_str) {
+            Some("function_call" | "custom_tool_call") => return Role::Assistant,
+            Some("function_call_output" | "custom_tool_call_output") => return Role::Tool,
+            Some("message") | None => {}
+            Some(_) => return Role::Other,
+        }
+    }
+    match role_str(m) {
+        Some("user") => Role::User,
+        Some("assistant") => Role::Assistant,
+        Some("tool" | "function") => Role::Tool,
+        _ => Role::Other,
+    }
+}
+
+/// Walks back from the end through the latest contiguous assistant turn.
+fn recent_start(messages: &[Value], api: Api) -> usize {
+    let floor = messages.len().saturating_sub(MAX_RECENT);
+    let mut seen_assistant = false;
+    let mut i = messages.len();
+    while i > floor {
+        let is_assistant = role_of(api, &messages[i - 1]) == Role::Assistant;
+        if seen_assistant && !is_assistant {
+            break;
+        }
+        seen_assistant |= is_assistant;
+        i -= 1;
+    }
+    i
+}
+
+fn summarize_recent(api: Api, messages: &[Value]) -> Vec<MessageSummary> {
+    let mut out: Vec<MessageSummary> = messages
+        .iter()
+        .map(|m| MessageSummary {
+            role: role_of(api, m),
+            blocks: blocks_of(api, m),
+        })
+        .collect();
+    link_results_to_calls(api, messages, &mut out);
+    out
+}
+
+fn blocks_of(api: Api, m: &Value) -> Vec<BlockSummary> {
+    let mut blocks = Vec::new();
+    match api {
+        Api::AnthropicMessages => match m.get("content") {
+            Some(Value::String(s)) => blocks.push(text_block(s)),
+            Some(Value::Array(parts)) => {
+                for part in parts {
+                    blocks.push(match part.get("type").and_then(Value::as_str) {
+                        Some("text") => text_block(str_field(part, "text")),
+                        Some("tool_use") => tool_use_block(
+                            str_field(part, "name"),
+                            part.get("input").unwrap_or(&Value::Null),
+                        ),
+                        Some("tool_result") => tool_result_block(
+                            part.get("content").unwrap_or(&Value::Null),
+                            part.get("is_error")
+                                .and_then(Value::as_bool)
+                                .unwrap_or(false),
+                        ),
+                        _ => other_block(),
+                    });
+                }
+            }
+            _ => {}
+        },
+        Api::OpenAiChat => {
+            let content = m.get("content").unwrap_or(&Value::Null);
+            if role_str(m) == Some("tool") || role_str(m) == Some("function") {
+                blocks.push(tool_result_block(content, false));
+            } else if !content.is_null() {
+                blocks.push(text_block(&plain_text(content)));
+            }
+            for call in m
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let f = call.get("function").unwrap_or(&Value::Null);
+                blocks.push(tool_use_block(
+                    str_field(f, "name"),
+                    f.get("arguments").unwrap_or(&Value::Null),
+                ));
+            }
+        }
+        Api::OpenAiResponses => match m.get("type").and_then(Value::as_str) {
+            Some("function_call" | "custom_tool_call") => blocks.push(tool_use_block(
+                str_field(m, "name"),
+                m.get("arguments")
+                    .or_else(|| m.get("input"))
+                    .unwrap_or(&Value::Null),
+            )),
+            Some("function_call_output" | "custom_tool_call_output") => blocks.push(
+                tool_result_block(m.get("output").unwrap_or(&Value::Null), false),
+            ),
+            Some("message") | None => blocks.push(text_block(&plain_text(
+                m.get("content").unwrap_or(&Value::Null),
+            ))),
+            Some(_) => blocks.push(other_block()),
+        },
+    }
+    blocks
+}
+
+/// The ids that pair calls with results, per API, read only here and never kept.
+fn call_id(api: Api, m: &Value, block_index: usize) -> Option<&str> {
+    match api {
+        Api::AnthropicMessages => m.get("content")?.get(block_index)?.get("id")?.as_str(),
+        Api::OpenAiChat => m
+            .get("tool_calls")?
+            .as_array()?
+            .get(block_index.checked_sub(usize::from(!m["content"].is_null()))?)?
+            .get("id")?
+            .as_str(),
+        Api::OpenAiResponses => m.get("call_id")?.as_str(),
+    }
+}
+
+fn result_id(api: Api, m: &Value, block_index: usize) -> Option<&str> {
+    match api {
+        Api::AnthropicMessages => m
+            .get("content")?
+            .get(block_index)?
+            .get("tool_use_id")?
+            .as_str(),
+        Api::OpenAiChat => m.get("tool_call_id")?.as_str(),
+        Api::OpenAiResponses => m.get("call_id")?.as_str(),
+    }
+}
+
+fn link_results_to_calls(api: Api, messages: &[Value], out: &mut [MessageSummary]) {
+    let mut calls: Vec<(&str, ToolCall)> = Vec::new();
+    for (m, summary) in messages.iter().zip(out.iter_mut()) {
+        for (i, block) in summary.blocks.iter_mut().enumerate() {
+            match block.kind {
+                BlockKind::ToolUse => {
+                    if let (Some(id), Some(call)) = (call_id(api, m, i), &block.call) {
+                        calls.push((id, call.clone()));
+                    }
+                }
+                BlockKind::ToolResult => {
+                    if let Some(id) = result_id(api, m, i) {
+                        block.call = calls.iter().find(|(c, _)| *c == id).map(|(_, c)| c.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn str_field<'a>(v: &'a Value, field: &str) -> &'a str {
+    v.get(field).and_then(Value::as_str).unwrap_or("")
+}
+
+/// Text of a content value: a string, or the `text` of its parts joined.
+fn plain_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| match p {
+                Value::String(s) => Some(s.as_str()),
+                other => other.get("text").and_then(Value::as_str),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn text_block(text: &str) -> BlockSummary {
+    let failing = reads_as_error(text);
+    BlockSummary {
+        kind: BlockKind::Text,
+        is_error: false,
+        text: Some(Fingerprint::of_str(&normalize(text))),
+        failure: failing.then(|| FailureText::from_text(text)),
+        result: None,
+        call: None,
+    }
+}
+
+fn tool_use_block(name: &str, args: &Value) -> BlockSummary {
+    BlockSummary {
+        kind: BlockKind::ToolUse,
+        is_error: false,
+        text: None,
+        failure: None,
+        result: None,
+        call: Some(ToolCall::new(name, args)),
+    }
+}
+
+fn tool_result_block(content: &Value, is_error: bool) -> BlockSummary {
+    let text = plain_text(content);
+    let failure = (is_error || reads_as_error(&text)).then(|| FailureText::from_text(&text));
+    BlockSummary {
+        kind: BlockKind::ToolResult,
+        is_error,
+        text: failure
+            .as_ref()
+            .map(|f| f.full)
+            .or_else(|| Some(Fingerprint::of_str(&normalize(&text)))),
+        failure,
+        result: Some(Fingerprint::of_value(content).0),
+        call: None,
+    }
+}
+
+fn other_block() -> BlockSummary {
+    BlockSummary {
+        kind: BlockKind::Other,
+        is_error: false,
+        text: None,
+        failure: None,
+        result: None,
+        call: None,
+    }
+}
+
+/// Input tokens of an answer, by kind, as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct InputUsage {
+    pub input_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+}
+
+impl InputUsage {
+    /// The growth measure of the design: all input, cached or not.
+    pub fn total(&self) -> u64 {
+        self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+    }
+}
+
+/// What the detector needs from one upstream answer (JSON or SSE).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseSummary {
+    pub status: u16,
+    /// Provider error type, e.g. `invalid_request_error` (truncated).
+    pub error_type: Option<String>,
+    /// The error message, normalised; set for error answers.
+    pub error: Option<FailureText>,
+    /// Tool calls the model asked for (from JSON, or assembled from SSE deltas).
+    pub tool_calls: Vec<ToolCall>,
+    pub usage: Option<InputUsage>,
+}
+
+impl ResponseSummary {
+    /// For answers whose body is not JSON (an HTML 502, a cut stream).
+    pub fn upstream_error(status: u16, error_type: Option<&str>, message: &str) -> Self {
+        let error_type: Option<String> =
+            error_type.map(|t| t.chars().take(TOOL_NAME_CHARS).collect());
+        let text = format!("{status} {} {message}", error_type.as_deref().unwrap_or(""));
+        Self {
+            status,
+            error: Some(FailureText::from_text(&text)),
+            error_type,
+            ..Self::default()
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.status >= 400
+    }
+
+    /// Summarises a complete JSON answer of `api`.
+    pub fn from_json(api: Api, status: u16, body: &Value) -> Self {
+        if status >= 400 {
+            let err = body.get("error").unwrap_or(body);
+            let message = match err.get("message") {
+                Some(m) => plain_text(m),
+                None => body.to_string(),
+            };
+            return Self::upstream_error(
+                status,
+                err.get("type")
+                    .or_else(|| err.get("code"))
+                    .and_then(Value::as_str),
+                &message,
+            );
+        }
+        let mut tool_calls = Vec::new();
+        let usage = body.get("usage");
+        let usage = match api {
+            Api::AnthropicMessages => {
+                for block in body
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if block.get("type").and_then(Value::as_str) == Some("tool_use") {
+                        tool_calls.push(ToolCall::new(
+                            str_field(block, "name"),
+                            block.get("input").unwrap_or(&Value::Null),
+                        ));
+                    }
+                }
+                usage.and_then(|u| InputUsage::deserialize(u).ok())
+            }
+            Api::OpenAiChat => {
+                let message = body.pointer("/choices/0/message").unwrap_or(&Value::Null);
+                for call in message
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let f = call.get("function").unwrap_or(&Value::Null);
+                    tool_calls.push(ToolCall::new(
+                        str_field(f, "name"),
+                        f.get("arguments").unwrap_or(&Value::Null),
+                    ));
+                }
+                // `prompt_tokens` already includes cached tokens.
+                usage
+                    .and_then(|u| u.get("prompt_tokens"))
+                    .and_then(Value::as_u64)
+                    .map(|n| InputUsage {
+                        input_tokens: n,
+                        ..InputUsage::default()
+                    })
+            }
+            Api::OpenAiResponses => {
+                for item in body
+                    .get("output")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if item.get("type").and_then(Value::as_str) == Some("function_call") {
+                        tool_calls.push(ToolCall::new(
+                            str_field(item, "name"),
+                            item.get("arguments").unwrap_or(&Value::Null),
+                        ));
+                    }
+                }
+                // `input_tokens` already includes cached tokens.
+                usage
+                    .and_then(|u| u.get("input_tokens"))
+                    .and_then(Value::as_u64)
+                    .map(|n| InputUsage {
+                        input_tokens: n,
+                        ..InputUsage::default()
+                    })
+            }
+        };
+        Self {
+            status,
+            error_type: None,
+            error: None,
+            tool_calls,
+            usage,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn anthropic_loop(results: &[(&str, bool)]) -> Value {
+        let mut messages = vec![json!({"role": "user", "content": "Summarise my notes."})];
+        for (i, (text, is_error)) in results.iter().enumerate() {
+            messages.push(json!({"role": "assistant", "content": [
+                {"type": "text", "text": "Reading the notes."},
+                {"type": "tool_use", "id": format!("toolu_{i}"), "name": "read_notes", "input": {"path": "notes.md"}}
+            ]}));
+            messages.push(json!({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": format!("toolu_{i}"), "content": text, "is_error": is_error}
+            ]}));
+        }
+        json!({"model": "claude-sonnet-4-5", "max_tokens": 1024, "system": "You are helpful. Now: 2025-01-01T10:00:00Z", "messages": messages})
+    }
+
+    #[test]
+    fn anthropic_tail_blocks_and_links() {
+        let body = anthropic_loop(&[("ok", false), ("Malformed output at byte 17", true)]);
+        let s = RequestSummary::from_json(Api::AnthropicMessages, &body, 0).unwrap();
+        assert_eq!(s.message_count(), 5);
+        assert_eq!(
+            s.recent_start, 3,
+            "the tail is the last assistant turn and its result"
+        );
+        assert_eq!(s.recent[0].role, Role::Assistant);
+        let kinds: Vec<_> = s.recent[0].blocks.iter().map(|b| b.kind).collect();
+        assert_eq!(kinds, [BlockKind::Text, BlockKind::ToolUse]);
+        let result = &s.recent[1].blocks[0];
+        assert_eq!(result.kind, BlockKind::ToolResult);
+        assert!(result.is_error);
+        let failure = result.failure.as_ref().unwrap();
+        assert_eq!(failure.excerpt, "malformed output at byte #");
+        assert_eq!(result.call.as_ref().unwrap().name, "read_notes");
+        assert_eq!(result.call, s.recent[0].blocks[1].call);
+    }
+
+    #[test]
+    fn prefix_hashes_extend_when_messages_are_appended() {
+        let short = anthropic_loop(&[("one", false)]);
+        let long = anthropic_loop(&[("one", false), ("two", false)]);
+        let a = RequestSummary::from_json(Api::AnthropicMessages, &short, 0).unwrap();
+        let b = RequestSummary::from_json(Api::AnthropicMessages, &long, 0).unwrap();
+        assert_eq!(a.conversation, b.conversation);
+        assert_eq!(a.prefix[..], b.prefix[..a.prefix.len()]);
+        assert_ne!(a.body, b.body);
+        assert!(b.estimated_input_tokens > a.estimated_input_tokens);
+
+        let changed = anthropic_loop(&[("ONE", false), ("two", false)]);
+        let c = RequestSummary::from_json(Api::AnthropicMessages, &changed, 0).unwrap();
+        assert_eq!(c.prefix[..2], a.prefix[..2]);
+        assert_ne!(
+            c.prefix[2], a.prefix[2],
+            "an edited message breaks the prefix"
+        );
+    }
+
+    #[test]
+    fn system_clock_does_not_split_the_conversation() {
+        let mut a = anthropic_loop(&[]);
+        let mut b = a.clone();
+        a["system"] = json!("You are helpful. Now: 2025-01-01T10:00:00Z");
+        b["system"] = json!("You are helpful. Now: 2025-01-01T10:05:13Z");
+        let a = RequestSummary::from_json(Api::AnthropicMessages, &a, 0).unwrap();
+        let b = RequestSummary::from_json(Api::AnthropicMessages, &b, 0).unwrap();
+        assert_eq!(a.conversation, b.conversation);
+        assert_ne!(a.body, b.body);
+    }
+
+    #[test]
+    fn openai_chat_tool_messages() {
+        let body = json!({"model": "gpt-4.1", "messages": [
+            {"role": "system", "content": "You file tickets."},
+            {"role": "user", "content": "File the bug."},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_a1", "type": "function", "function": {"name": "create_ticket", "arguments": "{\"title\": \"x\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_a1", "content": "HTTP 500 Internal Server Error (request 7f3e)"}
+        ]});
+        let s = RequestSummary::from_json(Api::OpenAiChat, &body, 2).unwrap();
+        assert_eq!(
+            s.message_count(),
+            3,
+            "the system message is part of the key only"
+        );
+        assert_eq!(s.transport_retry, 2);
+        assert_eq!(s.recent.len(), 2);
+        let result = &s.recent[1].blocks[0];
+        assert_eq!(s.recent[1].role, Role::Tool);
+        assert!(!result.is_error);
+        assert!(result.failure.is_some());
+        let call = result.call.as_ref().unwrap();
+        assert_eq!(
+            call,
+            &ToolCall::new("create_ticket", &json!({"title": "x"}))
+        );
+    }
+
+    #[test]
+    fn openai_responses_function_call_output() {
+        let body = json!({"model": "gpt-4.1", "instructions": "Sync calendars.", "input": [
+            {"role": "user", "content": "Sync now."},
+            {"type": "function_call", "call_id": "call_9", "name": "sync", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_9", "output": "invalid calendar id"}
+        ]});
+        let s = RequestSummary::from_json(Api::OpenAiResponses, &body, 0).unwrap();
+        assert_eq!(s.recent_start, 1);
+        assert_eq!(s.recent[0].role, Role::Assistant);
+        assert_eq!(s.recent[1].role, Role::Tool);
+        assert!(s.recent[1].blocks[0].failure.is_some());
+        assert_eq!(s.recent[1].blocks[0].call.as_ref().unwrap().name, "sync");
+
+        let bare = json!({"model": "gpt-4.1", "input": "hello"});
+        let s = RequestSummary::from_json(Api::OpenAiResponses, &bare, 0).unwrap();
+        assert_eq!(s.message_count(), 1);
+    }
+
+    #[test]
+    fn bad_bodies_are_errors() {
+        assert_eq!(
+            RequestSummary::from_json(Api::AnthropicMessages, &json!([1]), 0),
+            Err(SummaryError::NotAnObject)
+        );
+        let err =
+            RequestSummary::from_json(Api::OpenAiChat, &json!({"model": "m"}), 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "request body has no `messages` array; hint: `messages` must list the conversation's messages"
+        );
+    }
+
+    #[test]
+    fn retry_count_header() {
+        assert_eq!(parse_retry_count(None), 0);
+        assert_eq!(parse_retry_count(Some(b"2")), 2);
+        assert_eq!(parse_retry_count(Some(b" 1 ")), 1);
+        assert_eq!(parse_retry_count(Some(b"x")), 0);
+    }
+
+    #[test]
+    fn responses_from_json() {
+        let ok = json!({"content": [{"type": "tool_use", "id": "t", "name": "read_notes", "input": {"path": "notes.md"}}],
+            "usage": {"input_tokens": 10, "cache_creation_input_tokens": 200, "cache_read_input_tokens": 3000, "output_tokens": 5}});
+        let r = ResponseSummary::from_json(Api::AnthropicMessages, 200, &ok);
+        assert!(!r.is_error());
+        assert_eq!(r.usage.unwrap().total(), 3210);
+        assert_eq!(
+            r.tool_calls,
+            [ToolCall::new("read_notes", &json!({"path": "notes.md"}))]
+        );
+
+        let err = json!({"type": "error", "error": {"type": "invalid_request_error", "message": "messages.3: tool_use ids must be unique (toolu_01X)"}});
+        let r = ResponseSummary::from_json(Api::AnthropicMessages, 400, &err);
+        assert!(r.is_error());
+        assert_eq!(r.error_type.as_deref(), Some("invalid_request_error"));
+        assert_eq!(
+            r.error.unwrap().excerpt,
+            "# invalid_request_error messages.#: tool_use ids must be unique (#)"
+        );
+
+        let chat = json!({"choices": [{"message": {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]}}],
+            "usage": {"prompt_tokens": 900, "completion_tokens": 3}});
+        let r = ResponseSummary::from_json(Api::OpenAiChat, 200, &chat);
+        assert_eq!(r.usage.unwrap().total(), 900);
+        assert_eq!(r.tool_calls[0], ToolCall::new("f", &json!({"a": 1})));
+    }
+}
