@@ -44,6 +44,9 @@ fn spec(name: &str, script: &str, cwd: &Path) -> AgentSpec {
             signal: Signal::SIGTERM,
             grace: Duration::from_secs(5),
         },
+        llm: Vec::new(),
+        budget: Default::default(),
+        runaway: Default::default(),
     }
 }
 

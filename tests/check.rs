@@ -145,7 +145,7 @@ fn unknown_field_names_the_agent_and_the_choices() {
     assert_problems(
         "unknown_field.yaml",
         &[
-            "fleet.yaml:14:5: agent \"soundwave\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`",
+            "fleet.yaml:14:5: agent \"soundwave\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`, `llm`, `budget`, `runaway`",
         ],
     );
 }
@@ -282,7 +282,7 @@ fn config_and_secret_problems_are_reported_together() {
     assert_invalid(
         &fleet.check(),
         &[
-            "fleet.yaml:8:5: agent \"b\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`",
+            "fleet.yaml:8:5: agent \"b\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`, `llm`, `budget`, `runaway`",
         ],
     );
     fs::write(

@@ -131,6 +131,9 @@ mod tests {
             secrets: BTreeMap::new(),
             restart: RestartSpec::default(),
             stop: StopSpec::default(),
+            llm: Vec::new(),
+            budget: Default::default(),
+            runaway: Default::default(),
         }
     }
 

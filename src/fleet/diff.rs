@@ -62,6 +62,20 @@ pub fn non_reloadable_changes(old: &Fleet, new: &Fleet) -> Vec<String> {
             describe_vault(&new.vault),
         ));
     }
+    let (was, now) = (&old.proxy, &new.proxy);
+    if was.listen != now.listen {
+        out.push(refusal("proxy.listen", was.listen, now.listen));
+    }
+    if was.max_body != now.max_body {
+        out.push(refusal("proxy.max_body", was.max_body, now.max_body));
+    }
+    if was.upstream_timeout != now.upstream_timeout {
+        out.push(refusal(
+            "proxy.upstream_timeout",
+            humantime::format_duration(was.upstream_timeout),
+            humantime::format_duration(now.upstream_timeout),
+        ));
+    }
     out
 }
 
@@ -192,6 +206,8 @@ mod tests {
             version: 1,
             state_dir: PathBuf::from(state_dir),
             vault,
+            proxy: Default::default(),
+            providers: BTreeMap::new(),
             agents: BTreeMap::new(),
         }
     }

@@ -3,16 +3,19 @@
 //! the environment it depends on come in as arguments); `load` is the thin
 //! shell that reads them. Must not resolve secrets or touch processes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors};
-use super::model::{AgentSpec, Fleet, RestartPolicy, RestartSpec, StopSpec, VaultConfig};
+use super::metering;
+use super::model::{
+    AgentSpec, Fleet, ProviderSpec, RestartPolicy, RestartSpec, StopSpec, VaultConfig,
+};
 use super::node::{self, At, Node, NodeError, Pos, Value};
 use super::schema::{
-    Backend, Dur, Policy, RawAgent, RawDefaults, RawEnv, RawRestart, RawStop, RawVault,
+    Backend, Dur, Policy, RawAgent, RawDefaults, RawEnv, RawProxy, RawRestart, RawStop, RawVault,
 };
 use crate::vault::SecretName;
 
@@ -24,7 +27,15 @@ pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// Top-level sections, in the order the unknown-field message lists them.
 /// A later issue adds a section here and a struct in `schema`.
-const SECTIONS: &[&str] = &["version", "state_dir", "vault", "defaults", "agents"];
+const SECTIONS: &[&str] = &[
+    "version",
+    "state_dir",
+    "vault",
+    "proxy",
+    "providers",
+    "defaults",
+    "agents",
+];
 
 /// Set by the child environment builder; agents may not declare it themselves.
 const RESERVED_ENV: &[&str] = &["SUPERVISOR_AGENT"];
@@ -58,6 +69,7 @@ impl LoadEnv {
 pub struct SourceMap {
     agents: BTreeMap<String, Pos>,
     secrets: BTreeMap<(String, String), Pos>,
+    llm_keys: BTreeMap<String, Vec<Pos>>,
 }
 
 impl SourceMap {
@@ -71,6 +83,11 @@ impl SourceMap {
         self.secrets
             .get(&(agent.to_owned(), env_var.to_owned()))
             .copied()
+    }
+
+    /// Where the key of the agent's `llm[index]` entry is written.
+    pub fn llm_key(&self, agent: &str, index: usize) -> Option<Pos> {
+        self.llm_keys.get(agent)?.get(index).copied()
     }
 }
 
@@ -188,13 +205,13 @@ pub fn parse_fleet(
 }
 
 /// Collects errors while the fleet is built.
-struct Cx<'a> {
+pub(super) struct Cx<'a> {
     file: &'a Path,
     errors: Vec<ConfigError>,
 }
 
 impl Cx<'_> {
-    fn push(&mut self, pos: Pos, agent: Option<&str>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, pos: Pos, agent: Option<&str>, message: impl Into<String>) {
         self.errors
             .push(error_at(self.file, pos, agent, message.into()));
     }
@@ -289,6 +306,9 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
     let mut defaults = RawDefaults::default();
     let mut defaults_ok = true;
     let mut agents: Option<&Node> = None;
+    let mut proxy: Option<RawProxy> = None;
+    let mut providers_raw = BTreeMap::new();
+    let mut providers_ok = true;
 
     for (key, value) in entries {
         match key.as_text().unwrap_or_default() {
@@ -317,6 +337,12 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
                 defaults_ok = cx.errors.len() == before;
             }
             "agents" => agents = Some(value),
+            "proxy" => proxy = section(cx, "proxy", value),
+            "providers" => {
+                let before = cx.errors.len();
+                providers_raw = section(cx, "providers", value).unwrap_or_default();
+                providers_ok = cx.errors.len() == before;
+            }
             other => {
                 let expected = SECTIONS
                     .iter()
@@ -351,6 +377,8 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
         None
     };
     check_defaults(cx, &defaults);
+    let proxy = metering::resolve_proxy(cx, proxy);
+    let providers = metering::resolve_providers(cx, providers_raw);
 
     let mut sources = SourceMap::default();
     let mut specs = BTreeMap::new();
@@ -360,7 +388,8 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
             Value::Null => {}
             Value::Map(list) => {
                 for (key, body) in list {
-                    match build_agent(cx, key, body, &defaults, base_dir, &mut sources) {
+                    match build_agent(cx, key, body, &defaults, &providers, base_dir, &mut sources)
+                    {
                         Some(spec) => {
                             specs.insert(spec.name.clone(), spec);
                         }
@@ -388,9 +417,11 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
         version: version?,
         state_dir: state_dir?,
         vault: vault?,
+        proxy,
+        providers,
         agents: specs,
     };
-    (agents_ok && defaults_ok).then_some(Located { fleet, sources })
+    (agents_ok && defaults_ok && providers_ok).then_some(Located { fleet, sources })
 }
 
 fn resolve_state_dir(
@@ -507,6 +538,9 @@ fn check_env(cx: &mut Cx, agent: Option<&str>, field: &str, env: &RawEnv) {
 }
 
 fn check_defaults(cx: &mut Cx, defaults: &RawDefaults) {
+    if defaults.runaway.is_some() {
+        metering::resolve_runaway(cx, None, defaults.runaway.as_ref(), None);
+    }
     if let Some(env) = &defaults.env {
         check_env(cx, None, "defaults.env", env);
     }
@@ -604,6 +638,7 @@ fn build_agent(
     key: &Node,
     body: &Node,
     defaults: &RawDefaults,
+    providers: &BTreeMap<String, ProviderSpec>,
     base_dir: &Path,
     sources: &mut SourceMap,
 ) -> Option<AgentSpec> {
@@ -752,6 +787,29 @@ fn build_agent(
     let base_stop = merge_stop(defaults.stop.as_ref(), &StopSpec::default());
     let stop = merge_stop(raw.stop.as_ref(), &base_stop);
 
+    // llm, budget, runaway
+    let taken_env: BTreeSet<String> = env.keys().chain(secrets.keys()).cloned().collect();
+    let mut key_positions = Vec::new();
+    let llm = metering::resolve_llm(
+        cx,
+        name,
+        raw.llm.as_deref().unwrap_or_default(),
+        providers,
+        &taken_env,
+        &mut key_positions,
+    );
+    sources.llm_keys.insert(name.to_owned(), key_positions);
+    let budget = metering::resolve_budget(
+        cx,
+        name,
+        defaults.budget.as_ref(),
+        raw.budget.as_ref(),
+        &llm,
+        providers,
+    );
+    let runaway =
+        metering::resolve_runaway(cx, agent, defaults.runaway.as_ref(), raw.runaway.as_ref());
+
     (cx.errors.len() == errors_before).then(|| AgentSpec {
         name: name.to_owned(),
         command: argv.iter().map(|a| a.value.clone()).collect(),
@@ -760,6 +818,9 @@ fn build_agent(
         secrets,
         restart,
         stop,
+        llm,
+        budget,
+        runaway,
     })
 }
 
@@ -1028,10 +1089,10 @@ agents:
             ),
             (
                 "bad top level",
-                "version: 2\nproxy: {}\nvault: {backend: envv, pth: x}\ndefaults: {restart: always}\nagents: []\n",
+                "version: 2\nproxxy: {}\nvault: {backend: envv, pth: x}\ndefaults: {restart: always}\nagents: []\n",
                 &[
                     "fleet.yaml:1:10: unsupported `version` 2; this supervisor reads version 1",
-                    "fleet.yaml:2:1: unknown field `proxy`, expected one of `version`, `state_dir`, `vault`, `defaults`, `agents`",
+                    "fleet.yaml:2:1: unknown field `proxxy`, expected one of `version`, `state_dir`, `vault`, `proxy`, `providers`, `defaults`, `agents`",
                     "fleet.yaml:3:18: `vault.backend`: unknown variant `envv`, expected one of `dir`, `systemd-creds`, `env`",
                     "fleet.yaml:3:24: `vault`: unknown field `pth`, expected `backend` or `path`",
                     "fleet.yaml:4:21: `defaults.restart`: invalid type: string \"always\", expected a mapping with `policy`, `backoff_initial`, `backoff_max`, `reset_after`",
@@ -1068,7 +1129,7 @@ agents:
     command: [y]
 ",
                 &[
-                    "fleet.yaml:5:5: agent \"a\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`",
+                    "fleet.yaml:5:5: agent \"a\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`, `llm`, `budget`, `runaway`",
                     "fleet.yaml:6:20: agent \"a\": `stop.signal`: unknown signal `SIGFOO`, expected a name like `SIGTERM`, `SIGINT`, `SIGQUIT` or `SIGHUP`",
                     "fleet.yaml:7:3: agent \"B\": invalid agent name; use lower-case letters, digits, `_` and `-`, starting with a letter or digit (at most 63)",
                     "fleet.yaml:8:14: agent \"B\": `command`: invalid type: string \"\", expected a list of arguments, like `[python3, agent.py]`",

@@ -8,6 +8,7 @@
 mod diff;
 mod error;
 mod load;
+mod metering;
 mod model;
 mod node;
 mod schema;

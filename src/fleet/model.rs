@@ -2,11 +2,15 @@
 //! supervisor consumes. Owns no I/O; `fleet::load` is the only producer.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use crate::pricing::Prices;
+use crate::proxy::refusal::Api;
+use crate::runaway::RunawayConfig;
 use crate::vault::SecretName;
 
 /// A fleet.yaml after parsing, validation and merging `defaults` into each agent.
@@ -21,7 +25,98 @@ pub struct Fleet {
     /// else `$STATE_DIRECTORY`, else `<base_dir>/.supervisor`.
     pub state_dir: PathBuf,
     pub vault: VaultConfig,
+    pub proxy: ProxySpec,
+    pub providers: BTreeMap<String, ProviderSpec>,
     pub agents: BTreeMap<String, AgentSpec>,
+}
+
+/// The metering proxy's listener and limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySpec {
+    /// Default `127.0.0.1:7878`: loopback, so only this host's agents reach it.
+    pub listen: SocketAddr,
+    /// Largest request body accepted (default 32 MiB).
+    pub max_body: u64,
+    /// Longest wait for an upstream answer to start, and between its chunks (default 10m).
+    pub upstream_timeout: Duration,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            max_body: 32 << 20,
+            upstream_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One entry of `providers:`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderSpec {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Per model, in micro-USD per million tokens.
+    pub prices: BTreeMap<String, Prices>,
+}
+
+impl ProviderSpec {
+    /// The API its agents speak (and get environment variables for).
+    pub fn api(&self) -> Api {
+        match &self.kind {
+            ProviderKind::Anthropic { .. } => Api::Anthropic,
+            ProviderKind::OpenAi { .. } => Api::OpenAi,
+            ProviderKind::Simulated { api, .. } => *api,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// `upstream` is an origin like `https://api.anthropic.com`; the request path passes through.
+    Anthropic {
+        upstream: String,
+    },
+    OpenAi {
+        upstream: String,
+    },
+    /// Answered inside the supervisor (offline development and the demo).
+    Simulated {
+        api: Api,
+        latency: Duration,
+    },
+}
+
+/// How an agent receives its LLM credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The agent gets a per-launch scoped token; the proxy holds the real key.
+    Proxy,
+    /// The agent gets the real key (the proxy still meters it by that key).
+    Direct,
+}
+
+/// One entry of an agent's `llm:` list, resolved against `providers:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlmSpec {
+    pub provider: String,
+    pub api: Api,
+    /// The real key's secret name; `None` only for a simulated provider.
+    pub key: Option<SecretName>,
+    pub delivery: Delivery,
+    /// Variable that receives the token or key (default `ANTHROPIC_API_KEY` / `OPENAI_API_KEY`).
+    pub key_env: String,
+    /// Variable that receives the proxy's URL (default `ANTHROPIC_BASE_URL` / `OPENAI_BASE_URL`).
+    pub base_url_env: String,
+}
+
+/// Per-agent limits; `None` means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BudgetSpec {
+    pub monthly_micro_usd: Option<u64>,
+    pub monthly_tokens: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub requests_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +143,22 @@ pub struct AgentSpec {
     pub secrets: BTreeMap<String, SecretName>,
     pub restart: RestartSpec,
     pub stop: StopSpec,
+    /// LLM credentials, each metered through the proxy.
+    pub llm: Vec<LlmSpec>,
+    pub budget: BudgetSpec,
+    pub runaway: RunawayConfig,
+}
+
+impl AgentSpec {
+    /// The parts that shape the agent's process; a change here needs a
+    /// restart. Budget and runaway settings apply live, without one.
+    pub fn launch_view(&self) -> AgentSpec {
+        AgentSpec {
+            budget: BudgetSpec::default(),
+            runaway: RunawayConfig::default(),
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

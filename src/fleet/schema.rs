@@ -49,7 +49,216 @@ pub struct RawDefaults {
     pub env: Option<RawEnv>,
     pub restart: Option<RawRestart>,
     pub stop: Option<RawStop>,
+    pub budget: Option<RawBudget>,
+    pub runaway: Option<RawRunaway>,
 }
+
+/// `proxy: { listen, max_body, upstream_timeout }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    pub listen: Option<At<String>>,
+    pub max_body: Option<At<ByteSize>>,
+    pub upstream_timeout: Option<At<Dur>>,
+}
+
+/// One entry of `providers:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub kind: At<ProviderKindName>,
+    pub upstream: Option<At<String>>,
+    /// Which API a `simulated` provider speaks.
+    pub api: Option<At<ApiName>>,
+    /// How long a `simulated` provider takes to answer.
+    pub latency: Option<At<Dur>>,
+    pub prices: Option<BTreeMap<At<String>, At<RawPrice>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderKindName {
+    Anthropic,
+    Openai,
+    Simulated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiName {
+    Anthropic,
+    Openai,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input: f64,
+    pub output: f64,
+    pub cache_write: Option<f64>,
+    pub cache_read: Option<f64>,
+}
+
+/// One entry of an agent's `llm:` list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLlm {
+    pub provider: At<String>,
+    pub key: Option<At<String>>,
+    pub delivery: Option<At<DeliveryName>>,
+    pub env: Option<RawLlmEnv>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryName {
+    Proxy,
+    Direct,
+}
+
+/// Overrides of the variable names an `llm:` entry sets.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLlmEnv {
+    pub key: Option<At<String>>,
+    pub base_url: Option<At<String>>,
+}
+
+/// `budget: { monthly_usd, monthly_tokens, tokens_per_minute, requests_per_minute }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub monthly_usd: Option<At<Usd>>,
+    pub monthly_tokens: Option<At<Count>>,
+    pub tokens_per_minute: Option<At<Count>>,
+    pub requests_per_minute: Option<At<Count>>,
+}
+
+/// `runaway: { failing_retries, no_progress_repeats, action }`, merged per field.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRunaway {
+    pub failing_retries: Option<At<u32>>,
+    pub no_progress_repeats: Option<At<u32>>,
+    pub action: Option<crate::runaway::RunawayAction>,
+}
+
+/// A count written as an integer or with a suffix: `40000`, `60k`, `40M`, `1.5G`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Count(pub u64);
+
+impl FromStr for Count {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid count `{text}`: use a whole number, optionally with `k`, `M` or `G`, like `60k` or `40M`"
+            )
+        };
+        let t = text.trim().replace('_', "");
+        let (digits, scale) = match t.chars().last() {
+            Some('k' | 'K') => (&t[..t.len() - 1], 1e3),
+            Some('m' | 'M') => (&t[..t.len() - 1], 1e6),
+            Some('g' | 'G') => (&t[..t.len() - 1], 1e9),
+            _ => (t.as_str(), 1.0),
+        };
+        if scale == 1.0 {
+            return digits.parse::<u64>().map(Count).map_err(|_| bad());
+        }
+        let n: f64 = digits.parse().map_err(|_| bad())?;
+        let v = (n * scale).round();
+        if !n.is_finite() || n < 0.0 || v > u64::MAX as f64 || (n * scale - v).abs() > 1e-6 {
+            return Err(bad());
+        }
+        Ok(Count(v as u64))
+    }
+}
+
+/// Dollars, as a number (`150`, `12.5`); held as integer micro-dollars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usd(pub u64);
+
+impl FromStr for Usd {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad =
+            || format!("invalid amount `{text}`: use dollars as a number, like `150` or `12.50`");
+        let n: f64 = text
+            .trim()
+            .trim_start_matches('$')
+            .parse()
+            .map_err(|_| bad())?;
+        if !n.is_finite() || !(0.0..=1e12).contains(&n) {
+            return Err(bad());
+        }
+        Ok(Usd((n * 1e6).round() as u64))
+    }
+}
+
+/// Bytes, as an integer or with a unit: `32MiB`, `512KiB`, `1GiB`, `1000000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad =
+            || format!("invalid size `{text}`: use bytes or a unit, like `32MiB` or `512KiB`");
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" | "k" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(scale).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+/// Deserializes a `FromStr` leaf from its text, as written in the file.
+macro_rules! from_text {
+    ($ty:ty, $expecting:literal) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct TextVisitor;
+                impl Visitor<'_> for TextVisitor {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$ty, E> {
+                        v.parse().map_err(E::custom)
+                    }
+                    fn visit_u64<E: de::Error>(self, v: u64) -> Result<$ty, E> {
+                        v.to_string().parse().map_err(E::custom)
+                    }
+                    fn visit_i64<E: de::Error>(self, v: i64) -> Result<$ty, E> {
+                        v.to_string().parse().map_err(E::custom)
+                    }
+                    fn visit_f64<E: de::Error>(self, v: f64) -> Result<$ty, E> {
+                        v.to_string().parse().map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(TextVisitor)
+            }
+        }
+    };
+}
+
+from_text!(Count, "a count, like `60k` or `40M`");
+from_text!(Usd, "an amount in dollars, like `150`");
+from_text!(ByteSize, "a size, like `32MiB`");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +269,9 @@ pub struct RawAgent {
     pub secrets: Option<RawEnv>,
     pub restart: Option<RawRestart>,
     pub stop: Option<RawStop>,
+    pub llm: Option<Vec<At<RawLlm>>>,
+    pub budget: Option<RawBudget>,
+    pub runaway: Option<RawRunaway>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -190,6 +402,33 @@ impl<'de> Deserialize<'de> for StopSignal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_sizes_and_dollars() {
+        let counts: &[(&str, Option<u64>)] = &[
+            ("40000", Some(40_000)),
+            ("60k", Some(60_000)),
+            ("40M", Some(40_000_000)),
+            ("1.5k", Some(1_500)),
+            ("2G", Some(2_000_000_000)),
+            ("1_000", Some(1_000)),
+            ("0.0001k", None),
+            ("-5", None),
+            ("ten", None),
+            ("5x", None),
+            ("", None),
+        ];
+        for (text, want) in counts {
+            assert_eq!(text.parse::<Count>().ok().map(|c| c.0), *want, "{text}");
+        }
+        assert_eq!("32MiB".parse::<ByteSize>().unwrap().0, 32 << 20);
+        assert_eq!("1000".parse::<ByteSize>().unwrap().0, 1000);
+        assert!("32 parsecs".parse::<ByteSize>().is_err());
+        assert_eq!("150".parse::<Usd>().unwrap().0, 150_000_000);
+        assert_eq!("12.5".parse::<Usd>().unwrap().0, 12_500_000);
+        assert!("-1".parse::<Usd>().is_err());
+        assert!("NaN".parse::<Usd>().is_err());
+    }
 
     #[test]
     fn durations() {

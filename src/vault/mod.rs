@@ -168,6 +168,9 @@ mod tests {
                 .collect(),
             restart: RestartSpec::default(),
             stop: StopSpec::default(),
+            llm: Vec::new(),
+            budget: Default::default(),
+            runaway: Default::default(),
         }
     }
 

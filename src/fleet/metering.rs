@@ -1,0 +1,525 @@
+//! Validation of the metering sections of fleet.yaml — `proxy`, `providers`,
+//! and each agent's `llm`, `budget` and `runaway` — into their model types,
+//! collecting every problem with its location. Pure; called by `load`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use super::load::{Cx, valid_agent_name, valid_env_name};
+use super::model::{BudgetSpec, Delivery, LlmSpec, ProviderKind, ProviderSpec, ProxySpec};
+use super::node::{At, Pos};
+use super::schema::{
+    ApiName, DeliveryName, ProviderKindName, RawBudget, RawLlm, RawProvider, RawProxy, RawRunaway,
+};
+use crate::pricing::Prices;
+use crate::proxy::refusal::Api;
+use crate::runaway::RunawayConfig;
+use crate::vault::SecretName;
+
+pub(super) fn resolve_proxy(cx: &mut Cx, raw: Option<RawProxy>) -> ProxySpec {
+    let mut spec = ProxySpec::default();
+    let Some(raw) = raw else { return spec };
+    if let Some(listen) = raw.listen {
+        match listen.value.trim().parse::<SocketAddr>() {
+            Ok(addr) => spec.listen = addr,
+            Err(_) => cx.push(
+                listen.pos,
+                None,
+                format!(
+                    "`proxy.listen`: invalid address `{}`; use IP:PORT, like `127.0.0.1:7878`",
+                    listen.value
+                ),
+            ),
+        }
+    }
+    if let Some(max) = raw.max_body {
+        if max.value.0 == 0 {
+            cx.push(max.pos, None, "`proxy.max_body` must be larger than zero");
+        } else {
+            spec.max_body = max.value.0;
+        }
+    }
+    if let Some(timeout) = raw.upstream_timeout {
+        if timeout.value.0.is_zero() {
+            cx.push(
+                timeout.pos,
+                None,
+                "`proxy.upstream_timeout` must be longer than zero",
+            );
+        } else {
+            spec.upstream_timeout = timeout.value.0;
+        }
+    }
+    spec
+}
+
+fn default_upstream(kind: ProviderKindName) -> &'static str {
+    match kind {
+        ProviderKindName::Anthropic => "https://api.anthropic.com",
+        _ => "https://api.openai.com",
+    }
+}
+
+/// An origin (`https://host[:port]`): the request path is appended as the agent sent it.
+fn check_origin(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text.trim()).map_err(|e| {
+        format!("invalid URL `{text}` ({e}); use an origin like `https://api.anthropic.com`")
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "`{text}` is not an http(s) origin; use one like `https://api.anthropic.com`"
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
+        return Err(format!(
+            "`{text}` has a path, query or credentials; give only the origin (scheme, host, port), e.g. `{}://{}` — agents' request paths such as `/v1/messages` pass through",
+            url.scheme(),
+            url.host_str().unwrap_or("host")
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+pub(super) fn resolve_providers(
+    cx: &mut Cx,
+    raw: BTreeMap<At<String>, At<RawProvider>>,
+) -> BTreeMap<String, ProviderSpec> {
+    let mut out = BTreeMap::new();
+    for (name, provider) in raw {
+        let at = provider.pos;
+        let provider = provider.value;
+        let field = |f: &str| format!("`providers.{}.{f}`", name.value);
+        if !valid_agent_name(&name.value) {
+            cx.push(
+                name.pos,
+                None,
+                format!(
+                    "invalid provider name `{}`; use lower-case letters, digits, `_` and `-`",
+                    name.value
+                ),
+            );
+            continue;
+        }
+        let kind_name = provider.kind.value;
+        let kind = match kind_name {
+            ProviderKindName::Simulated => {
+                if let Some(upstream) = &provider.upstream {
+                    cx.push(
+                        upstream.pos,
+                        None,
+                        format!(
+                            "{}: a `simulated` provider has no upstream; remove it",
+                            field("upstream")
+                        ),
+                    );
+                }
+                ProviderKind::Simulated {
+                    api: match provider.api.map(|a| a.value) {
+                        Some(ApiName::Openai) => Api::OpenAi,
+                        _ => Api::Anthropic,
+                    },
+                    latency: provider
+                        .latency
+                        .map_or(std::time::Duration::ZERO, |l| l.value.0),
+                }
+            }
+            ProviderKindName::Anthropic | ProviderKindName::Openai => {
+                for (written, what) in [
+                    (provider.api.as_ref().map(|a| a.pos), "api"),
+                    (provider.latency.as_ref().map(|l| l.pos), "latency"),
+                ] {
+                    if let Some(pos) = written {
+                        cx.push(
+                            pos,
+                            None,
+                            format!(
+                                "{}: only a `simulated` provider takes `{what}`; remove it",
+                                field(what)
+                            ),
+                        );
+                    }
+                }
+                let upstream = match &provider.upstream {
+                    Some(u) => match check_origin(&u.value) {
+                        Ok(origin) => origin,
+                        Err(message) => {
+                            cx.push(u.pos, None, format!("{}: {message}", field("upstream")));
+                            continue;
+                        }
+                    },
+                    None => default_upstream(kind_name).to_owned(),
+                };
+                if kind_name == ProviderKindName::Anthropic {
+                    ProviderKind::Anthropic { upstream }
+                } else {
+                    ProviderKind::OpenAi { upstream }
+                }
+            }
+        };
+        let mut prices = BTreeMap::new();
+        for (model, price) in provider.prices.into_iter().flatten() {
+            let p = price.value;
+            // Unwritten cache prices default on the expensive side: a cache write
+            // at Anthropic's 1.25x input, a cache read at the full input price.
+            match Prices::from_usd_per_mtok(
+                p.input,
+                p.output,
+                p.cache_write.unwrap_or(p.input * 1.25),
+                p.cache_read.unwrap_or(p.input),
+            ) {
+                Ok(parsed) => {
+                    prices.insert(model.value, parsed);
+                }
+                Err(err) => cx.push(
+                    price.pos,
+                    None,
+                    format!("{}: {err}", field(&format!("prices.{}", model.value))),
+                ),
+            }
+        }
+        let _ = at;
+        out.insert(
+            name.value.clone(),
+            ProviderSpec {
+                name: name.value,
+                kind,
+                prices,
+            },
+        );
+    }
+    out
+}
+
+/// What an agent's `llm:` entries resolve to, plus where each key name is written.
+pub(super) fn resolve_llm(
+    cx: &mut Cx,
+    agent: &str,
+    entries: &[At<RawLlm>],
+    providers: &BTreeMap<String, ProviderSpec>,
+    taken_env: &BTreeSet<String>,
+    key_positions: &mut Vec<Pos>,
+) -> Vec<LlmSpec> {
+    let a = Some(agent);
+    let mut out = Vec::new();
+    let mut used: BTreeSet<String> = BTreeSet::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let raw = &entry.value;
+        let Some(provider) = providers.get(&raw.provider.value) else {
+            let known: Vec<String> = providers.keys().map(|k| format!("`{k}`")).collect();
+            cx.push(
+                raw.provider.pos,
+                a,
+                if known.is_empty() {
+                    format!(
+                        "`llm[{i}].provider`: unknown provider `{}`; define it under `providers:`",
+                        raw.provider.value
+                    )
+                } else {
+                    format!(
+                        "`llm[{i}].provider`: unknown provider `{}`, expected one of {}",
+                        raw.provider.value,
+                        known.join(", ")
+                    )
+                },
+            );
+            continue;
+        };
+        let api = provider.api();
+        let simulated = matches!(provider.kind, ProviderKind::Simulated { .. });
+        let key = match &raw.key {
+            Some(k) => match SecretName::parse(&k.value) {
+                Ok(name) => {
+                    key_positions.push(k.pos);
+                    Some(name)
+                }
+                Err(err) => {
+                    cx.push(k.pos, a, format!("`llm[{i}].key`: {err}"));
+                    None
+                }
+            },
+            None if simulated => {
+                key_positions.push(entry.pos);
+                None
+            }
+            None => {
+                cx.push(
+                    entry.pos,
+                    a,
+                    format!(
+                        "`llm[{i}]`: missing `key`, the name of the secret holding the `{}` API key",
+                        provider.name
+                    ),
+                );
+                None
+            }
+        };
+        let delivery = match raw.delivery.as_ref().map(|d| (d.value, d.pos)) {
+            Some((DeliveryName::Direct, pos)) if simulated => {
+                cx.push(pos, a, format!("`llm[{i}].delivery`: a `simulated` provider has no real key to deliver; remove `delivery: direct`"));
+                Delivery::Proxy
+            }
+            Some((DeliveryName::Direct, _)) => Delivery::Direct,
+            _ => Delivery::Proxy,
+        };
+        let (default_key, default_url) = match api {
+            Api::Anthropic => ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"),
+            Api::OpenAi => ("OPENAI_API_KEY", "OPENAI_BASE_URL"),
+        };
+        let env = raw.env.clone().unwrap_or_default();
+        let mut names = Vec::new();
+        for (written, default, what) in [
+            (&env.key, default_key, "key"),
+            (&env.base_url, default_url, "base_url"),
+        ] {
+            let (name, pos) = match written {
+                Some(w) => (w.value.clone(), w.pos),
+                None => (default.to_owned(), entry.pos),
+            };
+            if !valid_env_name(&name) {
+                cx.push(
+                    pos,
+                    a,
+                    format!("`llm[{i}].env.{what}`: invalid environment variable name `{name}`"),
+                );
+            } else if taken_env.contains(&name) {
+                cx.push(pos, a, format!("`llm[{i}]` sets `{name}`, which `env` or `secrets` also sets; keep one (or rename it with `llm[{i}].env.{what}`)"));
+            } else if !used.insert(name.clone()) {
+                cx.push(pos, a, format!("`llm[{i}]` sets `{name}` like an earlier `llm` entry; give one of them other names with `env: {{ key: ..., base_url: ... }}`"));
+            }
+            names.push(name);
+        }
+        if key.is_none() && !simulated {
+            continue;
+        }
+        out.push(LlmSpec {
+            provider: provider.name.clone(),
+            api,
+            key,
+            delivery,
+            key_env: names[0].clone(),
+            base_url_env: names[1].clone(),
+        });
+    }
+    out
+}
+
+/// `defaults.budget` overlaid per field by the agent's own.
+pub(super) fn resolve_budget(
+    cx: &mut Cx,
+    agent: &str,
+    defaults: Option<&RawBudget>,
+    own: Option<&RawBudget>,
+    llm: &[LlmSpec],
+    providers: &BTreeMap<String, ProviderSpec>,
+) -> BudgetSpec {
+    let a = Some(agent);
+    let pick_count = |field: fn(&RawBudget) -> &Option<At<super::schema::Count>>| {
+        own.and_then(|b| field(b).clone())
+            .or_else(|| defaults.and_then(|b| field(b).clone()))
+    };
+    let mut spec = BudgetSpec::default();
+    for (value, name, slot) in [
+        (
+            pick_count(|b| &b.monthly_tokens),
+            "monthly_tokens",
+            &mut spec.monthly_tokens,
+        ),
+        (
+            pick_count(|b| &b.tokens_per_minute),
+            "tokens_per_minute",
+            &mut spec.tokens_per_minute,
+        ),
+        (
+            pick_count(|b| &b.requests_per_minute),
+            "requests_per_minute",
+            &mut spec.requests_per_minute,
+        ),
+    ] {
+        if let Some(v) = value {
+            if v.value.0 == 0 {
+                cx.push(v.pos, a, format!("`budget.{name}` is 0, which would refuse every request; remove it for no limit"));
+            } else {
+                *slot = Some(v.value.0);
+            }
+        }
+    }
+    let usd = own
+        .and_then(|b| b.monthly_usd.clone())
+        .or_else(|| defaults.and_then(|b| b.monthly_usd.clone()));
+    if let Some(usd) = usd {
+        spec.monthly_micro_usd = Some(usd.value.0);
+        let unpriced: Vec<String> = llm
+            .iter()
+            .filter(|l| {
+                providers
+                    .get(&l.provider)
+                    .is_some_and(|p| p.prices.is_empty())
+            })
+            .map(|l| format!("`{}`", l.provider))
+            .collect();
+        if !unpriced.is_empty() {
+            cx.push(
+                usd.pos,
+                a,
+                format!(
+                    "`budget.monthly_usd` needs prices, but provider {} has no `prices`, so its requests cannot be priced; add `providers.<name>.prices` for the models the agent uses, or use `monthly_tokens`",
+                    unpriced.join(", ")
+                ),
+            );
+        }
+    }
+    spec
+}
+
+/// `defaults.runaway` overlaid per field by the agent's own.
+pub(super) fn resolve_runaway(
+    cx: &mut Cx,
+    agent: Option<&str>,
+    defaults: Option<&RawRunaway>,
+    own: Option<&RawRunaway>,
+) -> RunawayConfig {
+    let mut config = RunawayConfig::default();
+    let mut at = None;
+    for layer in [defaults, own].into_iter().flatten() {
+        if let Some(v) = &layer.failing_retries {
+            config.failing_retries = v.value;
+            at = Some(v.pos);
+        }
+        if let Some(v) = &layer.no_progress_repeats {
+            config.no_progress_repeats = v.value;
+            at = Some(v.pos);
+        }
+        if let Some(action) = layer.action {
+            config.action = action;
+        }
+    }
+    if let (Err(err), Some(pos)) = (config.validate(), at) {
+        cx.push(pos, agent, err.to_string());
+    }
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::load::{LoadEnv, parse_fleet};
+    use super::super::model::Fleet;
+    use super::*;
+
+    fn parse(source: &str) -> Result<Fleet, Vec<String>> {
+        parse_fleet(
+            Path::new("fleet.yaml"),
+            Path::new("/srv/fleet"),
+            source,
+            &LoadEnv::default(),
+        )
+        .map(|l| l.fleet)
+        .map_err(|e| e.errors.iter().map(ToString::to_string).collect())
+    }
+
+    const PROVIDERS: &str = "version: 1
+providers:
+  claude:
+    kind: anthropic
+    prices: { claude-sonnet-4-5: { input: 3, output: 15, cache_write: 3.75, cache_read: 0.3 } }
+  gpt: { kind: openai, upstream: 'http://127.0.0.1:9999', prices: { gpt-4.1: { input: 2, output: 8 } } }
+  sim: { kind: simulated, api: openai, latency: 200ms }
+";
+
+    #[test]
+    fn a_metered_fleet_resolves_with_defaults() {
+        let fleet = parse(&format!(
+            "{PROVIDERS}defaults:\n  budget: {{ tokens_per_minute: 60k }}\n  runaway: {{ failing_retries: 5 }}\nagents:\n  a:\n    command: [x]\n    llm:\n      - {{ provider: claude, key: llm_api_key }}\n      - {{ provider: gpt, key: openai_key, delivery: direct, env: {{ key: OAI_KEY, base_url: OAI_URL }} }}\n    budget: {{ monthly_usd: 150, monthly_tokens: 40M }}\n    runaway: {{ action: alert }}\n  b:\n    command: [y]\n    llm: [ {{ provider: sim }} ]\n"
+        ))
+        .unwrap();
+        assert_eq!(fleet.proxy, ProxySpec::default());
+        assert_eq!(
+            fleet.providers["claude"].kind,
+            ProviderKind::Anthropic {
+                upstream: "https://api.anthropic.com".into()
+            }
+        );
+        assert_eq!(
+            fleet.providers["gpt"].kind,
+            ProviderKind::OpenAi {
+                upstream: "http://127.0.0.1:9999".into()
+            }
+        );
+        assert_eq!(
+            fleet.providers["claude"].prices["claude-sonnet-4-5"].output,
+            15_000_000
+        );
+        let a = &fleet.agents["a"];
+        assert_eq!(a.llm.len(), 2);
+        assert_eq!(a.llm[0].key_env, "ANTHROPIC_API_KEY");
+        assert_eq!(a.llm[0].base_url_env, "ANTHROPIC_BASE_URL");
+        assert_eq!(a.llm[0].delivery, Delivery::Proxy);
+        assert_eq!(a.llm[1].key_env, "OAI_KEY");
+        assert_eq!(a.llm[1].delivery, Delivery::Direct);
+        assert_eq!(a.budget.monthly_micro_usd, Some(150_000_000));
+        assert_eq!(a.budget.monthly_tokens, Some(40_000_000));
+        assert_eq!(a.budget.tokens_per_minute, Some(60_000), "from defaults");
+        assert_eq!(a.runaway.failing_retries, 5, "from defaults");
+        assert_eq!(a.runaway.action, crate::runaway::RunawayAction::Alert);
+        let b = &fleet.agents["b"];
+        assert_eq!(b.llm[0].api, Api::OpenAi);
+        assert_eq!(b.llm[0].key, None);
+        assert_eq!(b.llm[0].key_env, "OPENAI_API_KEY");
+    }
+
+    #[test]
+    fn metering_problems_are_located() {
+        let errors = parse(&format!(
+            "{PROVIDERS}proxy: {{ listen: localhost, max_body: 32 parsecs }}\nagents:\n  a:\n    command: [x]\n    llm:\n      - {{ provider: nope, key: k }}\n      - {{ provider: gpt }}\n      - {{ provider: sim, delivery: direct }}\n    env: {{ OPENAI_API_KEY: x }}\n    budget: {{ monthly_usd: 10, tokens_per_minute: 0, requests_per_minute: lots }}\n    runaway: {{ failing_retries: 0 }}\n"
+        ))
+        .unwrap_err();
+        let want = [
+            "fleet.yaml:8:39: `proxy.max_body`: invalid size `32 parsecs`: use bytes or a unit, like `32MiB` or `512KiB`",
+            "fleet.yaml:8:18: `proxy.listen`: invalid address `localhost`; use IP:PORT, like `127.0.0.1:7878`",
+        ];
+        for w in want {
+            assert!(
+                errors.iter().any(|e| e == w),
+                "missing {w:?} in {errors:#?}"
+            );
+        }
+        let contains = |needle: &str| errors.iter().any(|e| e.contains(needle));
+        assert!(
+            contains(
+                "agent \"a\": `llm[0].provider`: unknown provider `nope`, expected one of `claude`, `gpt`, `sim`"
+            ),
+            "{errors:#?}"
+        );
+        assert!(
+            contains("agent \"a\": `llm[1]`: missing `key`"),
+            "{errors:#?}"
+        );
+        assert!(
+            contains("`llm[2].delivery`: a `simulated` provider has no real key"),
+            "{errors:#?}"
+        );
+        assert!(contains("invalid count `lots`"), "{errors:#?}");
+        assert!(contains("`runaway.failing_retries` is 0"), "{errors:#?}");
+        assert!(
+            contains("sets `OPENAI_API_KEY`, which `env` or `secrets` also sets"),
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn usd_ceiling_needs_prices_and_upstream_must_be_an_origin() {
+        let errors = parse(
+            "version: 1\nproviders:\n  gpt: { kind: openai, upstream: 'https://api.openai.com/v1' }\n  bare: { kind: openai }\nagents:\n  a:\n    command: [x]\n    llm: [ { provider: bare, key: k } ]\n    budget: { monthly_usd: 5, tokens_per_minute: 0 }\n",
+        )
+        .unwrap_err();
+        assert!(
+            errors[0].starts_with(
+                "fleet.yaml:3:34: `providers.gpt.upstream`: `https://api.openai.com/v1` has a path"
+            ),
+            "{errors:#?}"
+        );
+        assert!(errors[1].starts_with("fleet.yaml:9:28: agent \"a\": `budget.monthly_usd` needs prices, but provider `bare` has no `prices`"), "{errors:#?}");
+        assert!(errors[2].starts_with("fleet.yaml:9:50: agent \"a\": `budget.tokens_per_minute` is 0, which would refuse every request"), "{errors:#?}");
+    }
+}
