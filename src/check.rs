@@ -28,7 +28,10 @@ pub fn check_command(fleet: &Path) -> u8 {
 /// secret problems located at the `secrets:` entry that named them.
 pub fn check(path: &Path) -> Result<String, ConfigErrors> {
     let (fleet, secrets) = load_resolved(path)?;
-    let resolved: usize = secrets.values().map(Vec::len).sum();
+    let resolved: usize = secrets
+        .values()
+        .map(|s| s.env.len() + s.llm_keys.iter().flatten().count())
+        .sum();
     Ok(format!(
         "{}: ok — {}, {} resolved",
         path.display(),
@@ -37,8 +40,17 @@ pub fn check(path: &Path) -> Result<String, ConfigErrors> {
     ))
 }
 
-/// Each agent's resolved secrets: `(environment variable, value)` pairs.
-pub type ResolvedSecrets = BTreeMap<String, Vec<(String, Secret)>>;
+/// One agent's resolved secrets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentSecrets {
+    /// `secrets:` as `(environment variable, value)` pairs.
+    pub env: Vec<(String, Secret)>,
+    /// The real key of each `llm:` entry, by index (`None` for a simulated provider).
+    pub llm_keys: Vec<Option<Secret>>,
+}
+
+/// Every agent's resolved secrets, by agent name.
+pub type ResolvedSecrets = BTreeMap<String, AgentSecrets>;
 
 /// Loads and validates the fleet, then resolves every agent's secrets. This
 /// is what `check` verifies and what `run` starts from (and re-does on every
@@ -50,9 +62,33 @@ pub fn load_resolved(path: &Path) -> Result<(Fleet, ResolvedSecrets), ConfigErro
     let mut errors = Vec::new();
     let mut resolved = BTreeMap::new();
     for agent in fleet.agents.values() {
+        let mut llm_keys = Vec::new();
+        for (i, llm) in agent.llm.iter().enumerate() {
+            let Some(name) = &llm.key else {
+                llm_keys.push(None);
+                continue;
+            };
+            match store.get_secret(&agent.name, name) {
+                Ok(secret) => llm_keys.push(Some(secret)),
+                Err(error) => {
+                    let pos = located
+                        .sources
+                        .llm_key(&agent.name, i)
+                        .or_else(|| located.sources.agent(&agent.name))
+                        .unwrap_or(Pos::new(1, 1));
+                    errors.push(ConfigError {
+                        file: path.to_owned(),
+                        line: pos.line,
+                        column: pos.column,
+                        agent: Some(agent.name.clone()),
+                        message: format!("`llm[{i}].key`: {error}"),
+                    });
+                }
+            }
+        }
         match vault::resolve_agent_secrets(store.as_ref(), agent) {
-            Ok(secrets) => {
-                resolved.insert(agent.name.clone(), secrets);
+            Ok(env) => {
+                resolved.insert(agent.name.clone(), AgentSecrets { env, llm_keys });
             }
             Err(failures) => {
                 for failure in failures {

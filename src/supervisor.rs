@@ -1,42 +1,118 @@
-//! `supervisor run`: the owner of the agent actors. Loads the fleet, starts
-//! every agent, applies reloads as diffs by agent name, and turns SIGTERM/SIGINT
-//! into one graceful shutdown (a second signal escalates to SIGKILL).
+//! `supervisor run`: the owner of the agent actors and of the proxy's
+//! per-agent state. Loads the fleet, opens the ledger, starts the metering
+//! proxy and every agent, applies reloads as diffs by agent name, and turns
+//! SIGTERM/SIGINT into one graceful shutdown (a second signal escalates to
+//! SIGKILL).
 //!
 //! Owns the map of running agents; nothing else holds it. Must not touch
-//! processes directly — every process operation goes through an `AgentHandle`.
+//! processes directly — every process operation goes through an
+//! `AgentHandle` — and never formats a secret.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::agent::{AgentHandle, AgentLaunch};
+use crate::agent::{AgentHandle, AgentLaunch, AgentState};
+use crate::budget::Month;
+use crate::check::AgentSecrets;
 use crate::cli::{LogFormat, exit};
-use crate::fleet::{self, AgentSpec, ConfigErrors, Fleet};
+use crate::fleet::{self, AgentSpec, ConfigErrors, Delivery, Fleet, ProviderSpec};
+use crate::ledger::{self, Ledger};
+use crate::proxy::meter::{AgentMeter, Route};
+use crate::proxy::refusal::Api;
+use crate::proxy::server::{ProxyShared, serve};
+use crate::proxy::tokens::{self, Grant};
 use crate::vault::Secret;
 
-/// What an agent is launched with; two equal values mean "nothing to restart".
-/// Comparing resolved secret values (not only names) makes a rotated secret a change.
+/// What an agent's process is launched with; two equal plans mean "nothing to
+/// restart". Comparing resolved values (not only names) makes a rotated
+/// secret a change. Budget, runaway settings and proxied LLM keys are not
+/// part of it: they apply live, without a restart.
 #[derive(Debug, Clone, PartialEq)]
 struct LaunchPlan {
     spec: AgentSpec,
     secret_env: Vec<(String, Secret)>,
-}
-
-impl LaunchPlan {
-    fn launch(&self) -> AgentLaunch {
-        AgentLaunch {
-            spec: self.spec.clone(),
-            secret_env: self.secret_env.clone(),
-        }
-    }
+    /// Real keys handed to the agent (`delivery: direct`), by `llm:` index.
+    direct_keys: Vec<Option<Secret>>,
 }
 
 /// A fleet that passed validation and whose every secret resolved.
 struct ResolvedFleet {
     fleet: Fleet,
-    plans: BTreeMap<String, LaunchPlan>,
+    secrets: BTreeMap<String, AgentSecrets>,
+}
+
+impl ResolvedFleet {
+    fn plan(&self, name: &str) -> Option<LaunchPlan> {
+        let spec = self.fleet.agents.get(name)?;
+        let secrets = self.secrets.get(name).cloned().unwrap_or_default();
+        let direct_keys = spec
+            .llm
+            .iter()
+            .zip(secrets.llm_keys.iter().chain(std::iter::repeat(&None)))
+            .map(|(llm, key)| {
+                (llm.delivery == Delivery::Direct)
+                    .then(|| key.clone())
+                    .flatten()
+            })
+            .collect();
+        Some(LaunchPlan {
+            spec: spec.launch_view(),
+            secret_env: secrets.env,
+            direct_keys,
+        })
+    }
+
+    fn plans(&self) -> BTreeMap<String, LaunchPlan> {
+        self.fleet
+            .agents
+            .keys()
+            .filter_map(|name| Some((name.clone(), self.plan(name)?)))
+            .collect()
+    }
+
+    /// The proxy routes of an agent's `llm:` entries.
+    fn routes(&self, name: &str, providers: &BTreeMap<String, Arc<ProviderSpec>>) -> Vec<Route> {
+        let Some(spec) = self.fleet.agents.get(name) else {
+            return Vec::new();
+        };
+        let keys = self
+            .secrets
+            .get(name)
+            .map(|s| s.llm_keys.clone())
+            .unwrap_or_default();
+        spec.llm
+            .iter()
+            .enumerate()
+            .filter_map(|(i, llm)| {
+                Some(Route {
+                    provider: providers.get(&llm.provider)?.clone(),
+                    key: keys.get(i).cloned().flatten(),
+                })
+            })
+            .collect()
+    }
+}
+
+fn shared_providers(fleet: &Fleet) -> BTreeMap<String, Arc<ProviderSpec>> {
+    fleet
+        .providers
+        .iter()
+        .map(|(name, p)| (name.clone(), Arc::new(p.clone())))
+        .collect()
+}
+
+/// Reads, validates and resolves secrets for a fleet file (exactly what
+/// `check` verifies); every problem is collected into one report.
+fn load_and_resolve(fleet_path: &Path) -> Result<ResolvedFleet, ConfigErrors> {
+    let (fleet, secrets) = crate::check::load_resolved(fleet_path)?;
+    Ok(ResolvedFleet { fleet, secrets })
 }
 
 /// Runs the fleet in the foreground and returns the process exit code.
@@ -66,49 +142,195 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
             return exit::FAILURE;
         }
     };
-    runtime.block_on(Supervisor::new(fleet_path).run(resolved))
+    let code = runtime.block_on(async {
+        match Supervisor::start(fleet_path, resolved).await {
+            Ok(supervisor) => supervisor.run().await,
+            Err(err) => {
+                eprintln!("error: cannot start the fleet");
+                for cause in err.chain() {
+                    eprintln!("caused by: {cause}");
+                }
+                exit::FAILURE
+            }
+        }
+    });
+    // A reload stuck on a blocking read (e.g. a FIFO in the vault) must not
+    // keep the process alive after the fleet has stopped.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
-/// Reads, validates and resolves secrets for a fleet file (exactly what
-/// `check` verifies); every problem is collected into one report.
-fn load_and_resolve(fleet_path: &Path) -> Result<ResolvedFleet, ConfigErrors> {
-    let (fleet, mut secrets) = crate::check::load_resolved(fleet_path)?;
-    let plans = fleet
-        .agents
-        .iter()
-        .map(|(name, spec)| {
-            let plan = LaunchPlan {
-                spec: spec.clone(),
-                secret_env: secrets.remove(name).unwrap_or_default(),
-            };
-            (name.clone(), plan)
-        })
-        .collect();
-    Ok(ResolvedFleet { fleet, plans })
+/// Creates `state_dir` (0700: it holds the ledger and, later, the control socket).
+fn ensure_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                anyhow::anyhow!("cannot create the state directory `{}`: {e}", dir.display())
+            })?;
+    }
+    Ok(())
 }
 
 struct Supervisor {
-    fleet_path: std::path::PathBuf,
+    fleet_path: PathBuf,
+    current: Fleet,
     agents: BTreeMap<String, Running>,
-    /// Stops of removed agents still in their grace period; shutdown waits for them.
-    retiring: JoinSet<()>,
+    /// Removed agents, stopping or stopped; kept so a second signal can kill
+    /// them and a re-added name restarts the same actor after its stop.
+    retired: BTreeMap<String, AgentHandle>,
+    proxy: Arc<ProxyShared>,
+    /// `http://HOST:PORT` of the bound proxy, once bound.
+    proxy_origin: Option<String>,
+    proxy_shutdown: watch::Sender<bool>,
+    proxy_tasks: JoinSet<()>,
+    launches: u64,
 }
 
 struct Running {
     handle: AgentHandle,
     plan: LaunchPlan,
+    launch: u64,
 }
 
 impl Supervisor {
-    fn new(fleet_path: &Path) -> Self {
-        Self {
+    async fn start(fleet_path: &Path, resolved: ResolvedFleet) -> anyhow::Result<Self> {
+        let fleet = resolved.fleet.clone();
+        ensure_state_dir(&fleet.state_dir)?;
+        let ledger = Arc::new(Ledger::open(&fleet.state_dir)?);
+        let proxy = Arc::new(ProxyShared::new(fleet.proxy.clone(), ledger)?);
+        let (proxy_shutdown, _) = watch::channel(false);
+        let mut supervisor = Self {
             fleet_path: fleet_path.to_owned(),
+            current: fleet.clone(),
             agents: BTreeMap::new(),
-            retiring: JoinSet::new(),
+            retired: BTreeMap::new(),
+            proxy,
+            proxy_origin: None,
+            proxy_shutdown,
+            proxy_tasks: JoinSet::new(),
+            launches: 0,
+        };
+        crate::logging::set_name_width(fleet.agents.keys().map(String::as_str));
+        let recorded = ledger::month_totals(&fleet.state_dir, Month::current())?;
+        let providers = shared_providers(&fleet);
+        for name in fleet.agents.keys() {
+            supervisor.install_meter(&resolved, name, &providers, recorded.get(name));
+        }
+        supervisor.ensure_proxy(&fleet).await?;
+        tracing::info!(
+            fleet = %fleet_path.display(),
+            agents = fleet.agents.len(),
+            "starting fleet"
+        );
+        for (name, plan) in resolved.plans() {
+            let (launch_id, launch) = supervisor.launch(&name, &plan);
+            let handle = AgentHandle::spawn(launch);
+            supervisor.agents.insert(
+                name,
+                Running {
+                    handle,
+                    plan,
+                    launch: launch_id,
+                },
+            );
+        }
+        Ok(supervisor)
+    }
+
+    fn install_meter(
+        &self,
+        resolved: &ResolvedFleet,
+        name: &str,
+        providers: &BTreeMap<String, Arc<ProviderSpec>>,
+        recorded: Option<&ledger::AgentMonthUsage>,
+    ) {
+        let Some(spec) = resolved.fleet.agents.get(name) else {
+            return;
+        };
+        let routes = resolved.routes(name, providers);
+        match self.proxy.meters.get(name) {
+            Some(meter) => meter.update(&spec.budget, routes),
+            None => self.proxy.meters.insert(Arc::new(AgentMeter::new(
+                name,
+                &spec.budget,
+                routes,
+                Month::current(),
+                recorded,
+            ))),
         }
     }
 
-    async fn run(mut self, resolved: ResolvedFleet) -> u8 {
+    /// Binds the proxy listener the first time an agent needs it.
+    async fn ensure_proxy(&mut self, fleet: &Fleet) -> anyhow::Result<()> {
+        let needed = fleet.agents.values().any(|a| !a.llm.is_empty());
+        if !needed || self.proxy_origin.is_some() {
+            return Ok(());
+        }
+        let listen = fleet.proxy.listen;
+        let listener = TcpListener::bind(listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on `{listen}` for the metering proxy (`proxy.listen`): {e}"
+            )
+        })?;
+        let bound = listener.local_addr()?;
+        if !bound.ip().is_loopback() {
+            tracing::warn!(
+                "the metering proxy listens on {bound}, which is not loopback: any host that can reach it and holds a token can spend through it"
+            );
+        }
+        tracing::info!(listen = %bound, "metering proxy listening");
+        self.proxy_origin = Some(format!("http://{bound}"));
+        let shared = self.proxy.clone();
+        let shutdown = self.proxy_shutdown.subscribe();
+        self.proxy_tasks.spawn(serve(listener, shared, shutdown));
+        Ok(())
+    }
+
+    /// Builds an agent's launch: its plan plus, per `llm:` entry, a fresh
+    /// scoped token (or its real key for `delivery: direct`) registered with
+    /// the proxy, and the proxy's URL.
+    fn launch(&mut self, name: &str, plan: &LaunchPlan) -> (u64, AgentLaunch) {
+        self.launches += 1;
+        let launch_id = self.launches;
+        let mut spec = plan.spec.clone();
+        let mut secret_env = plan.secret_env.clone();
+        let origin = self.proxy_origin.clone().unwrap_or_default();
+        for (i, llm) in plan.spec.llm.iter().enumerate() {
+            let token = match (llm.delivery, plan.direct_keys.get(i).cloned().flatten()) {
+                (Delivery::Direct, Some(real)) => Some(real),
+                _ => match tokens::mint() {
+                    Ok(t) => Some(t),
+                    Err(err) => {
+                        tracing::error!(agent = %name, "cannot mint a scoped token: {err}; the agent gets no LLM credential");
+                        None
+                    }
+                },
+            };
+            if let Some(token) = token {
+                self.proxy.tokens.insert(
+                    token.clone(),
+                    Grant {
+                        agent: name.to_owned(),
+                        entry: i,
+                        launch: launch_id,
+                    },
+                );
+                secret_env.push((llm.key_env.clone(), token));
+            }
+            let url = match llm.api {
+                Api::Anthropic => origin.clone(),
+                Api::OpenAi => format!("{origin}/v1"),
+            };
+            spec.env.insert(llm.base_url_env.clone(), url);
+        }
+        (launch_id, AgentLaunch { spec, secret_env })
+    }
+
+    async fn run(mut self) -> u8 {
         let (mut sigterm, mut sigint, mut sighup) = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
@@ -120,24 +342,26 @@ impl Supervisor {
                 return exit::FAILURE;
             }
         };
-        let mut current = resolved.fleet;
-        crate::logging::set_name_width(current.agents.keys().map(String::as_str));
-        tracing::info!(
-            fleet = %self.fleet_path.display(),
-            agents = resolved.plans.len(),
-            "starting fleet"
-        );
-        for (name, plan) in resolved.plans {
-            self.start_agent(name, plan);
-        }
 
-        loop {
+        'serve: loop {
             tokio::select! {
-                _ = sigterm.recv() => break,
-                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break 'serve,
+                _ = sigint.recv() => break 'serve,
                 _ = sighup.recv() => {
-                    if let Some(next) = self.reload(&current) {
-                        current = next;
+                    tracing::info!(fleet = %self.fleet_path.display(), "reloading");
+                    // Reading the file and the vault may block (a FIFO, a slow
+                    // disk): do it off the loop so a shutdown is never delayed.
+                    let path = self.fleet_path.clone();
+                    let mut job = tokio::task::spawn_blocking(move || load_and_resolve(&path));
+                    let loaded = tokio::select! {
+                        joined = &mut job => joined,
+                        _ = sigterm.recv() => break 'serve,
+                        _ = sigint.recv() => break 'serve,
+                    };
+                    match loaded {
+                        Ok(Ok(resolved)) => self.apply(resolved).await,
+                        Ok(Err(errors)) => reject_reload(&errors.to_string()),
+                        Err(err) => tracing::error!("reload failed: {err}"),
                     }
                 }
             }
@@ -151,63 +375,105 @@ impl Supervisor {
         exit::OK
     }
 
-    fn start_agent(&mut self, name: String, plan: LaunchPlan) {
-        let handle = AgentHandle::spawn(plan.launch());
-        self.agents.insert(name, Running { handle, plan });
-    }
-
-    /// Validates the file again and applies only the difference. On any problem
-    /// the running fleet is left exactly as it is and `None` is returned.
-    fn reload(&mut self, current: &Fleet) -> Option<Fleet> {
-        tracing::info!(fleet = %self.fleet_path.display(), "reloading");
-        let resolved = match load_and_resolve(&self.fleet_path) {
-            Ok(resolved) => resolved,
-            Err(errors) => {
-                reject_reload(&errors.to_string());
-                return None;
-            }
-        };
-        let refused = fleet::non_reloadable_changes(current, &resolved.fleet);
+    /// Applies a validated fleet: only the difference, by agent name. On any
+    /// problem the running fleet is left exactly as it is.
+    async fn apply(&mut self, resolved: ResolvedFleet) {
+        let refused = fleet::non_reloadable_changes(&self.current, &resolved.fleet);
         if !refused.is_empty() {
             reject_reload(&format!(
                 "`{}` changes what cannot change live\n{}",
                 self.fleet_path.display(),
                 refused.join("\n")
             ));
-            return None;
+            return;
         }
-
+        if let Err(err) = self.ensure_proxy(&resolved.fleet).await {
+            reject_reload(&format!("{err:#}"));
+            return;
+        }
         let running: BTreeMap<String, LaunchPlan> = self
             .agents
             .iter()
             .map(|(name, r)| (name.clone(), r.plan.clone()))
             .collect();
-        let diff = fleet::diff(&running, &resolved.plans);
-        crate::logging::set_name_width(resolved.plans.keys().map(String::as_str));
-        let mut plans = resolved.plans;
+        let mut plans = resolved.plans();
+        let diff = fleet::diff(&running, &plans);
+        crate::logging::set_name_width(plans.keys().map(String::as_str));
+
+        // Budgets, runaway settings, prices and proxied keys apply in place.
+        let providers = shared_providers(&resolved.fleet);
+        for name in resolved.fleet.agents.keys() {
+            self.install_meter(&resolved, name, &providers, None);
+        }
 
         for name in &diff.removed {
             if let Some(running) = self.agents.remove(name) {
                 tracing::info!(agent = %name, "reload: agent removed, stopping it");
-                self.retiring.spawn(running.handle.shutdown());
+                self.proxy.tokens.revoke_agent(name);
+                self.proxy.meters.remove(name);
+                let handle = running.handle.clone();
+                tokio::spawn(async move { handle.stop().await });
+                self.retired.insert(name.clone(), running.handle);
             }
         }
         for name in &diff.changed {
-            if let (Some(running), Some(plan)) = (self.agents.get_mut(name), plans.remove(name)) {
+            let Some(plan) = plans.remove(name) else {
+                continue;
+            };
+            let (launch_id, launch) = self.launch(name, &plan);
+            if let Some(running) = self.agents.get_mut(name) {
                 tracing::info!(agent = %name, "reload: agent changed, restarting it");
-                let handle = running.handle.clone();
-                let launch = plan.launch();
+                self.proxy.tokens.revoke_launch(name, running.launch);
                 running.plan = plan;
-                self.retiring
-                    .spawn(async move { handle.restart(Some(launch)).await });
+                running.launch = launch_id;
+                let handle = running.handle.clone();
+                tokio::spawn(async move { handle.restart(Some(launch)).await });
             }
         }
         for name in &diff.added {
-            if let Some(plan) = plans.remove(name) {
-                tracing::info!(agent = %name, "reload: agent added, starting it");
-                self.start_agent(name.clone(), plan);
+            let Some(plan) = plans.remove(name) else {
+                continue;
+            };
+            tracing::info!(agent = %name, "reload: agent added, starting it");
+            let (launch_id, launch) = self.launch(name, &plan);
+            // A name removed earlier may still be in its grace period: reuse
+            // its actor, whose verbs run in order, so the old process is gone
+            // before the new one starts.
+            let handle = match self.retired.remove(name) {
+                Some(handle) => {
+                    let h = handle.clone();
+                    tokio::spawn(async move { h.restart(Some(launch)).await });
+                    handle
+                }
+                None => AgentHandle::spawn(launch),
+            };
+            self.agents.insert(
+                name.clone(),
+                Running {
+                    handle,
+                    plan,
+                    launch: launch_id,
+                },
+            );
+        }
+        // Retired actors whose stop has finished are let go.
+        let done: Vec<String> = self
+            .retired
+            .iter()
+            .filter(|(_, h)| {
+                matches!(
+                    h.status().state,
+                    AgentState::Stopped | AgentState::Exited { .. }
+                )
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in done {
+            if let Some(handle) = self.retired.remove(&name) {
+                tokio::spawn(handle.shutdown());
             }
         }
+        self.current = resolved.fleet;
         tracing::info!(
             added = diff.added.len(),
             removed = diff.removed.len(),
@@ -215,37 +481,43 @@ impl Supervisor {
             unchanged = diff.unchanged.len(),
             "reload applied"
         );
-        Some(resolved.fleet)
     }
 
     /// Stops every agent in parallel; a second SIGTERM/SIGINT kills them all at once.
-    async fn shutdown(
-        mut self,
-        sigterm: &mut tokio::signal::unix::Signal,
-        sigint: &mut tokio::signal::unix::Signal,
-    ) {
-        let handles: Vec<AgentHandle> = self.agents.values().map(|r| r.handle.clone()).collect();
+    async fn shutdown(mut self, sigterm: &mut Signal, sigint: &mut Signal) {
+        let handles: Vec<AgentHandle> = self
+            .agents
+            .values()
+            .map(|r| r.handle.clone())
+            .chain(self.retired.values().cloned())
+            .collect();
         let mut stopping = JoinSet::new();
         for running in std::mem::take(&mut self.agents).into_values() {
             stopping.spawn(running.handle.shutdown());
         }
-        let drain = async {
-            while stopping.join_next().await.is_some() {}
-            while self.retiring.join_next().await.is_some() {}
-        };
+        for handle in std::mem::take(&mut self.retired).into_values() {
+            stopping.spawn(handle.shutdown());
+        }
+        let drain = async { while stopping.join_next().await.is_some() {} };
         tokio::pin!(drain);
-        tokio::select! {
-            _ = &mut drain => return,
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
+        let escalated = tokio::select! {
+            _ = &mut drain => false,
+            _ = sigterm.recv() => true,
+            _ = sigint.recv() => true,
+        };
+        if escalated {
+            tracing::warn!("second signal: killing all agents now");
+            let mut killing = JoinSet::new();
+            for handle in handles {
+                killing.spawn(async move { handle.kill().await });
+            }
+            while killing.join_next().await.is_some() {}
+            drain.await;
         }
-        tracing::warn!("second signal: killing all agents now");
-        let mut killing = JoinSet::new();
-        for handle in handles {
-            killing.spawn(async move { handle.kill().await });
-        }
-        while killing.join_next().await.is_some() {}
-        drain.await;
+        // The agents are gone; stop the proxy and make the ledger durable.
+        let _ = self.proxy_shutdown.send(true);
+        while self.proxy_tasks.join_next().await.is_some() {}
+        self.proxy.ledger.flush().await;
     }
 }
 

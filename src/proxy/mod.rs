@@ -8,7 +8,9 @@
 //! offline model. The shell (`server`) calls these per request and per chunk.
 
 pub mod estimate;
+pub mod meter;
 pub mod refusal;
+pub mod server;
 pub mod simulated;
 pub mod sse;
 pub mod tokens;

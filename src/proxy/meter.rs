@@ -1,0 +1,141 @@
+//! Per-agent proxy state: the agent's budget (ceilings and rate buckets), the
+//! routes of its `llm:` entries (provider and real key, swapped in place on
+//! reload or rotation), and its quarantine flag. One `AgentMeter` per agent,
+//! shared by every request of that agent; the supervisor updates it in place.
+//!
+//! Must not do I/O. Locks here are held for a few instructions, never across
+//! an `.await`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use crate::budget::{AgentBudget, BudgetLimits, Ceilings, Month, RateLimits};
+use crate::fleet::{BudgetSpec, ProviderSpec};
+use crate::ledger::AgentMonthUsage;
+use crate::vault::Secret;
+
+/// Where one `llm:` entry's requests go, and with which real key.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub provider: Arc<ProviderSpec>,
+    /// The real provider key; `None` for a simulated provider.
+    pub key: Option<Secret>,
+}
+
+pub struct AgentMeter {
+    name: String,
+    pub budget: AgentBudget,
+    routes: RwLock<Vec<Route>>,
+    quarantine: RwLock<Option<String>>,
+}
+
+impl std::fmt::Debug for AgentMeter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentMeter")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// `fleet.yaml` budget → the budget module's limits.
+pub fn limits(spec: &BudgetSpec) -> BudgetLimits {
+    BudgetLimits {
+        ceilings: Ceilings {
+            monthly_tokens: spec.monthly_tokens,
+            monthly_micro_usd: spec.monthly_micro_usd,
+        },
+        rates: RateLimits {
+            tokens_per_minute: spec.tokens_per_minute.and_then(std::num::NonZeroU64::new),
+            requests_per_minute: spec.requests_per_minute.and_then(std::num::NonZeroU64::new),
+        },
+    }
+}
+
+impl AgentMeter {
+    /// A meter whose month totals start from what the ledger recorded.
+    pub fn new(
+        name: &str,
+        budget: &BudgetSpec,
+        routes: Vec<Route>,
+        month: Month,
+        recorded: Option<&AgentMonthUsage>,
+    ) -> Self {
+        let now = Instant::now();
+        let budget = match recorded {
+            Some(u) => AgentBudget::from_totals(
+                name,
+                limits(budget),
+                month,
+                crate::budget::Amount::new(u.charged_tokens, u.charged_micro_usd),
+                crate::budget::Amount::ZERO,
+                now,
+            ),
+            None => AgentBudget::new(name, limits(budget), month, now),
+        };
+        Self {
+            name: name.to_owned(),
+            budget,
+            routes: RwLock::new(routes),
+            quarantine: RwLock::new(None),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn route(&self, entry: usize) -> Option<Route> {
+        self.routes.read().ok()?.get(entry).cloned()
+    }
+
+    /// Applies a reloaded budget and routes (new keys, prices, upstreams) in
+    /// place: requests in flight keep what they started with.
+    pub fn update(&self, budget: &BudgetSpec, routes: Vec<Route>) {
+        self.budget.set_limits(limits(budget), Instant::now());
+        if let Ok(mut r) = self.routes.write() {
+            *r = routes;
+        }
+    }
+
+    pub fn quarantine_reason(&self) -> Option<String> {
+        self.quarantine.read().ok()?.clone()
+    }
+
+    pub fn set_quarantine(&self, reason: Option<String>) {
+        if let Ok(mut q) = self.quarantine.write() {
+            *q = reason;
+        }
+    }
+}
+
+/// Every agent's meter by name. Read on every request; written on reload.
+#[derive(Debug, Default)]
+pub struct Meters {
+    by_agent: RwLock<HashMap<String, Arc<AgentMeter>>>,
+}
+
+impl Meters {
+    pub fn get(&self, agent: &str) -> Option<Arc<AgentMeter>> {
+        self.by_agent.read().ok()?.get(agent).cloned()
+    }
+
+    pub fn insert(&self, meter: Arc<AgentMeter>) {
+        if let Ok(mut map) = self.by_agent.write() {
+            map.insert(meter.name.clone(), meter);
+        }
+    }
+
+    pub fn remove(&self, agent: &str) {
+        if let Ok(mut map) = self.by_agent.write() {
+            map.remove(agent);
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.by_agent
+            .read()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}

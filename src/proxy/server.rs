@@ -1,0 +1,896 @@
+//! The proxy's HTTP shell: a loopback HTTP/1.1 listener whose every request
+//! goes through one pipeline, declared in `handle_metered`, in this order:
+//!
+//! 1. identify: scoped token → agent and `llm:` entry (401 if unknown);
+//! 2. refuse a quarantined agent (403) — before anything else can cost money;
+//! 3. read and parse the body (413/400), estimate its worst case;
+//! 4. rate buckets (429 + retry-after);
+//! 5. reserve the worst case under the monthly ceilings (429, no retry),
+//!    and record the reservation durably in the ledger before forwarding;
+//! 6. forward with the real key (or answer from the simulated provider);
+//! 7. stream the answer back through the usage tap;
+//! 8. settle ceilings, rate buckets and ledger to the real usage.
+//!
+//! The order matters: nothing reaches upstream without a reservation, and a
+//! refusal never costs money. Settlement happens in the task that pumps the
+//! answer, so it runs whether the client reads to the end, hangs, or leaves.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use super::estimate::{EstimateConfig, estimate_request};
+use super::meter::{AgentMeter, Meters, Route};
+use super::refusal::{Api, Refusal, RefusalKind};
+use super::simulated;
+use super::tokens::TokenTable;
+use super::usage::{
+    ApiKind, Metered, Outcome as TapOutcome, TapOptions, TapReport, Usage, UsageTap,
+    ensure_openai_stream_usage, parse_answer,
+};
+use crate::budget::{Amount, Month, RateTicket, Reservation};
+use crate::fleet::{ProviderKind, ProxySpec};
+use crate::ledger::{self, Ledger, Outcome, Settlement};
+use crate::pricing::{Prices, cost_micro_usd, worst_case_cost_micro_usd};
+
+pub type ProxyBody = BoxBody<Bytes, Infallible>;
+
+/// How long a client may take to send its request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest non-streamed answer kept whole for usage parsing (it is still
+/// forwarded as it arrives); past this the answer is charged at its reservation.
+const MAX_JSON_ANSWER: usize = 16 << 20;
+
+/// Everything the request path shares. Built once by the supervisor.
+pub struct ProxyShared {
+    pub tokens: TokenTable,
+    pub meters: Meters,
+    pub ledger: Arc<Ledger>,
+    client: reqwest::Client,
+    settings: ProxySpec,
+    /// Models already logged as unpriced, so each is logged once.
+    unpriced: Mutex<std::collections::HashSet<(String, String)>>,
+}
+
+impl std::fmt::Debug for ProxyShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyShared").finish_non_exhaustive()
+    }
+}
+
+impl ProxyShared {
+    pub fn new(settings: ProxySpec, ledger: Arc<Ledger>) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(settings.upstream_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the upstream HTTP client: {e}"))?;
+        Ok(Self {
+            tokens: TokenTable::new(),
+            meters: Meters::default(),
+            ledger,
+            client,
+            settings,
+            unpriced: Mutex::new(Default::default()),
+        })
+    }
+}
+
+/// Serves until `shutdown` turns true, then stops accepting and lets requests
+/// in flight finish (each bounded by its own timeouts).
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<ProxyShared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        tracing::warn!("proxy: accept failed: {err}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(err) = conn.await {
+                        tracing::debug!("proxy: connection from {peer}: {err}");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(10)) => {
+            tracing::warn!("proxy: requests still in flight after 10s; closing them");
+        }
+    }
+}
+
+fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
+    let body = serde_json::to_vec(&refusal.body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+    *response.status_mut() =
+        StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert("x-supervisor-refusal", HeaderValue::from_static("1"));
+    for (name, value) in refusal.headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    response
+}
+
+fn refuse(api: Api, kind: RefusalKind, message: impl Into<String>) -> Response<ProxyBody> {
+    refusal_response(Refusal::new(api, kind, message))
+}
+
+/// Error shape to use before the agent is known: by the path it called.
+fn api_of_path(path: &str) -> Api {
+    if path.starts_with("/v1/messages") {
+        Api::Anthropic
+    } else {
+        Api::OpenAi
+    }
+}
+
+/// The agent's credential, from `x-api-key` or `Authorization: Bearer` (both
+/// are sent by current SDKs, depending on version).
+fn presented_token(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim());
+    }
+    let auth = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+async fn handle(
+    shared: &ProxyShared,
+    req: Request<Incoming>,
+    _peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let path = req.uri().path().to_owned();
+    let shape = api_of_path(&path);
+    let Some(token) = presented_token(req.headers()) else {
+        return refuse(
+            shape,
+            RefusalKind::Unauthenticated,
+            "no API key: send the scoped token the supervisor put in your environment (`x-api-key` or `Authorization: Bearer`)",
+        );
+    };
+    let Some(grant) = shared.tokens.lookup(token) else {
+        return refuse(
+            shape,
+            RefusalKind::Unauthenticated,
+            "unknown or expired API key: only the token of the agent's current launch is accepted",
+        );
+    };
+    let (Some(meter), Some(route)) = (
+        shared.meters.get(&grant.agent),
+        shared
+            .meters
+            .get(&grant.agent)
+            .and_then(|m| m.route(grant.entry)),
+    ) else {
+        return refuse(
+            shape,
+            RefusalKind::Unauthenticated,
+            format!("agent \"{}\" is no longer in the fleet", grant.agent),
+        );
+    };
+    let api = route.provider.api();
+    if let Some(reason) = meter.quarantine_reason() {
+        return refuse(
+            api,
+            RefusalKind::Quarantined,
+            format!(
+                "agent \"{}\" is quarantined: {reason}; an operator can release it with `supervisor release {}`",
+                meter.name(),
+                meter.name()
+            ),
+        );
+    }
+    let kind = ApiKind::from_path(&path).filter(|k| {
+        matches!(
+            (api, k),
+            (Api::Anthropic, ApiKind::Anthropic)
+                | (Api::OpenAi, ApiKind::OpenAiChat | ApiKind::OpenAiResponses)
+        )
+    });
+    match (kind, req.method()) {
+        (Some(kind), &Method::POST) => handle_metered(shared, req, &meter, route, kind).await,
+        _ if is_free(api, req.method(), &path) => forward_unmetered(shared, req, &route).await,
+        _ => refuse(
+            api,
+            RefusalKind::NotFound,
+            format!(
+                "the supervisor's proxy does not forward `{} {path}` for agent \"{}\": only metered model calls and free endpoints pass",
+                req.method(),
+                meter.name()
+            ),
+        ),
+    }
+}
+
+/// Endpoints that cost nothing and are forwarded without metering.
+fn is_free(api: Api, method: &Method, path: &str) -> bool {
+    match api {
+        Api::Anthropic => {
+            (method == Method::POST && path == "/v1/messages/count_tokens")
+                || (method == Method::GET && path.starts_with("/v1/models"))
+        }
+        Api::OpenAi => method == Method::GET && path.starts_with("/v1/models"),
+    }
+}
+
+/// Headers never copied between the agent and upstream: hop-by-hop ones,
+/// the agent's credentials (replaced by the real key), and encodings the
+/// tap could not read.
+fn skip_request_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "connection"
+            | "keep-alive"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "authorization"
+            | "x-api-key"
+            | "accept-encoding"
+    )
+}
+
+fn skip_response_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "content-length"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+fn upstream_request(
+    shared: &ProxyShared,
+    method: Method,
+    upstream: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    route: &Route,
+    body: Bytes,
+) -> reqwest::RequestBuilder {
+    let mut builder = shared
+        .client
+        .request(method, format!("{upstream}{path_and_query}"));
+    for (name, value) in headers {
+        if !skip_request_header(name) {
+            builder = builder.header(name, value);
+        }
+    }
+    if let Some(key) = &route.key {
+        builder = match route.provider.api() {
+            Api::Anthropic => builder.header("x-api-key", key.expose()),
+            Api::OpenAi => builder.bearer_auth(key.expose()),
+        };
+    }
+    builder.body(body)
+}
+
+async fn forward_unmetered(
+    shared: &ProxyShared,
+    req: Request<Incoming>,
+    route: &Route,
+) -> Response<ProxyBody> {
+    let api = route.provider.api();
+    let upstream = match &route.provider.kind {
+        ProviderKind::Anthropic { upstream } | ProviderKind::OpenAi { upstream } => {
+            upstream.clone()
+        }
+        ProviderKind::Simulated { .. } => {
+            return refuse(
+                api,
+                RefusalKind::NotFound,
+                "the simulated provider only answers model calls",
+            );
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let body = match read_body(body, shared.settings.max_body).await {
+        Ok(b) => b,
+        Err(resp) => return resp(api),
+    };
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = upstream_request(
+        shared,
+        parts.method,
+        &upstream,
+        pq,
+        &parts.headers,
+        route,
+        body,
+    );
+    match request.send().await {
+        Ok(answer) => {
+            let status = answer.status().as_u16();
+            let headers = answer.headers().clone();
+            let body = answer.bytes().await.unwrap_or_default();
+            let mut response = Response::new(Full::new(body).boxed());
+            *response.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            copy_response_headers(&headers, response.headers_mut());
+            response
+        }
+        Err(err) => upstream_failure(api, &route.provider.name, &err),
+    }
+}
+
+fn copy_response_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) {
+    for (name, value) in from {
+        if !skip_response_header(name) {
+            to.append(name.clone(), value.clone());
+        }
+    }
+}
+
+fn upstream_failure(api: Api, provider: &str, err: &reqwest::Error) -> Response<ProxyBody> {
+    // reqwest's Display can include the URL, never the headers: no key leaks.
+    let (kind, what) = if err.is_timeout() {
+        (RefusalKind::UpstreamTimeout, "did not answer in time")
+    } else {
+        (RefusalKind::UpstreamUnreachable, "could not be reached")
+    };
+    tracing::warn!(provider, "upstream {what}: {err}");
+    refuse(
+        api,
+        kind,
+        format!("upstream provider `{provider}` {what}; nothing was charged"),
+    )
+}
+
+type Refuser = Box<dyn FnOnce(Api) -> Response<ProxyBody> + Send>;
+
+/// Reads the request body within `max` bytes and `BODY_READ_TIMEOUT`.
+async fn read_body(body: Incoming, max: u64) -> Result<Bytes, Refuser> {
+    let limited = Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX));
+    match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(err))
+            if err
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(Box::new(move |api| {
+                refuse(
+                    api,
+                    RefusalKind::TooLarge,
+                    format!("request body is larger than `proxy.max_body` ({max} bytes)"),
+                )
+            }))
+        }
+        Ok(Err(err)) => {
+            let message = format!("could not read the request body: {err}");
+            Err(Box::new(move |api| {
+                refuse(api, RefusalKind::BadRequest, message)
+            }))
+        }
+        Err(_) => Err(Box::new(|api| {
+            refuse(
+                api,
+                RefusalKind::BadRequest,
+                "the request body did not arrive within 60s",
+            )
+        })),
+    }
+}
+
+fn usage_amount(usage: &Usage, prices: Option<&Prices>) -> Amount {
+    Amount::new(
+        usage.total(),
+        prices.map_or(0, |p| cost_micro_usd(usage, p)),
+    )
+}
+
+/// Steps 3–8 of the pipeline for one metered model call.
+async fn handle_metered(
+    shared: &ProxyShared,
+    req: Request<Incoming>,
+    meter: &Arc<AgentMeter>,
+    route: Route,
+    kind: ApiKind,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let api = route.provider.api();
+    let agent = meter.name().to_owned();
+    let (parts, body) = req.into_parts();
+
+    // 3. body and worst case
+    let body = match read_body(body, shared.settings.max_body).await {
+        Ok(b) => b,
+        Err(resp) => return resp(api),
+    };
+    let mut json: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(err) => {
+            return refuse(
+                api,
+                RefusalKind::BadRequest,
+                format!("request body is not valid JSON: {err}"),
+            );
+        }
+    };
+    let injected = kind == ApiKind::OpenAiChat && ensure_openai_stream_usage(&mut json);
+    let estimate = match estimate_request(kind, &json, &EstimateConfig::for_kind(kind)) {
+        Ok(e) => e,
+        Err(err) => return refuse(api, RefusalKind::BadRequest, err.to_string()),
+    };
+    let prices = route.provider.prices.get(&estimate.model).copied();
+    if prices.is_none() {
+        if meter
+            .budget
+            .usage(Month::current())
+            .ceilings
+            .monthly_micro_usd
+            .is_some()
+        {
+            return refuse(
+                api,
+                RefusalKind::BadRequest,
+                format!(
+                    "agent \"{agent}\" has a USD ceiling, but model `{}` has no price under `providers.{}.prices`, so this request cannot be priced; add its price to fleet.yaml",
+                    estimate.model, route.provider.name
+                ),
+            );
+        }
+        let first = shared
+            .unpriced
+            .lock()
+            .map(|mut seen| seen.insert((route.provider.name.clone(), estimate.model.clone())))
+            .unwrap_or(false);
+        if first {
+            tracing::warn!(
+                agent = %agent,
+                "model `{}` has no price under `providers.{}.prices`; its requests are counted in tokens only",
+                estimate.model,
+                route.provider.name
+            );
+        }
+    }
+    let worst_tokens = estimate
+        .input_tokens_upper_bound
+        .saturating_add(estimate.max_output_tokens);
+    let worst = Amount::new(
+        worst_tokens,
+        prices.map_or(0, |p| {
+            worst_case_cost_micro_usd(
+                estimate.input_tokens_upper_bound,
+                estimate.max_output_tokens,
+                &p,
+            )
+        }),
+    );
+
+    // 4. rate
+    let ticket = match meter.budget.admit_rate(Instant::now(), worst_tokens) {
+        Ok(t) => t,
+        Err(refusal) => {
+            return refuse(
+                api,
+                RefusalKind::RateLimited {
+                    retry_after: Duration::from_secs(refusal.retry_after_secs),
+                },
+                refusal.to_string(),
+            );
+        }
+    };
+
+    // 5. ceiling, then a durable ledger row
+    let month = Month::current();
+    let reservation = match meter.budget.reserve(month, worst) {
+        Ok(r) => r,
+        Err(refusal) => {
+            meter.budget.cancel_rate(Instant::now(), ticket);
+            tracing::warn!(agent = %agent, "monthly ceiling reached: {refusal}");
+            return refuse(api, RefusalKind::CeilingReached, refusal.to_string());
+        }
+    };
+    let ledger_id = match shared
+        .ledger
+        .reserve(ledger::Reservation {
+            agent: agent.clone(),
+            provider: route.provider.name.clone(),
+            model: estimate.model.clone(),
+            month,
+            started_at_ms: ledger::unix_millis_now(),
+            reserved_tokens: worst.tokens,
+            reserved_micro_usd: worst.micro_usd,
+        })
+        .await
+    {
+        Ok(id) => id,
+        Err(err) => {
+            reservation.release();
+            meter.budget.cancel_rate(Instant::now(), ticket);
+            tracing::error!(agent = %agent, "refusing a request: {err:#}");
+            return refuse(
+                api,
+                RefusalKind::Internal,
+                "the supervisor cannot record usage right now (ledger unwritable), so it forwards nothing; see its log",
+            );
+        }
+    };
+    let pending = Pending {
+        meter: meter.clone(),
+        ledger: shared.ledger.clone(),
+        reservation,
+        ticket,
+        ledger_id,
+        prices,
+        started,
+        streamed: estimate.stream,
+    };
+
+    // 6. forward
+    let body = if injected {
+        Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
+    } else {
+        body
+    };
+    let (status, headers, source): (u16, HeaderMap, Source) = match &route.provider.kind {
+        ProviderKind::Simulated { latency, .. } => {
+            let answer = simulated::answer(api, &json);
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static(answer.content_type),
+            );
+            (
+                answer.status,
+                headers,
+                Source::Simulated(answer.chunks, *latency),
+            )
+        }
+        ProviderKind::Anthropic { upstream } | ProviderKind::OpenAi { upstream } => {
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let request = upstream_request(
+                shared,
+                parts.method.clone(),
+                upstream,
+                pq,
+                &parts.headers,
+                &route,
+                body,
+            );
+            let sent = tokio::time::timeout(shared.settings.upstream_timeout, request.send()).await;
+            match sent {
+                Ok(Ok(answer)) => {
+                    let mut headers = HeaderMap::new();
+                    copy_response_headers(answer.headers(), &mut headers);
+                    (answer.status().as_u16(), headers, Source::Upstream(answer))
+                }
+                Ok(Err(err)) => {
+                    pending.release();
+                    return upstream_failure(api, &route.provider.name, &err);
+                }
+                Err(_) => {
+                    pending.release();
+                    return refuse(
+                        api,
+                        RefusalKind::UpstreamTimeout,
+                        format!(
+                            "upstream provider `{}` did not answer in time; nothing was charged",
+                            route.provider.name
+                        ),
+                    );
+                }
+            }
+        }
+    };
+
+    // 7–8. stream back through the tap; the pump settles when the answer ends.
+    let is_sse = headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let (tx, rx) = mpsc::channel::<Bytes>(32);
+    let tap = is_sse.then(|| {
+        UsageTap::new(
+            kind,
+            TapOptions {
+                drop_injected_usage: injected,
+                ..TapOptions::default()
+            },
+        )
+    });
+    tokio::spawn(pump(
+        source,
+        tx,
+        tap,
+        kind,
+        status,
+        pending,
+        shared.settings.upstream_timeout,
+    ));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *response.headers_mut() = headers;
+    response
+}
+
+/// Where an answer's bytes come from.
+enum Source {
+    Upstream(reqwest::Response),
+    Simulated(Vec<String>, Duration),
+}
+
+/// What a request holds until its answer is settled.
+struct Pending {
+    meter: Arc<AgentMeter>,
+    ledger: Arc<Ledger>,
+    reservation: Reservation,
+    ticket: RateTicket,
+    ledger_id: i64,
+    prices: Option<Prices>,
+    started: Instant,
+    streamed: bool,
+}
+
+impl Pending {
+    /// Nothing reached upstream: free everything, charge nothing.
+    fn release(self) {
+        self.reservation.release();
+        self.meter.budget.cancel_rate(Instant::now(), self.ticket);
+        self.ledger.settle(
+            self.ledger_id,
+            Settlement {
+                outcome: Outcome::Released,
+                streamed: self.streamed,
+                duration_ms: millis(self.started.elapsed()),
+                ..Settlement::default()
+            },
+        );
+    }
+
+    /// Charges the answer: exact usage when it completed (or was refused by
+    /// upstream), conservatively otherwise (never below the reservation).
+    fn settle(self, status: u16, report: &TapReport) {
+        let exact = match (&report.outcome, &report.usage) {
+            (TapOutcome::Completed, Metered::Exact(u)) => Some(*u),
+            (TapOutcome::Errored, Metered::Exact(u)) if status >= 400 => Some(*u),
+            _ => None,
+        };
+        let seen = report.usage.seen().unwrap_or_default();
+        let (settled, outcome) = match exact {
+            Some(usage) => {
+                let outcome = if status >= 400 || report.outcome == TapOutcome::Errored {
+                    Outcome::UpstreamError
+                } else {
+                    Outcome::Ok
+                };
+                (
+                    self.reservation
+                        .settle(usage_amount(&usage, self.prices.as_ref())),
+                    outcome,
+                )
+            }
+            None => (
+                self.reservation
+                    .settle_cut(usage_amount(&seen, self.prices.as_ref())),
+                Outcome::Cut,
+            ),
+        };
+        if outcome == Outcome::Cut {
+            tracing::warn!(
+                agent = %self.meter.name(),
+                charged_tokens = settled.charged.tokens,
+                "answer ended before its usage arrived; charged conservatively at its reservation"
+            );
+        }
+        if settled.overrun {
+            tracing::warn!(
+                agent = %self.meter.name(),
+                "upstream reported more usage than the request's worst case; charged what it reported"
+            );
+        }
+        self.meter
+            .budget
+            .settle_rate(Instant::now(), self.ticket, settled.charged.tokens);
+        self.ledger.settle(
+            self.ledger_id,
+            Settlement {
+                outcome,
+                status: Some(status),
+                streamed: self.streamed,
+                duration_ms: millis(self.started.elapsed()),
+                input_tokens: seen.input_tokens,
+                output_tokens: seen.output_tokens,
+                cache_creation_input_tokens: seen.cache_creation_input_tokens,
+                cache_read_input_tokens: seen.cache_read_input_tokens,
+                charged_tokens: settled.charged.tokens,
+                charged_micro_usd: settled.charged.micro_usd,
+            },
+        );
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Moves the answer from its source to the client, feeding the tap, then
+/// settles. A client that stops reading for `idle` is dropped (its answer
+/// is charged as cut), so no reservation is held forever.
+async fn pump(
+    source: Source,
+    tx: mpsc::Sender<Bytes>,
+    mut tap: Option<UsageTap>,
+    kind: ApiKind,
+    status: u16,
+    pending: Pending,
+    idle: Duration,
+) {
+    let mut whole = Vec::new();
+    let mut too_big = false;
+    let mut ended = false;
+    let mut client_gone = false;
+
+    let mut forward =
+        |chunk: Bytes, tap: &mut Option<UsageTap>, whole: &mut Vec<u8>| -> Option<Bytes> {
+            match tap {
+                Some(tap) => match tap.push(&chunk) {
+                    super::usage::Forward::Unchanged => Some(chunk),
+                    super::usage::Forward::Bytes([]) => None,
+                    super::usage::Forward::Bytes(b) => Some(Bytes::copy_from_slice(b)),
+                },
+                None => {
+                    if whole.len() + chunk.len() <= MAX_JSON_ANSWER {
+                        whole.extend_from_slice(&chunk);
+                    } else {
+                        too_big = true;
+                    }
+                    Some(chunk)
+                }
+            }
+        };
+
+    match source {
+        Source::Upstream(answer) => {
+            let mut stream = answer.bytes_stream();
+            loop {
+                let next = tokio::time::timeout(idle, stream.next()).await;
+                let chunk = match next {
+                    Ok(Some(Ok(chunk))) => chunk,
+                    Ok(Some(Err(err))) => {
+                        tracing::warn!(agent = %pending.meter.name(), "upstream answer broke off: {err}");
+                        break;
+                    }
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(agent = %pending.meter.name(), "upstream answer stalled for {idle:?}; cutting it");
+                        break;
+                    }
+                };
+                if let Some(out) = forward(chunk, &mut tap, &mut whole)
+                    && !send(&tx, out, idle).await
+                {
+                    client_gone = true;
+                    break;
+                }
+            }
+        }
+        Source::Simulated(chunks, latency) => {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            let pause = latency / (chunks.len().max(1) as u32 * 4);
+            for chunk in chunks {
+                if let Some(out) = forward(Bytes::from(chunk), &mut tap, &mut whole)
+                    && !send(&tx, out, idle).await
+                {
+                    client_gone = true;
+                    break;
+                }
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            ended = !client_gone;
+        }
+    }
+
+    let report = match tap {
+        Some(mut tap) => {
+            if ended {
+                let rest = Bytes::copy_from_slice(tap.end());
+                if !rest.is_empty() {
+                    let _ = send(&tx, rest, idle).await;
+                }
+            }
+            tap.report()
+        }
+        None if ended && !too_big => match parse_answer(kind, &whole) {
+            Ok(report) => report,
+            Err(err) => {
+                tracing::warn!(agent = %pending.meter.name(), "{err}");
+                cut_report()
+            }
+        },
+        None => cut_report(),
+    };
+    if client_gone {
+        tracing::info!(agent = %pending.meter.name(), "client left before the answer ended");
+    }
+    drop(tx);
+    pending.settle(status, &report);
+}
+
+fn cut_report() -> TapReport {
+    TapReport {
+        outcome: TapOutcome::Cut,
+        usage: Metered::Unknown,
+        model: None,
+        stop_reason: None,
+        error: None,
+        tool_calls: Vec::new(),
+        dropped_usage_chunk: false,
+        oversized_events: 0,
+        unreadable_events: 0,
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Bytes>, chunk: Bytes, idle: Duration) -> bool {
+    matches!(tokio::time::timeout(idle, tx.send(chunk)).await, Ok(Ok(())))
+}
