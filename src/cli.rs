@@ -58,6 +58,16 @@ pub enum Command {
     /// Validate fleet.yaml and check that every referenced secret resolves (values are never printed).
     #[command(after_help = EXIT_CODES_HELP)]
     Check,
+    /// Per-agent usage for a month from the ledger, against the ceilings; works without a running supervisor.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Usage {
+        /// The UTC month to show, as YYYY-MM (default: the current month).
+        #[arg(long, value_name = "YYYY-MM")]
+        month: Option<crate::budget::Month>,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -73,6 +83,9 @@ pub fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run { log_format } => crate::supervisor::run_command(&cli.fleet, log_format),
         Command::Check => crate::check::check_command(&cli.fleet),
+        Command::Usage { month, json } => {
+            crate::usage_report::usage_command(&cli.fleet, month, json)
+        }
     };
     ExitCode::from(code)
 }

@@ -12,4 +12,5 @@ pub mod pricing;
 pub mod proxy;
 pub mod runaway;
 pub mod supervisor;
+pub mod usage_report;
 pub mod vault;

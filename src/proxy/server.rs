@@ -116,6 +116,7 @@ pub async fn serve(
                     async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
                     .keep_alive(true)
                     .header_read_timeout(Duration::from_secs(30))
                     .serve_connection(TokioIo::new(stream), service);
