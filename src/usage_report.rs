@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::budget::Month;
+use crate::budget::{Month, group_thousands as group};
 use crate::cli::exit;
 use crate::fleet;
 use crate::ledger::{self, AgentMonthUsage};
@@ -74,18 +74,6 @@ pub fn rows(fleet: &fleet::Fleet, month: Month, usage: Vec<AgentMonthUsage>) -> 
             }
         })
         .collect()
-}
-
-fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn of(used: String, ceiling: Option<String>) -> String {
@@ -195,14 +183,6 @@ pub fn usage_command(fleet_path: &Path, month: Option<Month>, json: bool) -> u8 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn numbers_group_by_thousands() {
-        assert_eq!(group(0), "0");
-        assert_eq!(group(999), "999");
-        assert_eq!(group(1000), "1,000");
-        assert_eq!(group(40_000_000), "40,000,000");
-    }
 
     #[test]
     fn table_aligns_and_shows_ceilings() {

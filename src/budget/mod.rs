@@ -24,6 +24,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
+pub(crate) use ceiling::group_thousands;
 pub use ceiling::{
     Amount, CeilingKind, CeilingRefusal, CeilingSnapshot, CeilingState, Ceilings, Held, Settlement,
 };
