@@ -68,6 +68,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List quarantined agents with the reason and the evidence that tripped them.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Quarantine {
+        /// Print a JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a quarantined agent run again (a running supervisor starts it at once).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Release {
+        /// The agent's name in fleet.yaml.
+        agent: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -83,6 +96,8 @@ pub fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run { log_format } => crate::supervisor::run_command(&cli.fleet, log_format),
         Command::Check => crate::check::check_command(&cli.fleet),
+        Command::Quarantine { json } => crate::quarantine_cmd::quarantine_command(&cli.fleet, json),
+        Command::Release { agent } => crate::quarantine_cmd::release_command(&cli.fleet, &agent),
         Command::Usage { month, json } => {
             crate::usage_report::usage_command(&cli.fleet, month, json)
         }

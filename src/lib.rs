@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod logging;
 pub mod pricing;
 pub mod proxy;
+pub mod quarantine_cmd;
 pub mod runaway;
 pub mod supervisor;
 pub mod usage_report;

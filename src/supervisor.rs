@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::agent::{AgentHandle, AgentLaunch, AgentState};
@@ -26,7 +26,8 @@ use crate::fleet::{self, AgentSpec, ConfigErrors, Delivery, Fleet, ProviderSpec}
 use crate::ledger::{self, Ledger};
 use crate::proxy::meter::{AgentMeter, Route};
 use crate::proxy::refusal::Api;
-use crate::proxy::server::{ProxyShared, serve};
+use crate::proxy::server::{ProxyEvent, ProxyShared, serve};
+use crate::runaway::RunawayAction;
 use crate::proxy::tokens::{self, Grant};
 use crate::vault::Secret;
 
@@ -46,6 +47,8 @@ struct LaunchPlan {
 struct ResolvedFleet {
     fleet: Fleet,
     secrets: BTreeMap<String, AgentSecrets>,
+    /// Agents quarantined in the ledger: they are held, not run.
+    quarantined: BTreeMap<String, ledger::QuarantineRecord>,
 }
 
 impl ResolvedFleet {
@@ -112,7 +115,20 @@ fn shared_providers(fleet: &Fleet) -> BTreeMap<String, Arc<ProviderSpec>> {
 /// `check` verifies); every problem is collected into one report.
 fn load_and_resolve(fleet_path: &Path) -> Result<ResolvedFleet, ConfigErrors> {
     let (fleet, secrets) = crate::check::load_resolved(fleet_path)?;
-    Ok(ResolvedFleet { fleet, secrets })
+    // A ledger that cannot be read holds no quarantine we could honour; say so.
+    let quarantined = ledger::quarantined(&fleet.state_dir)
+        .unwrap_or_else(|err| {
+            tracing::error!("cannot read quarantine records: {err:#}");
+            Vec::new()
+        })
+        .into_iter()
+        .map(|r| (r.agent.clone(), r))
+        .collect();
+    Ok(ResolvedFleet {
+        fleet,
+        secrets,
+        quarantined,
+    })
 }
 
 /// Runs the fleet in the foreground and returns the process exit code.
@@ -182,7 +198,10 @@ struct Supervisor {
     /// Removed agents, stopping or stopped; kept so a second signal can kill
     /// them and a re-added name restarts the same actor after its stop.
     retired: BTreeMap<String, AgentHandle>,
+    /// Quarantined agents: their plan is kept, their process is not run.
+    held: BTreeMap<String, LaunchPlan>,
     proxy: Arc<ProxyShared>,
+    events: Option<mpsc::UnboundedReceiver<ProxyEvent>>,
     /// `http://HOST:PORT` of the bound proxy, once bound.
     proxy_origin: Option<String>,
     proxy_shutdown: watch::Sender<bool>,
@@ -201,14 +220,17 @@ impl Supervisor {
         let fleet = resolved.fleet.clone();
         ensure_state_dir(&fleet.state_dir)?;
         let ledger = Arc::new(Ledger::open(&fleet.state_dir)?);
-        let proxy = Arc::new(ProxyShared::new(fleet.proxy.clone(), ledger)?);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let proxy = Arc::new(ProxyShared::new(fleet.proxy.clone(), ledger, events_tx)?);
         let (proxy_shutdown, _) = watch::channel(false);
         let mut supervisor = Self {
             fleet_path: fleet_path.to_owned(),
             current: fleet.clone(),
             agents: BTreeMap::new(),
             retired: BTreeMap::new(),
+            held: BTreeMap::new(),
             proxy,
+            events: Some(events),
             proxy_origin: None,
             proxy_shutdown,
             proxy_tasks: JoinSet::new(),
@@ -227,6 +249,18 @@ impl Supervisor {
             "starting fleet"
         );
         for (name, plan) in resolved.plans() {
+            if let Some(record) = resolved.quarantined.get(&name) {
+                tracing::warn!(
+                    agent = %name,
+                    "stays quarantined ({}); release it with `supervisor release {name}`",
+                    record.reason
+                );
+                if let Some(meter) = supervisor.proxy.meters.get(&name) {
+                    meter.set_quarantine(Some(record.reason.clone()));
+                }
+                supervisor.held.insert(name, plan);
+                continue;
+            }
             let (launch_id, launch) = supervisor.launch(&name, &plan);
             let handle = AgentHandle::spawn(launch);
             supervisor.agents.insert(
@@ -253,10 +287,11 @@ impl Supervisor {
         };
         let routes = resolved.routes(name, providers);
         match self.proxy.meters.get(name) {
-            Some(meter) => meter.update(&spec.budget, routes),
+            Some(meter) => meter.update(&spec.budget, spec.runaway, routes),
             None => self.proxy.meters.insert(Arc::new(AgentMeter::new(
                 name,
                 &spec.budget,
+                spec.runaway,
                 routes,
                 Month::current(),
                 recorded,
@@ -343,10 +378,14 @@ impl Supervisor {
             }
         };
 
+        let Some(mut events) = self.events.take() else {
+            return exit::FAILURE;
+        };
         'serve: loop {
             tokio::select! {
                 _ = sigterm.recv() => break 'serve,
                 _ = sigint.recv() => break 'serve,
+                Some(event) = events.recv() => self.on_proxy_event(event).await,
                 _ = sighup.recv() => {
                     tracing::info!(fleet = %self.fleet_path.display(), "reloading");
                     // Reading the file and the vault may block (a FIFO, a slow
@@ -397,6 +436,28 @@ impl Supervisor {
             .map(|(name, r)| (name.clone(), r.plan.clone()))
             .collect();
         let mut plans = resolved.plans();
+        // Quarantined agents are held, whatever the file says; one whose
+        // record was cleared (`supervisor release`) is started like a new one.
+        let mut held = BTreeMap::new();
+        for (name, record) in &resolved.quarantined {
+            if let Some(plan) = plans.remove(name) {
+                if let Some(meter) = self.proxy.meters.get(name) {
+                    meter.set_quarantine(Some(record.reason.clone()));
+                }
+                held.insert(name.clone(), plan);
+            }
+        }
+        for name in self.held.keys().filter(|n| !held.contains_key(*n)) {
+            if plans.contains_key(name) {
+                tracing::info!(agent = %name, "released from quarantine");
+            }
+        }
+        for name in plans.keys() {
+            if let Some(meter) = self.proxy.meters.get(name) {
+                meter.set_quarantine(None);
+            }
+        }
+        self.held = held;
         let diff = fleet::diff(&running, &plans);
         crate::logging::set_name_width(plans.keys().map(String::as_str));
 
@@ -481,6 +542,53 @@ impl Supervisor {
             unchanged = diff.unchanged.len(),
             "reload applied"
         );
+    }
+
+    /// Containment and bookkeeping for what the proxy saw.
+    async fn on_proxy_event(&mut self, event: ProxyEvent) {
+        match event {
+            ProxyEvent::Tripped {
+                agent,
+                action: RunawayAction::Quarantine,
+                evidence,
+            } => {
+                let reason = format!("runaway: {evidence}");
+                tracing::error!(agent = %agent, "quarantined: {reason}; its process group is being stopped and it stays down until `supervisor release {agent}`");
+                // Persist before anything else reads the records (reloads run
+                // in this same loop), so a restart cannot bring it back.
+                let record = ledger::QuarantineRecord {
+                    agent: agent.clone(),
+                    since_ms: ledger::unix_millis_now(),
+                    reason,
+                    evidence: serde_json::to_value(&evidence).unwrap_or_default(),
+                };
+                let state_dir = self.current.state_dir.clone();
+                let saved = tokio::task::spawn_blocking(move || {
+                    ledger::put_quarantine(&state_dir, &record)
+                })
+                .await;
+                match saved {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => tracing::error!(agent = %agent, "cannot persist the quarantine (it holds until this supervisor stops): {err:#}"),
+                    Err(err) => tracing::error!(agent = %agent, "cannot persist the quarantine: {err}"),
+                }
+                if let Some(running) = self.agents.remove(&agent) {
+                    self.proxy.tokens.revoke_agent(&agent);
+                    let handle = running.handle.clone();
+                    tokio::spawn(async move { handle.stop().await });
+                    self.retired.insert(agent.clone(), running.handle);
+                    self.held.insert(agent, running.plan);
+                }
+            }
+            ProxyEvent::Tripped {
+                agent,
+                action: RunawayAction::Alert,
+                evidence,
+            } => {
+                tracing::warn!(agent = %agent, "runaway pattern (action: alert, so it keeps running): {evidence}");
+            }
+            ProxyEvent::CeilingReached { .. } | ProxyEvent::RateLimited { .. } => {}
+        }
     }
 
     /// Stops every agent in parallel; a second SIGTERM/SIGINT kills them all at once.

@@ -61,6 +61,12 @@ CREATE TABLE IF NOT EXISTS requests (
     charged_micro_usd           INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_by_month_agent ON requests (month, agent);
+CREATE TABLE IF NOT EXISTS quarantine (
+    agent     TEXT    PRIMARY KEY,
+    since_ms  INTEGER NOT NULL,
+    reason    TEXT    NOT NULL,
+    evidence  TEXT    NOT NULL
+);
 PRAGMA user_version = 1;
 ";
 
@@ -388,6 +394,79 @@ pub fn month_usage(state_dir: &Path, month: Month) -> Result<Vec<AgentMonthUsage
     Ok(out)
 }
 
+/// An agent stopped as a runaway, kept down until released.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QuarantineRecord {
+    pub agent: String,
+    /// Unix milliseconds.
+    pub since_ms: i64,
+    pub reason: String,
+    /// The detector's evidence as JSON: sizes, growth, truncated failure texts.
+    pub evidence: serde_json::Value,
+}
+
+fn open_for_write(state_dir: &Path) -> Result<Connection> {
+    let path = state_dir.join(LEDGER_FILE);
+    let conn = open_connection(&path)?;
+    conn.execute_batch(SCHEMA)
+        .with_context(|| format!("cannot create the ledger schema in `{}`", path.display()))?;
+    Ok(conn)
+}
+
+/// Persists a quarantine (replacing an older record of the same agent).
+pub fn put_quarantine(state_dir: &Path, record: &QuarantineRecord) -> Result<()> {
+    let conn = open_for_write(state_dir)?;
+    conn.execute(
+        "INSERT OR REPLACE INTO quarantine (agent, since_ms, reason, evidence) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            record.agent,
+            record.since_ms,
+            record.reason,
+            record.evidence.to_string()
+        ],
+    )
+    .context("cannot record the quarantine")?;
+    Ok(())
+}
+
+/// Every quarantined agent, oldest first. Empty when there is no ledger yet.
+pub fn quarantined(state_dir: &Path) -> Result<Vec<QuarantineRecord>> {
+    let path = state_dir.join(LEDGER_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let conn = open_for_write(state_dir)?;
+    let mut stmt =
+        conn.prepare("SELECT agent, since_ms, reason, evidence FROM quarantine ORDER BY since_ms")?;
+    let rows = stmt.query_map([], |r| {
+        let evidence: String = r.get(3)?;
+        Ok(QuarantineRecord {
+            agent: r.get(0)?,
+            since_ms: r.get(1)?,
+            reason: r.get(2)?,
+            evidence: serde_json::from_str(&evidence).unwrap_or(serde_json::Value::Null),
+        })
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row?);
+    }
+    Ok(out)
+}
+
+/// Clears an agent's quarantine; `false` if it was not quarantined.
+pub fn release_quarantine(state_dir: &Path, agent: &str) -> Result<bool> {
+    let path = state_dir.join(LEDGER_FILE);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let conn = open_for_write(state_dir)?;
+    let n = conn
+        .execute("DELETE FROM quarantine WHERE agent = ?1", params![agent])
+        .context("cannot clear the quarantine")?;
+    Ok(n > 0)
+}
+
 /// Month totals by agent, used to rebuild the in-memory ceilings at start.
 pub fn month_totals(state_dir: &Path, month: Month) -> Result<BTreeMap<String, AgentMonthUsage>> {
     Ok(month_usage(state_dir, month)?
@@ -476,6 +555,23 @@ mod tests {
         let usage = month_usage(dir.path(), Month::new(2026, 11).unwrap()).unwrap();
         assert_eq!(usage[0].charged_tokens, 778);
         assert_eq!(usage[0].unsettled, 1, "only the new row is still in flight");
+    }
+
+    #[test]
+    fn quarantine_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(quarantined(dir.path()).unwrap().is_empty());
+        assert!(!release_quarantine(dir.path(), "x").unwrap());
+        let record = QuarantineRecord {
+            agent: "notes".into(),
+            since_ms: 5,
+            reason: "runaway: 4 failing retries".into(),
+            evidence: serde_json::json!({"count": 4}),
+        };
+        put_quarantine(dir.path(), &record).unwrap();
+        assert_eq!(quarantined(dir.path()).unwrap(), vec![record]);
+        assert!(release_quarantine(dir.path(), "notes").unwrap());
+        assert!(quarantined(dir.path()).unwrap().is_empty());
     }
 
     #[test]

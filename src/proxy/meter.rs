@@ -7,12 +7,16 @@
 //! an `.await`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use crate::budget::{AgentBudget, BudgetLimits, Ceilings, Month, RateLimits};
 use crate::fleet::{BudgetSpec, ProviderSpec};
 use crate::ledger::AgentMonthUsage;
+use crate::runaway::{
+    ConversationKey, Detector, RequestSummary, ResponseSummary, RunawayAction, RunawayConfig,
+    Verdict,
+};
 use crate::vault::Secret;
 
 /// Where one `llm:` entry's requests go, and with which real key.
@@ -28,6 +32,8 @@ pub struct AgentMeter {
     pub budget: AgentBudget,
     routes: RwLock<Vec<Route>>,
     quarantine: RwLock<Option<String>>,
+    /// The runaway detector: pure state, fed every request and answer.
+    detector: Mutex<Detector>,
 }
 
 impl std::fmt::Debug for AgentMeter {
@@ -57,6 +63,7 @@ impl AgentMeter {
     pub fn new(
         name: &str,
         budget: &BudgetSpec,
+        runaway: RunawayConfig,
         routes: Vec<Route>,
         month: Month,
         recorded: Option<&AgentMonthUsage>,
@@ -78,6 +85,7 @@ impl AgentMeter {
             budget,
             routes: RwLock::new(routes),
             quarantine: RwLock::new(None),
+            detector: Mutex::new(Detector::new(runaway)),
         }
     }
 
@@ -91,10 +99,29 @@ impl AgentMeter {
 
     /// Applies a reloaded budget and routes (new keys, prices, upstreams) in
     /// place: requests in flight keep what they started with.
-    pub fn update(&self, budget: &BudgetSpec, routes: Vec<Route>) {
+    pub fn update(&self, budget: &BudgetSpec, runaway: RunawayConfig, routes: Vec<Route>) {
         self.budget.set_limits(limits(budget), Instant::now());
+        if let Ok(mut d) = self.detector.lock()
+            && d.config() != &runaway
+        {
+            d.set_config(runaway);
+        }
         if let Ok(mut r) = self.routes.write() {
             *r = routes;
+        }
+    }
+
+    /// Feeds one request to the detector; a trip carries its evidence.
+    pub fn observe_request(&self, summary: &RequestSummary) -> (Verdict, RunawayAction) {
+        match self.detector.lock() {
+            Ok(mut d) => (d.observe_request(summary), d.config().action),
+            Err(_) => (Verdict::Healthy, RunawayAction::Alert),
+        }
+    }
+
+    pub fn observe_response(&self, conversation: ConversationKey, summary: &ResponseSummary) {
+        if let Ok(mut d) = self.detector.lock() {
+            d.observe_response(conversation, summary);
         }
     }
 

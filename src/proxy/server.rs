@@ -45,6 +45,26 @@ use crate::budget::{Amount, Month, RateTicket, Reservation};
 use crate::fleet::{ProviderKind, ProxySpec};
 use crate::ledger::{self, Ledger, Outcome, Settlement};
 use crate::pricing::{Prices, cost_micro_usd, worst_case_cost_micro_usd};
+use crate::runaway::{
+    self, ConversationKey, Evidence, InputUsage, RequestSummary, ResponseSummary, RunawayAction,
+    Verdict,
+};
+
+/// What the proxy tells the supervisor; sent without blocking the request path.
+#[derive(Debug, Clone)]
+pub enum ProxyEvent {
+    /// The runaway detector tripped. With `Quarantine`, the proxy already
+    /// refuses the agent; the supervisor stops it and persists the record.
+    Tripped {
+        agent: String,
+        action: RunawayAction,
+        evidence: Evidence,
+    },
+    /// A request was refused at a monthly ceiling.
+    CeilingReached { agent: String, message: String },
+    /// A request was refused by a rate bucket.
+    RateLimited { agent: String },
+}
 
 pub type ProxyBody = BoxBody<Bytes, Infallible>;
 
@@ -61,6 +81,7 @@ pub struct ProxyShared {
     pub ledger: Arc<Ledger>,
     client: reqwest::Client,
     settings: ProxySpec,
+    events: mpsc::UnboundedSender<ProxyEvent>,
     /// Models already logged as unpriced, so each is logged once.
     unpriced: Mutex<std::collections::HashSet<(String, String)>>,
 }
@@ -72,7 +93,11 @@ impl std::fmt::Debug for ProxyShared {
 }
 
 impl ProxyShared {
-    pub fn new(settings: ProxySpec, ledger: Arc<Ledger>) -> anyhow::Result<Self> {
+    pub fn new(
+        settings: ProxySpec,
+        ledger: Arc<Ledger>,
+        events: mpsc::UnboundedSender<ProxyEvent>,
+    ) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(settings.upstream_timeout)
@@ -85,6 +110,7 @@ impl ProxyShared {
             ledger,
             client,
             settings,
+            events,
             unpriced: Mutex::new(Default::default()),
         })
     }
@@ -465,6 +491,44 @@ async fn handle_metered(
             );
         }
     };
+
+    // 3b. the runaway detector sees every parsed request before it can cost anything
+    let runaway_api = match kind {
+        ApiKind::Anthropic => runaway::Api::AnthropicMessages,
+        ApiKind::OpenAiChat => runaway::Api::OpenAiChat,
+        ApiKind::OpenAiResponses => runaway::Api::OpenAiResponses,
+    };
+    let retry = runaway::parse_retry_count(
+        parts
+            .headers
+            .get("x-stainless-retry-count")
+            .map(|v| v.as_bytes()),
+    );
+    let conversation = match RequestSummary::from_json(runaway_api, &json, retry) {
+        Ok(summary) => {
+            let (verdict, action) = meter.observe_request(&summary);
+            if let Verdict::Tripped(evidence) = verdict {
+                let reason = format!("runaway: {evidence}");
+                let _ = shared.events.send(ProxyEvent::Tripped {
+                    agent: agent.clone(),
+                    action,
+                    evidence,
+                });
+                if action == RunawayAction::Quarantine {
+                    meter.set_quarantine(Some(reason.clone()));
+                    return refuse(
+                        api,
+                        RefusalKind::Quarantined,
+                        format!(
+                            "agent \"{agent}\" is quarantined: {reason}; an operator can release it with `supervisor release {agent}`"
+                        ),
+                    );
+                }
+            }
+            Some(summary.conversation)
+        }
+        Err(_) => None,
+    };
     let injected = kind == ApiKind::OpenAiChat && ensure_openai_stream_usage(&mut json);
     let estimate = match estimate_request(kind, &json, &EstimateConfig::for_kind(kind)) {
         Ok(e) => e,
@@ -520,6 +584,9 @@ async fn handle_metered(
     let ticket = match meter.budget.admit_rate(Instant::now(), worst_tokens) {
         Ok(t) => t,
         Err(refusal) => {
+            let _ = shared.events.send(ProxyEvent::RateLimited {
+                agent: agent.clone(),
+            });
             return refuse(
                 api,
                 RefusalKind::RateLimited {
@@ -537,6 +604,10 @@ async fn handle_metered(
         Err(refusal) => {
             meter.budget.cancel_rate(Instant::now(), ticket);
             tracing::warn!(agent = %agent, "monthly ceiling reached: {refusal}");
+            let _ = shared.events.send(ProxyEvent::CeilingReached {
+                agent: agent.clone(),
+                message: refusal.to_string(),
+            });
             return refuse(api, RefusalKind::CeilingReached, refusal.to_string());
         }
     };
@@ -574,6 +645,7 @@ async fn handle_metered(
         prices,
         started,
         streamed: estimate.stream,
+        conversation,
     };
 
     // 6. forward
@@ -684,6 +756,7 @@ struct Pending {
     prices: Option<Prices>,
     started: Instant,
     streamed: bool,
+    conversation: Option<ConversationKey>,
 }
 
 impl Pending {
@@ -705,6 +778,10 @@ impl Pending {
     /// Charges the answer: exact usage when it completed (or was refused by
     /// upstream), conservatively otherwise (never below the reservation).
     fn settle(self, status: u16, report: &TapReport) {
+        if let Some(conversation) = self.conversation {
+            self.meter
+                .observe_response(conversation, &response_summary(status, report));
+        }
         let exact = match (&report.outcome, &report.usage) {
             (TapOutcome::Completed, Metered::Exact(u)) => Some(*u),
             (TapOutcome::Errored, Metered::Exact(u)) if status >= 400 => Some(*u),
@@ -762,6 +839,28 @@ impl Pending {
             },
         );
     }
+}
+
+/// What the runaway detector needs of an answer: status, error, usage. Tool
+/// calls come from the next request's own assistant turn, so none are copied.
+fn response_summary(status: u16, report: &TapReport) -> ResponseSummary {
+    let mut summary = match &report.error {
+        Some(e) => ResponseSummary::upstream_error(status, Some(&e.kind), &e.message),
+        None if status >= 400 => ResponseSummary::upstream_error(status, None, ""),
+        None => ResponseSummary {
+            status,
+            error_type: None,
+            error: None,
+            tool_calls: Vec::new(),
+            usage: None,
+        },
+    };
+    summary.usage = report.usage.seen().map(|u| InputUsage {
+        input_tokens: u.input_tokens,
+        cache_creation_input_tokens: u.cache_creation_input_tokens,
+        cache_read_input_tokens: u.cache_read_input_tokens,
+    });
+    summary
 }
 
 fn millis(d: Duration) -> u64 {

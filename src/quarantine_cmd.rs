@@ -1,0 +1,171 @@
+//! `supervisor quarantine` and `supervisor release AGENT`: read and clear the
+//! quarantine records in the ledger. Work without a running supervisor; when
+//! one runs, `release` asks it to reload (SIGHUP), which starts the agent.
+//! Must not print secrets: records hold normalised, truncated evidence only.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::cli::exit;
+use crate::fleet;
+use crate::ledger::{self, QuarantineRecord};
+
+fn since(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// One line per evidence step: sizes, growth, the failure excerpt.
+pub fn evidence_lines(evidence: &Value) -> Vec<String> {
+    let Some(steps) = evidence.get("steps").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    steps
+        .iter()
+        .map(|s| {
+            let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let mut line = format!(
+                "step {}: {} messages (+{}), ~{} input tokens",
+                n("step"),
+                n("messages"),
+                n("appended"),
+                n("estimated_input_tokens")
+            );
+            if let Some(growth) = s.get("growth").and_then(Value::as_i64) {
+                line.push_str(&format!(" ({growth:+})"));
+            }
+            if let Some(status) = s.get("status").and_then(Value::as_u64) {
+                line.push_str(&format!(", answer {status}"));
+            }
+            if let Some(tools) = s.get("tools").and_then(Value::as_array)
+                && !tools.is_empty()
+            {
+                let names: Vec<&str> = tools.iter().filter_map(Value::as_str).collect();
+                line.push_str(&format!(", tools {}", names.join(",")));
+            }
+            if let Some(failure) = s.get("failure").and_then(Value::as_str) {
+                line.push_str(&format!(", failure: \"{failure}\""));
+            }
+            line
+        })
+        .collect()
+}
+
+fn state_dir(fleet_path: &Path) -> Result<std::path::PathBuf, u8> {
+    match fleet::load(fleet_path) {
+        Ok(f) => Ok(f.state_dir),
+        Err(errors) => {
+            eprint!("{}", errors.report());
+            Err(exit::FAILURE)
+        }
+    }
+}
+
+fn read_records(dir: &Path) -> Result<Vec<QuarantineRecord>, u8> {
+    ledger::quarantined(dir).map_err(|err| {
+        eprintln!("error: cannot read quarantine records in `{}`", dir.display());
+        for cause in err.chain() {
+            eprintln!("caused by: {cause}");
+        }
+        exit::FAILURE
+    })
+}
+
+/// `supervisor quarantine [--json]`.
+pub fn quarantine_command(fleet_path: &Path, json: bool) -> u8 {
+    let records = match state_dir(fleet_path).and_then(|d| read_records(&d)) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    if json {
+        let rows: Vec<Value> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "agent": r.agent,
+                    "since": since(r.since_ms),
+                    "reason": r.reason,
+                    "evidence": r.evidence,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into()));
+        return exit::OK;
+    }
+    if records.is_empty() {
+        println!("no agent is quarantined");
+        return exit::OK;
+    }
+    for r in &records {
+        println!("{}  since {}", r.agent, since(r.since_ms));
+        println!("  reason: {}", r.reason);
+        for line in evidence_lines(&r.evidence) {
+            println!("  {line}");
+        }
+        println!("  release with: supervisor release {}", r.agent);
+    }
+    exit::OK
+}
+
+/// `supervisor release AGENT`.
+pub fn release_command(fleet_path: &Path, agent: &str) -> u8 {
+    let dir = match state_dir(fleet_path) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    match ledger::release_quarantine(&dir, agent) {
+        Ok(true) => {}
+        Ok(false) => {
+            eprintln!("error: agent \"{agent}\" is not quarantined");
+            eprintln!("hint: `supervisor quarantine` lists the quarantined agents");
+            return exit::FAILURE;
+        }
+        Err(err) => {
+            eprintln!("error: cannot release agent \"{agent}\"");
+            for cause in err.chain() {
+                eprintln!("caused by: {cause}");
+            }
+            return exit::FAILURE;
+        }
+    }
+    match crate::orphans::running_supervisor(&dir) {
+        Some(pid) => {
+            let sent = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGHUP,
+            );
+            match sent {
+                Ok(()) => println!(
+                    "released agent \"{agent}\"; the running supervisor (pid {pid}) is reloading and starts it"
+                ),
+                Err(err) => {
+                    println!("released agent \"{agent}\"");
+                    eprintln!(
+                        "warning: cannot ask the running supervisor (pid {pid}) to reload: {err}; run `supervisor reload` or send it SIGHUP"
+                    );
+                }
+            }
+        }
+        None => println!("released agent \"{agent}\"; it starts with the next `supervisor run`"),
+    }
+    exit::OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evidence_reads_as_lines() {
+        let evidence = serde_json::json!({"reason": "failing_retries", "count": 4, "steps": [
+            {"step": 3, "messages": 7, "appended": 2, "estimated_input_tokens": 1200, "growth": 180,
+             "status": 200, "tools": ["fetch_notes"], "failure": "malformed response at line #"}
+        ]});
+        assert_eq!(
+            evidence_lines(&evidence),
+            vec!["step 3: 7 messages (+2), ~1200 input tokens (+180), answer 200, tools fetch_notes, failure: \"malformed response at line #\""]
+        );
+        assert!(evidence_lines(&Value::Null).is_empty());
+    }
+}
