@@ -12,7 +12,8 @@ use crate::fleet;
 use crate::ledger::{self, QuarantineRecord};
 
 fn since(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -64,7 +65,10 @@ fn state_dir(fleet_path: &Path) -> Result<std::path::PathBuf, u8> {
 
 fn read_records(dir: &Path) -> Result<Vec<QuarantineRecord>, u8> {
     ledger::quarantined(dir).map_err(|err| {
-        eprintln!("error: cannot read quarantine records in `{}`", dir.display());
+        eprintln!(
+            "error: cannot read quarantine records in `{}`",
+            dir.display()
+        );
         for cause in err.chain() {
             eprintln!("caused by: {cause}");
         }
@@ -90,7 +94,10 @@ pub fn quarantine_command(fleet_path: &Path, json: bool) -> u8 {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into()));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into())
+        );
         return exit::OK;
     }
     if records.is_empty() {
@@ -106,6 +113,18 @@ pub fn quarantine_command(fleet_path: &Path, json: bool) -> u8 {
         println!("  release with: supervisor release {}", r.agent);
     }
     exit::OK
+}
+
+/// The pid of the supervisor that holds `state_dir`'s lock, if one runs: the
+/// lock file names its holder, and a lock we cannot take proves it is held.
+fn running_supervisor(state_dir: &Path) -> Option<i32> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = state_dir.join("supervisor.lock");
+    let file = std::fs::File::open(&path).ok()?;
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_free) => None,
+        Err(_) => std::fs::read_to_string(&path).ok()?.trim().parse().ok(),
+    }
 }
 
 /// `supervisor release AGENT`.
@@ -129,7 +148,7 @@ pub fn release_command(fleet_path: &Path, agent: &str) -> u8 {
             return exit::FAILURE;
         }
     }
-    match crate::orphans::running_supervisor(&dir) {
+    match running_supervisor(&dir) {
         Some(pid) => {
             let sent = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -164,7 +183,9 @@ mod tests {
         ]});
         assert_eq!(
             evidence_lines(&evidence),
-            vec!["step 3: 7 messages (+2), ~1200 input tokens (+180), answer 200, tools fetch_notes, failure: \"malformed response at line #\""]
+            vec![
+                "step 3: 7 messages (+2), ~1200 input tokens (+180), answer 200, tools fetch_notes, failure: \"malformed response at line #\""
+            ]
         );
         assert!(evidence_lines(&Value::Null).is_empty());
     }

@@ -27,8 +27,8 @@ use crate::ledger::{self, Ledger};
 use crate::proxy::meter::{AgentMeter, Route};
 use crate::proxy::refusal::Api;
 use crate::proxy::server::{ProxyEvent, ProxyShared, serve};
-use crate::runaway::RunawayAction;
 use crate::proxy::tokens::{self, Grant};
+use crate::runaway::RunawayAction;
 use crate::vault::Secret;
 
 /// What an agent's process is launched with; two equal plans mean "nothing to
@@ -569,8 +569,12 @@ impl Supervisor {
                 .await;
                 match saved {
                     Ok(Ok(())) => {}
-                    Ok(Err(err)) => tracing::error!(agent = %agent, "cannot persist the quarantine (it holds until this supervisor stops): {err:#}"),
-                    Err(err) => tracing::error!(agent = %agent, "cannot persist the quarantine: {err}"),
+                    Ok(Err(err)) => {
+                        tracing::error!(agent = %agent, "cannot persist the quarantine (it holds until this supervisor stops): {err:#}")
+                    }
+                    Err(err) => {
+                        tracing::error!(agent = %agent, "cannot persist the quarantine: {err}")
+                    }
                 }
                 if let Some(running) = self.agents.remove(&agent) {
                     self.proxy.tokens.revoke_agent(&agent);
