@@ -1,8 +1,9 @@
 //! A fake LLM provider for the integration tests: Anthropic `POST /v1/messages`,
 //! OpenAI `POST /v1/chat/completions` and `POST /v1/responses` (JSON and SSE, in
 //! the providers' real wire formats, so the official SDKs parse them) and a free
-//! `GET /v1/models`. It checks the real key (`x-api-key` for Anthropic, `Bearer`
-//! for OpenAI), records every key and request it was shown, and keeps its own
+//! `GET /v1/models`. It checks the real key (Anthropic: `x-api-key`, else a
+//! `Bearer` token, which is what its current Python SDK sends; OpenAI: `Bearer`),
+//! records every key and request it was shown, and keeps its own
 //! billing tally, so tests can hold the proxy's ledger against what a provider
 //! would have charged.
 //!
@@ -88,7 +89,7 @@ const WORDS: [&str; 12] = [
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Keys accepted in `x-api-key` on `/v1/messages`.
+    /// Keys accepted on `/v1/messages`, in `x-api-key` or as a `Bearer` token.
     pub anthropic_keys: Vec<String>,
     /// Keys accepted as `Authorization: Bearer` on the OpenAI paths.
     pub openai_keys: Vec<String>,
@@ -159,8 +160,8 @@ pub struct Request {
     pub method: String,
     /// Path without the query string.
     pub path: String,
-    /// The credential presented for this path's provider (`x-api-key`, or the
-    /// `Bearer` value), accepted or not.
+    /// The credential presented for this path's provider (Anthropic: `x-api-key`,
+    /// else the `Bearer` value; OpenAI: the `Bearer` value), accepted or not.
     pub key: Option<String>,
     pub model: Option<String>,
     pub stream: bool,
@@ -358,10 +359,20 @@ pub fn respond(config: &Config, req: RequestView<'_>, seq: u64) -> Exchange {
     };
     let bearer = header("authorization").map(|v| v.strip_prefix("Bearer ").unwrap_or(v).to_owned());
     let api_key = header("x-api-key").map(str::to_owned);
+    // Read for the request log even when the request is refused before parsing.
+    let parsed = serde_json::from_slice::<Value>(req.body).ok();
     let mut exchange = Exchange {
         key: None,
-        model: None,
-        stream: false,
+        model: parsed
+            .as_ref()
+            .and_then(|b| b.get("model"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        stream: parsed
+            .as_ref()
+            .and_then(|b| b.get("stream"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         reply: Reply::error(Flavour::OpenAi, 404, "not_found", "not found", seq),
     };
 
@@ -373,7 +384,11 @@ pub fn respond(config: &Config, req: RequestView<'_>, seq: u64) -> Exchange {
             // One path for both providers: Anthropic clients identify themselves.
             let anthropic = api_key.is_some() || header("anthropic-version").is_some();
             let (flavour, key, accepted) = if anthropic {
-                (Flavour::Anthropic, api_key, &config.anthropic_keys)
+                (
+                    Flavour::Anthropic,
+                    api_key.or(bearer),
+                    &config.anthropic_keys,
+                )
             } else {
                 (Flavour::OpenAi, bearer, &config.openai_keys)
             };
@@ -401,7 +416,7 @@ pub fn respond(config: &Config, req: RequestView<'_>, seq: u64) -> Exchange {
         Flavour::OpenAi
     };
     let (key, accepted) = match flavour {
-        Flavour::Anthropic => (api_key, &config.anthropic_keys),
+        Flavour::Anthropic => (api_key.or(bearer), &config.anthropic_keys),
         Flavour::OpenAi => (bearer, &config.openai_keys),
     };
     exchange.key = key.clone();
@@ -414,8 +429,8 @@ pub fn respond(config: &Config, req: RequestView<'_>, seq: u64) -> Exchange {
             Reply::bad_request(flavour, "anthropic-version: header is required", None, seq);
         return exchange;
     }
-    let body: Value = match serde_json::from_slice(req.body) {
-        Ok(v @ Value::Object(_)) => v,
+    let body = match parsed {
+        Some(v @ Value::Object(_)) => v,
         _ => {
             let message = match flavour {
                 Flavour::Anthropic => "invalid request: request body is not valid JSON",
@@ -425,8 +440,6 @@ pub fn respond(config: &Config, req: RequestView<'_>, seq: u64) -> Exchange {
             return exchange;
         }
     };
-    exchange.model = body.get("model").and_then(Value::as_str).map(str::to_owned);
-    exchange.stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     exchange.reply = match plan(config, api, &body, req.headers) {
         Err(message) => Reply::bad_request(flavour, &message.0, Some(message.1), seq),
         Ok(plan) => answer(config, &plan, seq),
@@ -1474,6 +1487,16 @@ async fn handle(
                     Ok(())
                 }
                 Part::Abort => {
+                    // hyper drops what it has buffered when a body fails, so let it
+                    // take and flush every frame first: the client must receive
+                    // the deltas sent before the cut. Once the channel is empty,
+                    // hyper's next poll finds nothing and flushes its buffer.
+                    while tx.capacity() < tx.max_capacity() {
+                        tokio::task::yield_now().await;
+                    }
+                    for _ in 0..8 {
+                        tokio::task::yield_now().await;
+                    }
                     let _ = tx
                         .send(Err(io::Error::new(
                             io::ErrorKind::ConnectionAborted,
