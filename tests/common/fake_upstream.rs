@@ -11,6 +11,10 @@
 //! crate under test (it is the independent oracle) and must not reach the network
 //! beyond its own loopback listener.
 //!
+//! Requests that fail validation get the provider's 400 (`model`, `messages` /
+//! `input` and, for Anthropic, `max_tokens` and the `anthropic-version` header
+//! are required), unknown paths its 404; neither bills.
+//!
 //! Shape: [`respond`] is a pure function from a request to a scripted [`Reply`]
 //! (status, headers, body parts, pauses, abort) plus what it bills; the server
 //! around it only reads requests, records them and plays the script.
@@ -22,9 +26,9 @@
 //!   Anthropic `system`, `messages`, `tools`; chat `messages`, `tools`;
 //!   Responses `instructions`, `input`, `tools` (see [`prompt_tokens`]);
 //! - output tokens = min(the request's limit, the answer length), the answer length
-//!   being [`Config::answer_tokens`] or an `out-N` model marker; one streamed delta
-//!   carries one token; a capped answer stops with `max_tokens` / `length` /
-//!   `incomplete`;
+//!   being [`Config::answer_tokens`] (default 12), an `out-N` model marker or an
+//!   `x-fake-output-tokens` header; one streamed delta and one word of text per
+//!   token; a capped answer stops with `max_tokens` / `length` / `incomplete`;
 //! - cache tokens from the model markers `cache-read-N` / `cache-write-N` or the
 //!   headers `x-fake-cache-read` / `x-fake-cache-write` (headers win). Anthropic
 //!   reports both apart from `input_tokens`; OpenAI has no cache writes and counts
@@ -50,7 +54,11 @@
 //! - a client hanging up early changes nothing: what was decided is billed.
 //!
 //! `Billed::requests` counts billed requests only; [`FakeUpstream::requests`] has
-//! every request.
+//! every request (path, key, model, stream, `x-stainless-retry-count`, all headers,
+//! body, status, what it billed). [`FakeUpstream::keys_seen`] and
+//! [`FakeUpstream::saw`] are for "the scoped token never reached upstream" checks;
+//! [`FakeUpstream::in_flight`] and [`FakeUpstream::max_concurrency`] for
+//! concurrency tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -689,15 +697,15 @@ fn server_error(flavour: Flavour, seq: u64) -> Reply {
 
 impl Reply {
     fn json(flavour: Flavour, status: u16, body: &Value, seq: u64) -> Reply {
-        let (id_header, id_prefix) = match flavour {
-            Flavour::Anthropic => ("request-id", "req_fake"),
-            Flavour::OpenAi => ("x-request-id", "req_fake"),
+        let id_header = match flavour {
+            Flavour::Anthropic => "request-id",
+            Flavour::OpenAi => "x-request-id",
         };
         Reply {
             status,
             headers: vec![
                 ("content-type", "application/json".to_owned()),
-                (id_header, format!("{id_prefix}{seq:016}")),
+                (id_header, format!("req_fake{seq:016}")),
             ],
             first_byte_delay: Duration::ZERO,
             hang: false,
