@@ -2,6 +2,8 @@
 //! binary against a fleet written into a temporary directory.
 #![allow(dead_code)]
 
+pub mod fake_upstream;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
