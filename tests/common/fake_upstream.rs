@@ -82,9 +82,9 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 /// The real Anthropic key [`Config::default`] accepts.
-pub const ANTHROPIC_KEY: &str = "sk-ant-api03-fake-upstream-real-key";
+pub const ANTHROPIC_KEY: &str = "test-anthropic-upstream-real-key";
 /// The real OpenAI key [`Config::default`] accepts.
-pub const OPENAI_KEY: &str = "sk-proj-fake-upstream-real-key";
+pub const OPENAI_KEY: &str = "test-openai-upstream-real-key";
 /// Output deltas sent before a mid-stream error or a cut (fewer if the answer is shorter).
 pub const DELTAS_BEFORE_FAILURE: u64 = 3;
 /// Fixed `created` timestamps: the SDKs only need a number.
