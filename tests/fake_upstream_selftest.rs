@@ -965,38 +965,9 @@ fn stops_listening_when_dropped() {
 // ---------------------------------------------------------------------------
 // The official Python SDKs against the fake
 
-fn python() -> PathBuf {
-    std::env::var_os("SUPERVISOR_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
-}
-
-fn python_with_sdks() -> PathBuf {
-    let py = python();
-    let probe = Command::new(&py)
-        .args(["-c", "import anthropic, openai"])
-        .output();
-    match probe {
-        Ok(out) if out.status.success() => py,
-        Ok(out) => panic!(
-            "the SDK check needs the `anthropic` and `openai` Python packages, but `{}` cannot import them: {}\n\
-             hint: run `python3 -m venv .venv && .venv/bin/pip install anthropic openai` in the crate root, \
-             or point `SUPERVISOR_TEST_PYTHON` at an interpreter that has them",
-            py.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        Err(e) => panic!(
-            "the SDK check needs a Python interpreter at `{}` ({e})\n\
-             hint: run `python3 -m venv .venv && .venv/bin/pip install anthropic openai` in the crate root, \
-             or set `SUPERVISOR_TEST_PYTHON`",
-            py.display()
-        ),
-    }
-}
-
 #[test]
 fn official_sdks_parse_every_answer() {
-    let py = python_with_sdks();
+    let py = common::python_with_sdks();
     let fake = FakeUpstream::start(Config::default());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/fake_selfcheck.py");
     let out = Command::new(&py)

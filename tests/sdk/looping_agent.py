@@ -3,9 +3,14 @@
 Writes its pid to `<name>.pid` and each outcome to `<name>.log`."""
 
 import os
+import signal
 import sys
 
 import anthropic
+
+# Finish the call in flight before exiting, so the refusal that stopped us is logged.
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
 
 name = os.environ["SUPERVISOR_AGENT"]
 open(f"{name}.pid", "w").write(str(os.getpid()))
@@ -21,11 +26,10 @@ while True:
                                         tools=tools, messages=messages)
     except anthropic.APIStatusError as err:
         log.write(f"refused {err.status_code} {err.body}\n")
-        if err.status_code == 403:
-            import time
-            time.sleep(30)
         sys.exit(1)
     log.write(f"ok {answer.usage.input_tokens}\n")
+    if stopping:
+        sys.exit(0)
     messages.append({"role": "assistant", "content": [b.model_dump() for b in answer.content]})
     calls = [b for b in answer.content if b.type == "tool_use"]
     attempt += 1

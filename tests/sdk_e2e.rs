@@ -1,0 +1,156 @@
+//! README "Metering proxy" and "Runaway containment", end to end with the
+//! official `anthropic` and `openai` Python SDKs as the agents' clients.
+
+mod common;
+
+use common::fake_upstream::{ANTHROPIC_KEY, Config, FakeUpstream, OPENAI_KEY};
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn usage_json(fleet: &FleetDir) -> Value {
+    let out = std::process::Command::new(bin())
+        .args(["usage", "--json", "-f"])
+        .arg(fleet.file("fleet.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn official_sdks_through_the_proxy_are_metered_exactly() {
+    let py = python_with_sdks();
+    let fake = FakeUpstream::start(Config::default());
+    let fleet = FleetDir::new();
+    fleet.write_secret("client", "anthropic_key", ANTHROPIC_KEY);
+    fleet.write_secret("client", "openai_key", OPENAI_KEY);
+    fleet.write_fleet(&format!(
+        "version: 1
+proxy: {{ listen: '127.0.0.1:0' }}
+providers:
+  claude: {{ kind: anthropic, upstream: '{url}' }}
+  gpt: {{ kind: openai, upstream: '{url}' }}
+agents:
+  client:
+    command: ['{py}', '{script}']
+    llm:
+      - {{ provider: claude, key: anthropic_key }}
+      - {{ provider: gpt, key: openai_key }}
+    budget: {{ monthly_tokens: 1M }}
+",
+        url = fake.url(),
+        py = py.display(),
+        script = repo_file("tests/sdk/metered_client.py").display(),
+    ));
+    let mut sup = fleet.run(&[]);
+    let report: Value = wait_for("the SDK client's report", || {
+        fleet.read("sdk-report.json").and_then(|t| serde_json::from_str(&t).ok())
+    });
+    // What the SDKs parsed is what the fake billed, request by request.
+    let billed: Vec<_> = fake.requests().iter().map(|r| r.billed.clone()).collect();
+    assert_eq!(report["anthropic"][0][0], billed[0].input_tokens, "{report}");
+    assert_eq!(report["anthropic"][2][1], 529, "errors reach the SDK as its own typed error: {report}");
+    assert!(report["openai"][1].as_u64().unwrap() > 2, "{report}");
+
+    let total = fake.billed().total;
+    let rows = usage_json(&fleet);
+    let row = &rows[0];
+    // Every request the SDKs sent (their own retries of the 529 included) is a row.
+    assert_eq!(row["requests"], fake.requests().len(), "{rows}");
+    assert_eq!(row["input_tokens"], total.input_tokens);
+    assert_eq!(row["output_tokens"], total.output_tokens);
+    assert_eq!(row["cache_read_input_tokens"], total.cache_read_input_tokens);
+    assert_eq!(row["charged_tokens"], total.tokens(), "ledger = upstream tally");
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success());
+}
+
+fn runaway_fleet(py: &std::path::Path) -> String {
+    format!(
+        "version: 1
+proxy: {{ listen: '127.0.0.1:0' }}
+providers:
+  sim: {{ kind: simulated }}
+defaults:
+  runaway: {{ failing_retries: 3 }}
+  restart: {{ backoff_initial: 200ms }}
+agents:
+  looper:
+    command: ['{py}', '{looping}']
+    llm: [ {{ provider: sim }} ]
+  steady:
+    command: ['{py}', '{steady}']
+    llm: [ {{ provider: sim }} ]
+",
+        py = py.display(),
+        looping = repo_file("tests/sdk/looping_agent.py").display(),
+        steady = repo_file("tests/sdk/steady_agent.py").display(),
+    )
+}
+
+fn successes(fleet: &FleetDir, agent: &str) -> usize {
+    fleet
+        .read(&format!("{agent}.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("ok "))
+        .count()
+}
+
+fn cli(fleet: &FleetDir, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(args)
+        .arg("-f")
+        .arg(fleet.file("fleet.yaml"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_runaway_is_quarantined_and_stays_down_until_released() {
+    let py = python_with_sdks();
+    let fleet = FleetDir::new();
+    fleet.write_fleet(&runaway_fleet(&py));
+    let mut sup = fleet.run(&[]);
+    let looper = fleet.wait_pid("looper");
+    sup.wait_log("looper: quarantined: runaway");
+    wait_gone(looper);
+    let log = fleet.read("looper.log").unwrap();
+    let looping_calls = log.lines().filter(|l| l.starts_with("ok ")).count();
+    assert!(looping_calls <= 4, "tripped within failing_retries + 1 calls: {log}");
+    assert!(log.contains("refused 403"), "the SDK saw the refusal: {log}");
+    assert!(log.contains("permission_error"), "{log}");
+
+    // The sibling keeps working.
+    let before = successes(&fleet, "steady");
+    wait_for("steady to keep working", || (successes(&fleet, "steady") > before + 3).then_some(()));
+
+    let listed = cli(&fleet, &["quarantine", "--json"]);
+    let records: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(records[0]["agent"], "looper");
+    assert!(records[0]["reason"].as_str().unwrap().contains("failing retries"));
+    assert!(records[0]["evidence"]["steps"].as_array().is_some_and(|s| !s.is_empty()));
+
+    // Across a supervisor restart it stays down.
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success());
+    let _ = std::fs::remove_file(fleet.file("looper.pid"));
+    let mut sup = fleet.run(&[]);
+    sup.wait_log("looper: stays quarantined");
+    let steady = fleet.wait_pid("steady");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(fleet.read("looper.pid").is_none(), "a quarantined agent is not started");
+
+    // Release: the running supervisor starts it again.
+    let released = cli(&fleet, &["release", "looper"]);
+    assert!(released.status.success(), "{}", String::from_utf8_lossy(&released.stderr));
+    assert!(String::from_utf8_lossy(&released.stdout).contains("is reloading"));
+    fleet.wait_pid("looper");
+    sup.wait_log("released from quarantine");
+    assert!(process_alive(steady), "release touches nothing else");
+    let again = cli(&fleet, &["release", "looper"]);
+    assert_eq!(again.status.code(), Some(1));
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success());
+}
