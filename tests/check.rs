@@ -225,6 +225,26 @@ fn every_broken_agent_is_reported() {
 }
 
 #[test]
+fn every_broken_leaf_of_a_nested_section_is_reported() {
+    let fleet = FleetDir::new();
+    fs::write(
+        fleet.dir.path().join("fleet.yaml"),
+        "version: 1\nagents:\n  a:\n    command: [x]\n    stop: { grace: 5x, signal: SIGSTOP }\n    env: { 1X: y, OK: {a: 1} }\n",
+    )
+    .expect("write");
+    assert_invalid(
+        &fleet.check(),
+        &[
+            "fleet.yaml:5:20: agent \"a\": `stop.grace`: invalid duration `5x`: use a number with a unit, like `500ms`, `10s`, `5m` or `1h30m`",
+            "fleet.yaml:5:32: agent \"a\": `stop.signal`: `SIGSTOP` does not make a process exit; use `SIGTERM`, `SIGINT`, `SIGQUIT` or `SIGHUP`",
+            // The well-formed `1X` entry is still checked beside the broken `OK`.
+            "fleet.yaml:6:12: agent \"a\": `env`: invalid environment variable name `1X`; use letters, digits and `_`, not starting with a digit",
+            "fleet.yaml:6:23: agent \"a\": `env.OK`: invalid type: map, expected a string",
+        ],
+    );
+}
+
+#[test]
 fn missing_secret_is_reported_at_its_secrets_entry() {
     let fleet = FleetDir::fixture("valid.yaml");
     fleet.valid_secrets();
