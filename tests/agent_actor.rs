@@ -411,6 +411,32 @@ async fn leftovers_of_an_exited_leader_are_stopped() {
     handle.shutdown().await;
 }
 
+/// `ran_for` is how long the leader ran: the grace period spent afterwards on
+/// what it left in its group is cleanup, not running time (backoff resets on it).
+#[tokio::test]
+async fn ran_for_ends_when_the_leader_exits() {
+    let dir = setup();
+    // The grandchild ignores SIGTERM, so cleanup lasts the whole grace period.
+    let script = "trap '' TERM; sleep 1000 & exit 0";
+    let mut s = spec("brief", script, dir.path());
+    s.restart.policy = RestartPolicy::Never;
+    let grace = s.stop.grace;
+    let started = Instant::now();
+    let handle = AgentHandle::spawn(launch(s));
+    let status = wait_status(&handle, "exited", |s| {
+        matches!(s.state, AgentState::Exited { .. })
+    })
+    .await;
+    // The lower bound the actor guarantees: SIGKILL only after the grace period.
+    assert!(started.elapsed() >= grace);
+    let ran_for = status.last_exit.expect("an exit is recorded").ran_for;
+    assert!(
+        ran_for < grace,
+        "ran_for {ran_for:?} includes the {grace:?} spent stopping leftovers"
+    );
+    handle.shutdown().await;
+}
+
 /// Each restart of a crashing agent waits at least the doubled delay.
 #[tokio::test]
 async fn crashing_agent_restarts_with_growing_delays() {
