@@ -21,6 +21,7 @@ use super::backoff::{Backoff, Exit, should_restart};
 use super::launch::{child_env, command, describe_spawn_error};
 use super::output::{Stream, pump};
 use super::process_group::{Liveness, ProcessGroup};
+use super::reaper::{Owned, spawn_owned};
 use super::status::{AgentState, AgentStatus, ExitInfo};
 use crate::fleet::{AgentSpec, RestartPolicy, StopSpec};
 use crate::vault::Secret;
@@ -241,6 +242,8 @@ pub fn next_after_exit(goal: Goal, start_now: bool, policy: RestartPolicy, exit:
 struct Run {
     /// `None` once tokio has reaped the leader.
     child: Option<Child>,
+    /// Keeps the orphan reaper off the leader until tokio has reaped it.
+    owned: Option<Owned>,
     group: ProcessGroup,
     guard: GroupGuard,
     started: Instant,
@@ -502,6 +505,7 @@ impl Actor {
     fn on_leader_exit(&mut self, status: io::Result<ExitStatus>) {
         let Some(run) = self.run.as_mut() else { return };
         run.child = None;
+        run.owned = None;
         let exit = match status {
             Ok(status) => exit_of(status),
             Err(e) => {
@@ -652,11 +656,11 @@ impl Actor {
         let spec = &self.launch.spec;
         let env = child_env(spec, &self.launch.secret_env, std::env::vars_os());
         let spawned = match command(spec, env) {
-            Some(mut cmd) => cmd.spawn(),
+            Some(mut cmd) => spawn_owned(|| cmd.spawn(), Child::id),
             None => Err(io::Error::new(io::ErrorKind::InvalidInput, "empty command")),
         };
-        let mut child = match spawned {
-            Ok(child) => child,
+        let (mut child, owned) = match spawned {
+            Ok(spawned) => spawned,
             Err(e) => {
                 let why = describe_spawn_error(spec, &e, spec.cwd.is_dir());
                 self.after_exit(Exit::SpawnFailed(why), Duration::ZERO);
@@ -685,6 +689,7 @@ impl Actor {
             guard: GroupGuard(Some(group)),
             started,
             stop: spec.stop,
+            owned,
             leader_exit: None,
             leader_exited_at: None,
             stopping: None,
