@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use agent_supervisor::agent::{
     AgentHandle, AgentLaunch, AgentState, AgentStatus, Exit, become_subreaper, child_env,
+    spawn_orphan_reaper,
 };
 use agent_supervisor::fleet::{AgentSpec, RestartPolicy, RestartSpec, StopSpec};
 use agent_supervisor::vault::Secret;
@@ -412,6 +413,68 @@ async fn leftovers_of_an_exited_leader_are_stopped() {
     );
     assert_eq!(status.pid, None);
     handle.shutdown().await;
+}
+
+/// `ran_for` is how long the leader ran: the grace period spent afterwards on
+/// what it left in its group is cleanup, not running time (backoff resets on it).
+#[tokio::test]
+async fn ran_for_ends_when_the_leader_exits() {
+    let dir = setup();
+    // The grandchild ignores SIGTERM, so cleanup lasts the whole grace period.
+    let script = "trap '' TERM; sleep 1000 & exit 0";
+    let mut s = spec("brief", script, dir.path());
+    s.restart.policy = RestartPolicy::Never;
+    let grace = s.stop.grace;
+    let started = Instant::now();
+    let handle = AgentHandle::spawn(launch(s));
+    let status = wait_status(&handle, "exited", |s| {
+        matches!(s.state, AgentState::Exited { .. })
+    })
+    .await;
+    // The lower bound the actor guarantees: SIGKILL only after the grace period.
+    assert!(started.elapsed() >= grace);
+    let ran_for = status.last_exit.expect("an exit is recorded").ran_for;
+    assert!(
+        ran_for < grace,
+        "ran_for {ran_for:?} includes the {grace:?} spent stopping leftovers"
+    );
+    handle.shutdown().await;
+}
+
+/// A process that leaves the agent's group (`setsid`) is re-parented to the
+/// subreaper when the agent exits; no actor reaps it, so without the orphan
+/// reaper a crash loop leaves one zombie per run behind.
+#[tokio::test]
+async fn orphans_that_left_the_group_are_reaped() {
+    let dir = setup();
+    let reaper = spawn_orphan_reaper().expect("orphan reaper");
+    let pids = dir.path().join("escaped.pids");
+    // The leader waits until the escapee has left the group (it writes its pid
+    // after `setsid`), so the group stop cannot catch it first, then crashes.
+    let script = format!(
+        "f={}; n=$(cat $f 2>/dev/null | wc -l); \
+         setsid sh -c \"echo \\$\\$ >> $f; exec sleep 0.3\" & \
+         while [ $(cat $f 2>/dev/null | wc -l) -le $n ]; do sleep 0.01; done; exit 1",
+        pids.display()
+    );
+    let handle = AgentHandle::spawn(launch(spec("daemonizer", &script, dir.path())));
+    wait_status(&handle, "a few crashes", |s| s.restarts >= 5).await;
+    handle.stop().await;
+    let escaped = wait_lines(&pids, 5).await;
+    let deadline = Instant::now() + EVENTUALLY;
+    for pid in escaped {
+        let pid: i32 = pid.trim().parse().expect("a pid");
+        // A zombie still answers `kill(pid, 0)`: only reaping makes it go.
+        while !pid_gone(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "escaped process {pid} is still there (a zombie nobody reaps)"
+            );
+            tokio::time::sleep(ms(20)).await;
+        }
+    }
+    handle.shutdown().await;
+    reaper.abort();
 }
 
 /// Each restart of a crashing agent waits at least the doubled delay.

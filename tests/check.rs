@@ -4,7 +4,8 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Every secret written by these tests starts with this; none may be printed.
 const LEAK: &str = "sk-LEAK-";
@@ -224,6 +225,26 @@ fn every_broken_agent_is_reported() {
 }
 
 #[test]
+fn every_broken_leaf_of_a_nested_section_is_reported() {
+    let fleet = FleetDir::new();
+    fs::write(
+        fleet.dir.path().join("fleet.yaml"),
+        "version: 1\nagents:\n  a:\n    command: [x]\n    stop: { grace: 5x, signal: SIGSTOP }\n    env: { 1X: y, OK: {a: 1} }\n",
+    )
+    .expect("write");
+    assert_invalid(
+        &fleet.check(),
+        &[
+            "fleet.yaml:5:20: agent \"a\": `stop.grace`: invalid duration `5x`: use a number with a unit, like `500ms`, `10s`, `5m` or `1h30m`",
+            "fleet.yaml:5:32: agent \"a\": `stop.signal`: `SIGSTOP` does not make a process exit; use `SIGTERM`, `SIGINT`, `SIGQUIT` or `SIGHUP`",
+            // The well-formed `1X` entry is still checked beside the broken `OK`.
+            "fleet.yaml:6:12: agent \"a\": `env`: invalid environment variable name `1X`; use letters, digits and `_`, not starting with a digit",
+            "fleet.yaml:6:23: agent \"a\": `env.OK`: invalid type: map, expected a string",
+        ],
+    );
+}
+
+#[test]
 fn missing_secret_is_reported_at_its_secrets_entry() {
     let fleet = FleetDir::fixture("valid.yaml");
     fleet.valid_secrets();
@@ -265,6 +286,50 @@ fn insecure_agent_folder_gets_the_chmod_fix() {
         &fleet.check(),
         &[&format!(
             "fleet.yaml:15:29: agent \"soundwave\": secret `llm_api_key`: `{f}` is accessible by group or others (mode 0755); run `chmod 700 {f}`"
+        )],
+    );
+}
+
+#[test]
+fn a_fifo_in_the_vault_is_refused_promptly() {
+    let fleet = FleetDir::fixture("valid.yaml");
+    fleet.valid_secrets();
+    let path = fleet.dir.path().join("secrets/jazz/slack.token");
+    fs::remove_file(&path).expect("rm");
+    nix::unistd::mkfifo(
+        &path,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .expect("mkfifo");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_supervisor"))
+        .args(["check", "-f", "fleet.yaml"])
+        .current_dir(fleet.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run supervisor");
+    // A generous upper bound: a blocking open never returns at all.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`check` blocked on a FIFO in the vault");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let path = fleet.real().join("secrets/jazz/slack.token");
+    assert_invalid(
+        &run,
+        &[&format!(
+            "fleet.yaml:19:29: agent \"jazz\": secret `slack.token`: `{}` is unusable: it is not a regular file",
+            path.display()
         )],
     );
 }

@@ -20,7 +20,8 @@ use tokio::time::sleep_until;
 use super::backoff::{Backoff, Exit, should_restart};
 use super::launch::{child_env, command, describe_spawn_error};
 use super::output::{Stream, pump};
-use super::process_group::ProcessGroup;
+use super::process_group::{Liveness, ProcessGroup};
+use super::reaper::{Owned, spawn_owned};
 use super::status::{AgentState, AgentStatus, ExitInfo};
 use crate::fleet::{AgentSpec, RestartPolicy, StopSpec};
 use crate::vault::Secret;
@@ -28,6 +29,11 @@ use crate::vault::Secret;
 /// How often an emptied-leader group is checked for remaining members; there
 /// is no event for "the last process of a group is gone".
 const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// How long processes the supervisor may not signal (another user's, e.g. a
+/// setuid program the agent ran) may stay in the group after SIGKILL before
+/// the agent counts as stopped anyway, with a warning naming them.
+const UNSIGNALLABLE_WAIT: Duration = Duration::from_secs(5);
 
 /// Everything needed to start one agent: its spec and its resolved secrets
 /// (environment variable name → value).
@@ -193,6 +199,34 @@ pub enum Next {
     Exited,
 }
 
+/// What to make of a group whose run is ending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupVerdict {
+    /// Nothing is left: the run is over.
+    Gone,
+    /// Keep waiting (and polling).
+    Wait,
+    /// Only processes we may not signal are left, long after SIGKILL: count
+    /// the run as over rather than wait forever.
+    GiveUp,
+}
+
+/// Pure decision on a stopping group from what `kill(-pgid, 0)` says. A
+/// group we may still signal is waited for as long as it takes (SIGKILL
+/// always wins in the end); one we may not is given [`UNSIGNALLABLE_WAIT`]
+/// after SIGKILL, since nothing we do will end it.
+pub fn group_verdict(liveness: Liveness, killed_at: Option<Instant>, now: Instant) -> GroupVerdict {
+    match (liveness, killed_at) {
+        (Liveness::Gone, _) => GroupVerdict::Gone,
+        (Liveness::Unsignallable, Some(at))
+            if now.saturating_duration_since(at) >= UNSIGNALLABLE_WAIT =>
+        {
+            GroupVerdict::GiveUp
+        }
+        _ => GroupVerdict::Wait,
+    }
+}
+
 /// Pure decision after a run ended: `start_now` is set while a requested
 /// start or restart waits for the old group to empty.
 pub fn next_after_exit(goal: Goal, start_now: bool, policy: RestartPolicy, exit: &Exit) -> Next {
@@ -208,20 +242,28 @@ pub fn next_after_exit(goal: Goal, start_now: bool, policy: RestartPolicy, exit:
 struct Run {
     /// `None` once tokio has reaped the leader.
     child: Option<Child>,
+    /// Keeps the orphan reaper off the leader until tokio has reaped it.
+    owned: Option<Owned>,
     group: ProcessGroup,
     guard: GroupGuard,
     started: Instant,
     /// The stop settings the run was started with (a restart may bring new ones).
     stop: StopSpec,
     leader_exit: Option<Exit>,
+    /// When tokio reaped the leader: the run's time ends there, whatever
+    /// stopping its leftovers takes.
+    leader_exited_at: Option<Instant>,
     stopping: Option<Stopping>,
+    /// Whether the group's unsignallable members were reported already.
+    warned_unsignallable: bool,
 }
 
 struct Stopping {
     since: Instant,
     /// When SIGKILL is due; `None` once it was sent (or on `kill`).
     kill_at: Option<Instant>,
-    killed: bool,
+    /// When SIGKILL was sent to the group.
+    killed_at: Option<Instant>,
 }
 
 /// Kills the group if a run is dropped before it was seen gone (the task
@@ -304,14 +346,18 @@ impl Actor {
             .as_ref()
             .and_then(|r| r.stopping.as_ref())
             .and_then(|s| s.kill_at);
-        let leader_reaped = self.run.as_ref().is_some_and(|r| r.child.is_none());
+        // The group is polled once the leader is reaped, and after SIGKILL in
+        // case the leader itself is one we may not signal.
+        let poll_group = self.run.as_ref().is_some_and(|r| {
+            r.child.is_none() || r.stopping.as_ref().is_some_and(|s| s.killed_at.is_some())
+        });
         let backoff_until = self.backoff_until;
         let child = self.run.as_mut().and_then(|r| r.child.as_mut());
         tokio::select! {
             msg = self.rx.recv(), if self.rx_open => Event::Control(msg),
             status = wait_leader(child) => Event::LeaderExited(status),
             _ = sleep_until(kill_at.unwrap_or(far).into()), if kill_at.is_some() => Event::GraceOver,
-            _ = tokio::time::sleep(GROUP_POLL), if leader_reaped => Event::PollGroup,
+            _ = tokio::time::sleep(GROUP_POLL), if poll_group => Event::PollGroup,
             _ = sleep_until(backoff_until.unwrap_or(far).into()), if backoff_until.is_some() => {
                 Event::BackoffOver
             }
@@ -410,7 +456,7 @@ impl Actor {
         run.stopping = Some(Stopping {
             since: now,
             kill_at: Some(deadline(now, grace)),
-            killed: false,
+            killed_at: None,
         });
         let sent = run.group.signal(signal);
         // A stopped (SIGSTOP) process would not act on the signal until continued.
@@ -440,12 +486,13 @@ impl Actor {
         let stopping = run.stopping.get_or_insert(Stopping {
             since: Instant::now(),
             kill_at: None,
-            killed: false,
+            killed_at: None,
         });
         stopping.kill_at = None;
-        if std::mem::replace(&mut stopping.killed, true) {
+        if stopping.killed_at.is_some() {
             return;
         }
+        stopping.killed_at = Some(Instant::now());
         let since = stopping.since;
         let group = run.group;
         tracing::info!(agent = %self.name, pid = group.id(), "sending SIGKILL to the agent's process group");
@@ -458,6 +505,7 @@ impl Actor {
     fn on_leader_exit(&mut self, status: io::Result<ExitStatus>) {
         let Some(run) = self.run.as_mut() else { return };
         run.child = None;
+        run.owned = None;
         let exit = match status {
             Ok(status) => exit_of(status),
             Err(e) => {
@@ -466,6 +514,7 @@ impl Actor {
             }
         };
         run.leader_exit = Some(exit);
+        run.leader_exited_at = Some(Instant::now());
         let lingering = run.stopping.is_none();
         // Once the run is finished, `self.run` may already hold the next one,
         // which must not be stopped.
@@ -480,22 +529,55 @@ impl Actor {
         }
     }
 
-    /// Finishes the run if its leader was reaped and its group is empty;
+    /// Finishes the run if its leader was reaped and its group is empty, or
+    /// if only processes we may not signal are left long after SIGKILL;
     /// returns whether it did.
     fn check_gone(&mut self) -> bool {
-        let gone = self
-            .run
-            .as_ref()
-            .is_some_and(|r| r.child.is_none() && r.group.is_gone());
-        if !gone {
+        let Some(run) = self.run.as_mut() else {
             return false;
+        };
+        let killed_at = run.stopping.as_ref().and_then(|s| s.killed_at);
+        // Reaping by group id is only safe once tokio has the leader's status.
+        let liveness = match (&run.child, killed_at) {
+            (None, _) => run.group.reap_and_check(),
+            (Some(_), Some(_)) => run.group.liveness(),
+            (Some(_), None) => return false,
+        };
+        match group_verdict(liveness, killed_at, Instant::now()) {
+            GroupVerdict::Wait => {
+                if liveness == Liveness::Unsignallable && killed_at.is_some() {
+                    if !std::mem::replace(&mut run.warned_unsignallable, true) {
+                        tracing::warn!(
+                            agent = %self.name,
+                            pid = run.group.id(),
+                            "the agent's process group holds processes the supervisor may not signal \
+                             (pids {:?}; e.g. a setuid program); retrying SIGKILL for up to {}",
+                            run.group.members(),
+                            humantime::format_duration(UNSIGNALLABLE_WAIT),
+                        );
+                    }
+                    // They may become ours again (a setuid program dropping privileges).
+                    let _ = run.group.signal(Signal::SIGKILL);
+                }
+                return false;
+            }
+            GroupVerdict::GiveUp => tracing::warn!(
+                agent = %self.name,
+                pid = run.group.id(),
+                "processes the supervisor may not signal are still in the agent's process group {} \
+                 after SIGKILL (pids {:?}); counting the agent as stopped and leaving them running",
+                humantime::format_duration(UNSIGNALLABLE_WAIT),
+                run.group.members(),
+            ),
+            GroupVerdict::Gone => {}
         }
         let Some(mut run) = self.run.take() else {
             return false;
         };
         run.guard.disarm();
         let exit = run.leader_exit.take().unwrap_or(Exit::Code(-1));
-        let ran_for = run.started.elapsed();
+        let ended = run.leader_exited_at.unwrap_or_else(Instant::now);
+        let ran_for = ended.saturating_duration_since(run.started);
         reply(&mut self.on_gone);
         self.after_exit(exit, ran_for);
         true
@@ -574,11 +656,11 @@ impl Actor {
         let spec = &self.launch.spec;
         let env = child_env(spec, &self.launch.secret_env, std::env::vars_os());
         let spawned = match command(spec, env) {
-            Some(mut cmd) => cmd.spawn(),
+            Some(mut cmd) => spawn_owned(|| cmd.spawn(), Child::id),
             None => Err(io::Error::new(io::ErrorKind::InvalidInput, "empty command")),
         };
-        let mut child = match spawned {
-            Ok(child) => child,
+        let (mut child, owned) = match spawned {
+            Ok(spawned) => spawned,
             Err(e) => {
                 let why = describe_spawn_error(spec, &e, spec.cwd.is_dir());
                 self.after_exit(Exit::SpawnFailed(why), Duration::ZERO);
@@ -607,8 +689,11 @@ impl Actor {
             guard: GroupGuard(Some(group)),
             started,
             stop: spec.stop,
+            owned,
             leader_exit: None,
+            leader_exited_at: None,
             stopping: None,
+            warned_unsignallable: false,
         });
         tracing::info!(agent = %self.name, pid = group.id(), "agent started");
         self.publish(AgentState::Running { since: started });
@@ -689,6 +774,35 @@ mod tests {
                 next_after_exit(goal, start_now, policy, exit),
                 want,
                 "{goal:?} start_now={start_now} {policy:?} {exit:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn group_verdict_table() {
+        use GroupVerdict::{GiveUp, Wait};
+        use Liveness::{Alive, Unsignallable};
+        let t0 = Instant::now();
+        let later = |secs| t0 + Duration::from_secs(secs);
+        let cases = [
+            (Liveness::Gone, None, t0, GroupVerdict::Gone),
+            (Liveness::Gone, Some(t0), later(60), GroupVerdict::Gone),
+            // Members we may signal are waited for, however long.
+            (Alive, None, later(60), Wait),
+            (Alive, Some(t0), later(3600), Wait),
+            // Members we may not signal: not before SIGKILL was tried...
+            (Unsignallable, None, later(3600), Wait),
+            // ... and then only for a bounded time.
+            (Unsignallable, Some(t0), t0, Wait),
+            (Unsignallable, Some(t0), later(4), Wait),
+            (Unsignallable, Some(t0), later(5), GiveUp),
+            (Unsignallable, Some(later(5)), t0, Wait),
+        ];
+        for (liveness, killed_at, now, want) in cases {
+            assert_eq!(
+                group_verdict(liveness, killed_at, now),
+                want,
+                "{liveness:?} killed_at={killed_at:?}"
             );
         }
     }

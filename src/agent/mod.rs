@@ -8,10 +8,12 @@ pub mod backoff;
 pub mod launch;
 pub mod output;
 pub mod process_group;
+pub mod reaper;
 mod status;
 
 pub use actor::{AgentHandle, AgentLaunch};
 pub use backoff::{Backoff, Exit, should_restart};
 pub use launch::child_env;
 pub use process_group::{ProcessGroup, become_subreaper};
+pub use reaper::spawn_orphan_reaper;
 pub use status::{AgentState, AgentStatus, ExitInfo};

@@ -1,7 +1,9 @@
 //! An agent's stdout and stderr, turned into log lines. Owns the bound on how
 //! much of one line is held in memory, so a child printing without newlines
-//! cannot make the supervisor buffer without limit. Must not interpret the
-//! output: lines are logged as they are (lossy UTF-8), nothing else.
+//! cannot make the supervisor buffer without limit, and the escaping of
+//! control characters so an agent cannot drive the operator's terminal. Must
+//! not otherwise interpret the output: lines are logged as they are (lossy
+//! UTF-8).
 
 use std::sync::Arc;
 
@@ -83,8 +85,25 @@ impl LineSplitter {
     }
 }
 
+/// Lossy UTF-8, with control characters other than tab written out as
+/// `\x1b` (or `\u{9b}` beyond ASCII): raw, an escape sequence or a `\r` from
+/// an agent would act on the operator's terminal, e.g. overwrite the
+/// `name |` prefix so one agent's line passes for another's.
 fn decode(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    let text = String::from_utf8_lossy(bytes);
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return text.into_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            c if c.is_ascii_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Where to cut a full buffer: before an incomplete UTF-8 character at its
@@ -185,6 +204,18 @@ mod tests {
                 &["a\u{fffd}b"],
             ),
             ("nothing", 16, &[], &[]),
+            // A terminal must not act on what an agent prints: an escape or a
+            // carriage return could clear the screen or overwrite the `name |` prefix.
+            (
+                "control characters escaped",
+                64,
+                &[b"\x1b[2J\x1b[31mred\rfake | ok\x07\n"],
+                &["\\x1b[2J\\x1b[31mred\\x0dfake | ok\\x07"],
+            ),
+            ("tab kept", 16, &[b"a\tb\n"], &["a\tb"]),
+            ("del and nul", 16, &[b"a\x7f\x00b\n"], &["a\\x7f\\x00b"]),
+            ("c1 csi", 16, &[b"a\xc2\x9b2Jb\n"], &["a\\u{9b}2Jb"]),
+            ("lone cr at end", 16, &[b"a\r"], &["a\\x0d"]),
         ];
         for (what, max, chunks, want) in cases {
             assert_eq!(feed(*max, chunks), *want, "{what}");

@@ -1,8 +1,8 @@
 //! An agent's process group, as the unit that is signalled, reaped and
-//! declared gone. Owns the rule that an agent is stopped only when no process
-//! of its group exists any more, zombies included. Must not wait for the
-//! group leader (tokio reaps it) and must never `waitpid(-1)`, which would
-//! steal other children's exit statuses.
+//! declared gone. Owns the facts the actor decides on: whether any process
+//! of the group exists, zombies included, and whether we may signal it. Must
+//! not wait for the group leader (tokio reaps it) and must never
+//! `waitpid(-1)`, which would steal other children's exit statuses.
 
 use std::io;
 
@@ -60,17 +60,60 @@ impl ProcessGroup {
         }
     }
 
-    /// Whether any process, zombies included, is still in the group. EPERM
-    /// means members exist that we may not signal, so it counts as alive.
-    pub fn is_alive(self) -> bool {
-        !matches!(kill(Pid::from_raw(-self.0), None), Err(Errno::ESRCH))
+    /// Whether any process, zombies included, is still in the group, and
+    /// whether we may signal it: `EPERM` means every remaining member belongs
+    /// to another user (e.g. a setuid program the agent ran).
+    pub fn liveness(self) -> Liveness {
+        match kill(Pid::from_raw(-self.0), None) {
+            Err(Errno::ESRCH) => Liveness::Gone,
+            Err(Errno::EPERM) => Liveness::Unsignallable,
+            _ => Liveness::Alive,
+        }
     }
 
-    /// Reaps what can be reaped, then reports whether the group is empty.
-    pub fn is_gone(self) -> bool {
+    /// Reaps what can be reaped, then reports what is left of the group.
+    pub fn reap_and_check(self) -> Liveness {
         self.reap();
-        !self.is_alive()
+        self.liveness()
     }
+
+    /// The pids in the group, read from `/proc`, for naming leftovers in a
+    /// warning. Best effort: processes come and go while it reads.
+    pub fn members(self) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut pids: Vec<u32> = dir
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+                (pgrp_of(&stat)? == self.0).then_some(pid)
+            })
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+}
+
+/// What `kill(-pgid, 0)` says about a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// No process is left, zombies included.
+    Gone,
+    /// Some process is left that we may signal.
+    Alive,
+    /// Processes are left, none of which we may signal.
+    Unsignallable,
+}
+
+/// The process group id from the text of `/proc/<pid>/stat`: the fifth field,
+/// counted after the command name, which is in parentheses and may itself
+/// hold spaces and parentheses.
+fn pgrp_of(stat: &str) -> Option<i32> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // state, ppid, pgrp
+    after_comm.split_whitespace().nth(2)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -86,6 +129,21 @@ mod tests {
     }
 
     #[test]
+    fn pgrp_from_proc_stat() {
+        let cases = [
+            ("123 (sleep) S 1 456 456 0 -1", Some(456)),
+            ("123 (my prog) S 1 77 77 0", Some(77)),
+            ("123 (a) b) (c) R 9 -3 1", Some(-3)),
+            ("123 (x) S 1", None),
+            ("garbage", None),
+            ("", None),
+        ];
+        for (stat, want) in cases {
+            assert_eq!(pgrp_of(stat), want, "{stat}");
+        }
+    }
+
+    #[test]
     fn a_group_is_alive_while_its_leader_runs_and_gone_after() {
         use std::os::unix::process::CommandExt;
         let mut child = std::process::Command::new("sleep")
@@ -94,10 +152,12 @@ mod tests {
             .spawn()
             .unwrap();
         let group = ProcessGroup::from_leader(child.id()).unwrap();
-        assert!(group.is_alive());
+        assert_eq!(group.liveness(), Liveness::Alive);
+        assert_eq!(group.members(), [child.id()]);
         group.signal(Signal::SIGKILL).unwrap();
         child.wait().unwrap();
-        assert!(group.is_gone());
+        assert_eq!(group.reap_and_check(), Liveness::Gone);
+        assert!(group.members().is_empty());
         // Signalling a gone group is not an error.
         group.signal(Signal::SIGTERM).unwrap();
     }

@@ -1195,6 +1195,7 @@ agents:
                 &[
                     "fleet.yaml:5:19: agent \"a\": `stop.grace`: invalid duration `10`: use a number with a unit, like `500ms`, `10s`, `5m` or `1h30m`",
                     "fleet.yaml:6:28: agent \"a\": `restart.reset_after`: invalid duration `soon`: use a number with a unit, like `500ms`, `10s`, `5m` or `1h30m`",
+                    "fleet.yaml:6:42: agent \"a\": `restart.policy`: unknown variant `sometimes`, expected one of `never`, `on-failure`, `always`",
                 ],
             ),
             (

@@ -77,6 +77,15 @@ impl Node {
         }
     }
 
+    /// This node's location without its value, to rebuild a pruned copy.
+    fn clone_empty(&self) -> Self {
+        Self {
+            pos: self.pos,
+            bytes: self.bytes,
+            value: Value::Null,
+        }
+    }
+
     pub fn entries(&self) -> Option<&[(Node, Node)]> {
         match &self.value {
             Value::Map(entries) => Some(entries),
@@ -447,40 +456,85 @@ pub struct Partial<T> {
 }
 
 /// Like [`from_node`], but when `node` is a mapping and deserialization fails,
-/// each entry is tried on its own too, so that every broken field is reported,
-/// not only the first. Fields of `T` that may be left out must be optional.
+/// each entry is tried on its own too, and an entry that still fails and holds
+/// a mapping (a nested section, an `env:` map) is split the same way, down to
+/// the broken leaves: every broken field is reported, not only the first, and
+/// `rest` keeps every well-formed sibling. Fields of `T` that may be left out
+/// must be optional. Lists are leaves: their first error stands for them.
 pub fn from_node_all<T: de::DeserializeOwned>(node: &Node) -> Result<T, Partial<T>> {
     let first = match from_node::<T>(node) {
         Ok(value) => return Ok(value),
         Err(err) => err,
     };
-    let Some(entries) = node.entries() else {
+    if node.entries().is_none() {
         return Err(Partial {
             errors: vec![first],
             rest: None,
         });
-    };
+    }
     let mut errors = Vec::new();
     if first.missing_field {
         errors.push(first.clone());
     }
-    let mut good = Vec::new();
-    for entry in entries {
-        let alone = Node::new(node.pos, Value::Map(vec![entry.clone()]));
-        match from_node::<T>(&alone) {
-            Err(err) if !err.missing_field => {
-                if !errors.contains(&err) {
-                    errors.push(err);
-                }
-            }
-            _ => good.push(entry.clone()),
-        }
-    }
+    let kept = keep_well_formed::<T>(node, &|n| n, &mut errors);
     if errors.is_empty() {
         errors.push(first);
     }
-    let rest = from_node::<T>(&Node::new(node.pos, Value::Map(good))).ok();
+    let rest = from_node::<T>(&kept).ok();
     Err(Partial { errors, rest })
+}
+
+/// The mapping `node` with its broken entries left out (and broken mappings
+/// inside entries pruned the same way), recording each entry's error.
+/// `within` rebuilds the path from the starting node down to `node`, holding
+/// only that path, so `T` can judge one entry at a time whatever the depth.
+/// A missing field is not an entry's fault (the entry is tried alone).
+fn keep_well_formed<T: de::DeserializeOwned>(
+    node: &Node,
+    within: &dyn Fn(Node) -> Node,
+    errors: &mut Vec<NodeError>,
+) -> Node {
+    let Some(entries) = node.entries() else {
+        return node.clone();
+    };
+    let mut kept = Vec::new();
+    for (key, value) in entries {
+        let alone = |value: Node| {
+            within(Node {
+                value: Value::Map(vec![(key.clone(), value)]),
+                ..node.clone_empty()
+            })
+        };
+        let err = match from_node::<T>(&alone(value.clone())) {
+            Err(err) if !err.missing_field => err,
+            _ => {
+                kept.push((key.clone(), value.clone()));
+                continue;
+            }
+        };
+        if !matches!(value.value, Value::Map(_)) {
+            push_new(errors, err);
+            continue;
+        }
+        // Split the nested mapping; if what is left of it is accepted, keep
+        // that. If the mapping itself is wrong (a map where a string belongs),
+        // its entries all report that one error, and it is dropped.
+        let pruned = keep_well_formed::<T>(value, &alone, errors);
+        match from_node::<T>(&alone(pruned.clone())) {
+            Err(err) if !err.missing_field => push_new(errors, err),
+            _ => kept.push((key.clone(), pruned)),
+        }
+    }
+    Node {
+        value: Value::Map(kept),
+        ..node.clone_empty()
+    }
+}
+
+fn push_new(errors: &mut Vec<NodeError>, err: NodeError) {
+    if !errors.contains(&err) {
+        errors.push(err);
+    }
 }
 
 /// A value together with the location of the node it came from, for semantic
@@ -917,5 +971,152 @@ impl<'de> de::Deserializer<'de> for &'de Node {
 
     fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, NodeError> {
         visitor.visit_unit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[allow(dead_code)] // read through Debug
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Top {
+        name: String,
+        inner: Option<Inner>,
+        env: Option<BTreeMap<String, String>>,
+        list: Option<Vec<u32>>,
+    }
+
+    #[allow(dead_code)] // read through Debug
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        count: Option<u32>,
+        flag: Option<bool>,
+        deeper: Option<Deeper>,
+    }
+
+    #[allow(dead_code)] // read through Debug
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Deeper {
+        a: Option<u32>,
+        b: Option<u32>,
+    }
+
+    /// Every error as `line:col path: message`, and the fields `rest` kept.
+    fn check(yaml: &str) -> (Vec<String>, Option<String>) {
+        let node = parse(yaml).unwrap();
+        match from_node_all::<Top>(&node) {
+            Ok(top) => (Vec::new(), Some(format!("{top:?}"))),
+            Err(partial) => (
+                partial
+                    .errors
+                    .iter()
+                    .map(|e| {
+                        let pos = e.pos.unwrap_or_default();
+                        format!("{}:{} {}", pos.line, pos.column, e.describe())
+                    })
+                    .collect(),
+                partial.rest.map(|r| format!("{r:?}")),
+            ),
+        }
+    }
+
+    /// (what, yaml, errors, what `rest` holds)
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static [&'static str],
+        Option<&'static str>,
+    );
+
+    #[test]
+    fn every_broken_leaf_is_reported_and_siblings_kept() {
+        let cases: &[Case] = &[
+            (
+                "valid",
+                "name: x\ninner: {count: 1}\n",
+                &[],
+                Some(
+                    r#"Top { name: "x", inner: Some(Inner { count: Some(1), flag: None, deeper: None }), env: None, list: None }"#,
+                ),
+            ),
+            (
+                "two broken fields of one nested section",
+                "name: x\ninner: {count: nope, flag: 3, deeper: {a: 1}}\n",
+                &[
+                    "2:16 `inner.count`: invalid type: string \"nope\", expected u32",
+                    "2:28 `inner.flag`: invalid type: integer `3`, expected a boolean",
+                ],
+                Some(
+                    r#"Top { name: "x", inner: Some(Inner { count: None, flag: None, deeper: Some(Deeper { a: Some(1), b: None }) }), env: None, list: None }"#,
+                ),
+            ),
+            (
+                "an unknown field next to a broken one",
+                "name: x\ninner:\n  bogus: 1\n  count: -1\n",
+                &[
+                    "3:3 `inner`: unknown field `bogus`, expected one of `count`, `flag`, `deeper`",
+                    "4:10 `inner.count`: invalid value: integer `-1`, expected u32",
+                ],
+                Some(
+                    r#"Top { name: "x", inner: Some(Inner { count: None, flag: None, deeper: None }), env: None, list: None }"#,
+                ),
+            ),
+            (
+                "two levels down",
+                "name: x\ninner: {deeper: {a: x, b: q}, flag: true}\n",
+                &[
+                    "2:21 `inner.deeper.a`: invalid type: string \"x\", expected u32",
+                    "2:27 `inner.deeper.b`: invalid type: string \"q\", expected u32",
+                ],
+                Some(
+                    r#"Top { name: "x", inner: Some(Inner { count: None, flag: Some(true), deeper: Some(Deeper { a: None, b: None }) }), env: None, list: None }"#,
+                ),
+            ),
+            (
+                "map entries: a broken value keeps its well-formed siblings",
+                "name: x\nenv: {1X: y, OK: {a: 1}, Z: [1]}\n",
+                &[
+                    "2:18 `env.OK`: invalid type: map, expected a string",
+                    "2:29 `env.Z`: invalid type: sequence, expected a string",
+                ],
+                Some(r#"Top { name: "x", inner: None, env: Some({"1X": "y"}), list: None }"#),
+            ),
+            (
+                "a missing required field and a broken nested one",
+                "inner: {count: nope, flag: 3}\n",
+                &[
+                    "1:16 `inner.count`: invalid type: string \"nope\", expected u32",
+                    "1:28 `inner.flag`: invalid type: integer `3`, expected a boolean",
+                ],
+                None,
+            ),
+            (
+                "a section of the wrong kind is one error",
+                "name: x\ninner: [1, 2]\n",
+                &[
+                    "2:8 `inner`: invalid type: sequence, expected a mapping with `count`, `flag`, `deeper`",
+                ],
+                Some(r#"Top { name: "x", inner: None, env: None, list: None }"#),
+            ),
+            (
+                "lists stay whole: their first error",
+                "name: x\nlist: [1, a, b]\n",
+                &["2:11 `list[1]`: invalid type: string \"a\", expected u32"],
+                Some(r#"Top { name: "x", inner: None, env: None, list: None }"#),
+            ),
+        ];
+        for (what, yaml, errors, rest) in cases {
+            let (got_errors, got_rest) = check(yaml);
+            assert_eq!(got_errors, *errors, "{what}");
+            assert_eq!(got_rest.as_deref(), *rest, "{what}");
+        }
     }
 }

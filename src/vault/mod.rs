@@ -32,27 +32,28 @@ pub enum VaultError {
         /// Already in backticks, e.g. `` `/srv/secrets/a/key` ``.
         location: String,
     },
-    #[error(
-        "secret `{name}`: `{}` is accessible by group or others (mode {mode:04o}); run `chmod {fix:o} {}`",
-        path.display(), path.display()
-    )]
+    /// A vault file or folder others could read or tamper with, as ssh refuses.
+    #[error("secret `{name}`: `{}` {problem}; run `{fix}`", path.display())]
     Insecure {
         agent: String,
         name: String,
         path: PathBuf,
-        mode: u32,
-        /// The mode that fixes it: 600 for files, 700 for folders.
-        fix: u32,
+        /// e.g. `is accessible by group or others (mode 0644)`.
+        problem: String,
+        /// The command that fixes it, e.g. `chmod 600 /srv/secrets/a/key`.
+        fix: String,
     },
     #[error(
-        "secret `{name}`: `{}` leads outside the vault `{}` through a symlink; keep secrets inside the vault",
-        path.display(), root.display()
+        "secret `{name}`: `{}` is a symlink that leads outside `{}`; an agent can only name its own \
+         secrets, so a link must be relative and stay inside the agent's folder",
+        path.display(), folder.display()
     )]
-    OutsideVault {
+    OutsideFolder {
         agent: String,
         name: String,
         path: PathBuf,
-        root: PathBuf,
+        /// The agent's own folder in the vault.
+        folder: PathBuf,
     },
     #[error("secret `{name}`: {location} is unusable: {problem}")]
     Unusable {

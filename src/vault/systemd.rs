@@ -2,8 +2,9 @@
 //! files systemd provides for `LoadCredential=` / `LoadCredentialEncrypted=`.
 //! systemd owns that directory's permissions, so none are checked here.
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use super::{Secret, SecretName, SecretStore, VaultError, check_agent, text};
@@ -42,22 +43,28 @@ impl SecretStore for SystemdCredsStore {
         };
         let path = dir.join(&credential);
         let location = format!("`{}`", path.display());
-        let file = File::open(&path).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
-                VaultError::NotFound {
-                    agent: agent.to_owned(),
-                    name: name.to_string(),
-                    location: format!("credential `{credential}` ({location})"),
+        // Non-blocking, so a FIFO or device planted there cannot hang the open;
+        // `read_file` then refuses anything that is not a regular file.
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|source| {
+                if source.kind() == io::ErrorKind::NotFound {
+                    VaultError::NotFound {
+                        agent: agent.to_owned(),
+                        name: name.to_string(),
+                        location: format!("credential `{credential}` ({location})"),
+                    }
+                } else {
+                    VaultError::Io {
+                        agent: agent.to_owned(),
+                        name: name.to_string(),
+                        location: location.clone(),
+                        source,
+                    }
                 }
-            } else {
-                VaultError::Io {
-                    agent: agent.to_owned(),
-                    name: name.to_string(),
-                    location: location.clone(),
-                    source,
-                }
-            }
-        })?;
+            })?;
         text::read_file(file, agent, name.as_str(), &path)
     }
 }
@@ -105,6 +112,33 @@ mod tests {
             "secret `k`: `$CREDENTIALS_DIRECTORY` is not set, so credential `a.k` cannot be read; run the \
              supervisor under systemd with `LoadCredential=a.k:/path/to/file` (or `LoadCredentialEncrypted=`), \
              or choose another `vault.backend`"
+        );
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.pipe");
+        nix::unistd::mkfifo(
+            &path,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .unwrap();
+        let store = SystemdCredsStore::new(Some(dir.path().to_owned()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(store.get_secret("a", &name("pipe")).map(|_| ()));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("reading the credential blocked")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "secret `pipe`: `{}` is unusable: it is not a regular file",
+                path.display()
+            )
         );
     }
 }

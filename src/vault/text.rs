@@ -1,6 +1,6 @@
 //! Turning the bytes of a secret file or variable into a [`Secret`]: size cap,
-//! UTF-8, one trailing newline trimmed, not empty. Rejected bytes are zeroized;
-//! problems are described without quoting any of the value.
+//! UTF-8 without NUL bytes, one trailing newline trimmed, not empty. Rejected
+//! bytes are zeroized; problems are described without quoting any of the value.
 
 use std::fs::File;
 use std::io::Read;
@@ -27,6 +27,12 @@ pub fn decode(mut bytes: Vec<u8>) -> Result<Secret, &'static str> {
     }
     if bytes.is_empty() {
         return Err("it is empty");
+    }
+    // Environment values are C strings: a NUL would silently cut the value
+    // short in the child, or make the spawn fail long after `check` passed.
+    if bytes.contains(&0) {
+        bytes.zeroize();
+        return Err("it contains a NUL byte");
     }
     match String::from_utf8(bytes) {
         Ok(text) => Ok(Secret::new(text)),
@@ -84,6 +90,10 @@ mod tests {
             (b"\n", Err("it is empty")),
             (b"\r\n", Err("it is empty")),
             (b"\xff\xfe", Err("it is not UTF-8 text")),
+            // A child's environment is C strings: a NUL would cut the value short.
+            (b"sk-a\0b", Err("it contains a NUL byte")),
+            (b"\0", Err("it contains a NUL byte")),
+            (b"\xff\0", Err("it contains a NUL byte")),
         ];
         for (bytes, want) in cases {
             let got = decode(bytes.to_vec());
