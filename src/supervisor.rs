@@ -159,6 +159,15 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
         }
     };
     let code = runtime.block_on(async {
+        // Reaps children that left their agent's process group (setsid), which
+        // re-parent to us as the subreaper; agent leaders stay tokio's to reap.
+        let _reaper = match crate::agent::spawn_orphan_reaper() {
+            Ok(handle) => Some(handle),
+            Err(err) => {
+                tracing::warn!("cannot start the orphan reaper ({err}); processes that leave their agent's group may linger as zombies");
+                None
+            }
+        };
         match Supervisor::start(fleet_path, resolved).await {
             Ok(supervisor) => supervisor.run().await,
             Err(err) => {
