@@ -6,5 +6,6 @@ pub mod check;
 pub mod cli;
 pub mod fleet;
 pub mod logging;
+pub mod orphans;
 pub mod supervisor;
 pub mod vault;

@@ -49,6 +49,17 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
             return exit::CONFIG;
         }
     };
+    // Held until we exit: one supervisor per state dir. Taken before any
+    // agent record is read, so we never reap a live supervisor's agents.
+    let _state_lock = match crate::orphans::lock_state_dir(&resolved.fleet.state_dir) {
+        Ok(lock) => lock,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return exit::FAILURE;
+        }
+    };
+    crate::orphans::reap_orphans(&resolved.fleet.state_dir);
+    let recorder = crate::orphans::Recorder::new(&resolved.fleet.state_dir);
     // Orphaned grandchildren must be re-parented to us, not to a pid 1 that may
     // never reap them: otherwise their zombies keep a process group "alive".
     if let Err(err) = crate::agent::become_subreaper() {
@@ -66,7 +77,7 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
             return exit::FAILURE;
         }
     };
-    runtime.block_on(Supervisor::new(fleet_path).run(resolved))
+    runtime.block_on(Supervisor::new(fleet_path, recorder).run(resolved))
 }
 
 /// Reads, validates and resolves secrets for a fleet file (exactly what
@@ -92,6 +103,8 @@ struct Supervisor {
     agents: BTreeMap<String, Running>,
     /// Stops of removed agents still in their grace period; shutdown waits for them.
     retiring: JoinSet<()>,
+    /// Keeps each agent's pid on disk so a successor can reap what we leave if killed.
+    recorder: crate::orphans::Recorder,
 }
 
 struct Running {
@@ -100,11 +113,12 @@ struct Running {
 }
 
 impl Supervisor {
-    fn new(fleet_path: &Path) -> Self {
+    fn new(fleet_path: &Path, recorder: crate::orphans::Recorder) -> Self {
         Self {
             fleet_path: fleet_path.to_owned(),
             agents: BTreeMap::new(),
             retiring: JoinSet::new(),
+            recorder,
         }
     }
 
@@ -146,13 +160,16 @@ impl Supervisor {
         tracing::info!(
             "shutting down: stopping all agents (send the signal again to kill them at once)"
         );
+        let recorder = std::mem::take(&mut self.recorder);
         self.shutdown(&mut sigterm, &mut sigint).await;
+        recorder.finish().await;
         tracing::info!("all agents stopped; bye");
         exit::OK
     }
 
     fn start_agent(&mut self, name: String, plan: LaunchPlan) {
         let handle = AgentHandle::spawn(plan.launch());
+        self.recorder.watch(&handle);
         self.agents.insert(name, Running { handle, plan });
     }
 
