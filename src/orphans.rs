@@ -425,8 +425,10 @@ fn read_records(dir: &Path, report: &mut Report) -> Vec<(PathBuf, AgentRecord)> 
             return Vec::new();
         }
     };
+    let mut entries: Vec<_> = entries.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
     let mut records = Vec::new();
-    for entry in entries.flatten() {
+    for entry in entries {
         let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -465,7 +467,6 @@ fn read_records(dir: &Path, report: &mut Report) -> Vec<(PathBuf, AgentRecord)> 
             }
         }
     }
-    records.sort_by(|a, b| a.1.agent.cmp(&b.1.agent));
     records
 }
 
@@ -681,5 +682,347 @@ impl Writer {
                 path.display()
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    const BOOT: &str = "boot-a";
+
+    fn record() -> AgentRecord {
+        AgentRecord {
+            version: RECORD_VERSION,
+            agent: "worker".into(),
+            pid: 500,
+            pgid: 500,
+            sid: 40,
+            start_time: 1000,
+            boot_id: BOOT.into(),
+            supervisor_pid: 400,
+            supervisor_start_time: 900,
+        }
+    }
+
+    fn proc(pid: i32, pgid: i32, sid: i32, start_time: u64) -> ProcStat {
+        ProcStat {
+            pid,
+            pgid,
+            sid,
+            start_time,
+            dead: false,
+        }
+    }
+
+    fn zombie(p: ProcStat) -> ProcStat {
+        ProcStat { dead: true, ..p }
+    }
+
+    #[test]
+    fn judge_table() {
+        let leader = proc(500, 500, 40, 1000);
+        let grandchild = proc(620, 500, 40, 1500);
+        let cases: Vec<(&str, &str, Vec<ProcStat>, Verdict)> = vec![
+            ("leader runs", BOOT, vec![leader], Verdict::Reap),
+            (
+                "leader and grandchild run",
+                BOOT,
+                vec![leader, grandchild],
+                Verdict::Reap,
+            ),
+            ("nothing left", BOOT, vec![], Verdict::Gone),
+            (
+                "zombie leader only",
+                BOOT,
+                vec![zombie(leader)],
+                Verdict::Gone,
+            ),
+            (
+                "only zombies",
+                BOOT,
+                vec![zombie(leader), zombie(grandchild)],
+                Verdict::Gone,
+            ),
+            (
+                "zombie leader, live grandchild",
+                BOOT,
+                vec![zombie(leader), grandchild],
+                Verdict::Reap,
+            ),
+            (
+                "leader reaped, grandchild runs",
+                BOOT,
+                vec![grandchild],
+                Verdict::Reap,
+            ),
+            (
+                "grandchild started in the same tick as the leader",
+                BOOT,
+                vec![proc(620, 500, 40, 1000)],
+                Verdict::Reap,
+            ),
+            (
+                "another boot",
+                "boot-b",
+                vec![leader],
+                Verdict::PreviousBoot,
+            ),
+            (
+                "supervisor still runs",
+                BOOT,
+                vec![leader, proc(400, 400, 40, 900)],
+                Verdict::LiveSupervisor,
+            ),
+            (
+                "supervisor pid reused by another process",
+                BOOT,
+                vec![leader, proc(400, 400, 40, 2000)],
+                Verdict::Reap,
+            ),
+            (
+                "supervisor is a zombie (killed, not yet waited for)",
+                BOOT,
+                vec![leader, zombie(proc(400, 400, 40, 900))],
+                Verdict::Reap,
+            ),
+            (
+                "leader pid reused",
+                BOOT,
+                vec![proc(500, 500, 77, 5000)],
+                Verdict::PidReused { start_time: 5000 },
+            ),
+            (
+                "leader pid reused by a process in another group",
+                BOOT,
+                vec![proc(500, 12, 77, 5000)],
+                Verdict::PidReused { start_time: 5000 },
+            ),
+            (
+                "leader gone, member older than the leader",
+                BOOT,
+                vec![proc(620, 500, 40, 999)],
+                Verdict::Stranger { pid: 620 },
+            ),
+            (
+                "leader gone, member in another session",
+                BOOT,
+                vec![grandchild, proc(621, 500, 41, 1600)],
+                Verdict::Stranger { pid: 621 },
+            ),
+            (
+                "leader left its group, members remain",
+                BOOT,
+                vec![proc(500, 501, 40, 1000), grandchild],
+                Verdict::Reap,
+            ),
+            (
+                "unrelated processes only",
+                BOOT,
+                vec![proc(7, 7, 7, 10), proc(501, 501, 40, 1200)],
+                Verdict::Gone,
+            ),
+        ];
+        for (what, boot, procs, want) in cases {
+            assert_eq!(judge(&record(), boot, &procs), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn parse_stat_table() {
+        // Fields 7..=21, then 22 (starttime), then the rest.
+        let tail = "0 0 0 0 0 0 0 0 0 0 0 20 0 1 0 123456 1000 10";
+        let cases: Vec<(String, Option<ProcStat>)> = vec![
+            (
+                format!("42 (sleep) S 1 42 40 {tail}\n"),
+                Some(proc(42, 42, 40, 123456)),
+            ),
+            (
+                format!("42 (my (odd) name) R 1 41 40 {tail}"),
+                Some(proc(42, 41, 40, 123456)),
+            ),
+            (
+                format!("42 (a b) Z 1 42 40 {tail}"),
+                Some(zombie(proc(42, 42, 40, 123456))),
+            ),
+            (
+                format!("42 (a) X 1 42 40 {tail}"),
+                Some(zombie(proc(42, 42, 40, 123456))),
+            ),
+            ("42 (sleep) S 1 42 40 0 0".into(), None),
+            ("no parens at all".into(), None),
+            (format!("x (sleep) S 1 42 40 {tail}"), None),
+            ("".into(), None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_stat(&text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn parse_stat_reads_our_own_process() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let stat = proc_stat(me).unwrap();
+        assert_eq!(stat.pid, me);
+        assert!(!stat.dead);
+        assert!(stat.start_time > 0);
+    }
+
+    #[test]
+    fn the_state_dir_lock_is_exclusive_and_names_its_holder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("deep/state");
+        let lock = lock_state_dir(&state).unwrap();
+        let mode = fs::metadata(&state).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o700
+        );
+        assert_eq!(lock.path(), state.join(LOCK_FILE));
+
+        // flock belongs to the open file, so a second open in this process conflicts.
+        let err = lock_state_dir(&state).unwrap_err();
+        let me = std::process::id();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "another supervisor (pid {me}) is already running on state dir `{}`: it holds `{}`\nhint: stop that supervisor first, or give this fleet its own `state_dir`",
+                state.display(),
+                state.join(LOCK_FILE).display()
+            )
+        );
+        drop(lock);
+        let again = lock_state_dir(&state).unwrap();
+        assert_eq!(fs::read_to_string(again.path()).unwrap(), format!("{me}\n"));
+    }
+
+    /// A `sleep` leading its own group, as an agent would.
+    fn group_leader() -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("300")
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
+    fn writer(state: &Path) -> Writer {
+        let dir = state.join(RECORDS_DIR);
+        create_private_dir(&dir).unwrap();
+        Writer {
+            dir,
+            boot_id: read_boot_id().unwrap(),
+            // Our pid with a start time we never had: a supervisor that is gone.
+            supervisor_pid: i32::try_from(std::process::id()).unwrap(),
+            supervisor_start_time: 1,
+        }
+    }
+
+    fn stored(state: &Path, agent: &str) -> Option<AgentRecord> {
+        let text =
+            fs::read_to_string(state.join(RECORDS_DIR).join(format!("{agent}.json"))).ok()?;
+        Some(serde_json::from_str(&text).unwrap())
+    }
+
+    #[test]
+    fn a_recorded_orphan_group_is_reaped_and_its_record_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = group_leader();
+        let pid = child.id();
+        writer(tmp.path()).record("worker", pid).unwrap();
+        let rec = stored(tmp.path(), "worker").unwrap();
+        let leader = proc_stat(rec.pid).unwrap();
+        assert_eq!(
+            (rec.pgid, rec.start_time, rec.sid),
+            (leader.pid, leader.start_time, leader.sid)
+        );
+
+        let report = reap_orphans(tmp.path());
+        assert_eq!(report.reaped, vec![("worker".to_owned(), rec.pid)]);
+        // Our child stays a zombie until we wait: reaping judged it gone anyway.
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(15)
+        );
+        assert_eq!(stored(tmp.path(), "worker"), None);
+    }
+
+    #[test]
+    fn grandchildren_of_a_vanished_leader_are_reaped() {
+        use std::io::BufRead as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 300 & echo $!; read _"])
+            .process_group(0)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(leader.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let grandchild: i32 = line.trim().parse().unwrap();
+        // The leader waits on stdin, so it is certainly alive while recorded.
+        writer(tmp.path()).record("worker", leader.id()).unwrap();
+        drop(leader.stdin.take());
+        leader.wait().unwrap();
+        assert!(proc_stat(grandchild).is_some_and(|p| !p.dead));
+
+        let report = reap_orphans(tmp.path());
+        assert_eq!(report.reaped.len(), 1, "{report:?}");
+        assert!(proc_stat(grandchild).is_none_or(|p| p.dead));
+    }
+
+    #[test]
+    fn a_record_whose_pid_was_reused_is_dropped_and_nothing_killed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = group_leader();
+        let w = writer(tmp.path());
+        w.record("worker", child.id()).unwrap();
+        let mut rec = stored(tmp.path(), "worker").unwrap();
+        rec.start_time -= 1;
+        fs::write(w.path("worker"), serde_json::to_string(&rec).unwrap()).unwrap();
+
+        let report = reap_orphans(tmp.path());
+        assert_eq!(report.reaped, vec![]);
+        assert_eq!(report.dropped, vec!["worker".to_owned()]);
+        assert_eq!(child.try_wait().unwrap(), None, "the process must live");
+        assert_eq!(stored(tmp.path(), "worker"), None);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn unreadable_records_and_temp_files_are_cleaned_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(RECORDS_DIR);
+        create_private_dir(&dir).unwrap();
+        fs::write(dir.join("broken.json"), "{not json").unwrap();
+        fs::write(dir.join(".worker.json.tmp"), "{").unwrap();
+        let mut bad = record();
+        bad.pgid = 1;
+        fs::write(dir.join("init.json"), serde_json::to_string(&bad).unwrap()).unwrap();
+        let report = reap_orphans(tmp.path());
+        assert_eq!(report.dropped, vec!["broken".to_owned(), "init".to_owned()]);
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn forgetting_removes_the_record_and_tolerates_its_absence() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = group_leader();
+        let w = writer(tmp.path());
+        w.record("worker", child.id()).unwrap();
+        assert!(stored(tmp.path(), "worker").is_some());
+        w.forget("worker").unwrap();
+        w.forget("worker").unwrap();
+        assert_eq!(stored(tmp.path(), "worker"), None);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // A group that is already empty is not recorded at all.
+        w.record("worker", child.id()).unwrap();
+        assert_eq!(stored(tmp.path(), "worker"), None);
     }
 }
