@@ -11,6 +11,9 @@
 //! touch the agents of a live supervisor: the lock is taken before any record
 //! is read.
 //!
+//! An agent is recorded by a watcher a moment after its start; a supervisor
+//! SIGKILLed within that moment leaves that one start unrecorded.
+//!
 //! One file per agent (not one shared file) because each agent's watcher then
 //! rewrites only its own record, atomically, with no read-modify-write between
 //! watchers, and a torn or corrupt file costs one record, not all of them.
@@ -94,8 +97,8 @@ pub enum Verdict {
     Gone,
     /// Written during an earlier boot: everything it names is gone.
     PreviousBoot,
-    /// The supervisor that wrote it still runs (someone bypassed the lock):
-    /// leave the record and the group alone.
+    /// The group runs and so does the supervisor that wrote the record
+    /// (someone bypassed the lock): leave both alone.
     LiveSupervisor,
     /// The recorded pid now belongs to a process started at `start_time`:
     /// the agent's group is gone (the kernel does not reuse a pid while a
@@ -113,9 +116,9 @@ pub enum Verdict {
 ///
 /// The rules, in order:
 /// 1. another boot id: every process of that boot is gone;
-/// 2. the recording supervisor still runs (same pid and start time): hands off;
-/// 3. the leader pid exists with another start time: reused, so the group is gone;
-/// 4. no live (non-zombie) member in the group: gone;
+/// 2. the leader pid exists with another start time: reused, so the group is gone;
+/// 3. no live (non-zombie) member in the group: gone;
+/// 4. the recording supervisor still runs (same pid and start time): hands off;
 /// 5. the leader exists (maybe as a zombie) with the recorded start time and
 ///    still leads the group: it is ours, reap;
 /// 6. the leader is gone but members remain (grandchildren): reap only if
@@ -129,12 +132,6 @@ pub fn judge(record: &AgentRecord, boot_id: &str, procs: &[ProcStat]) -> Verdict
     if record.boot_id != boot_id {
         return Verdict::PreviousBoot;
     }
-    let supervisor_runs = procs.iter().any(|p| {
-        p.pid == record.supervisor_pid && !p.dead && p.start_time == record.supervisor_start_time
-    });
-    if supervisor_runs {
-        return Verdict::LiveSupervisor;
-    }
     let leader = procs.iter().find(|p| p.pid == record.pid);
     if let Some(leader) = leader
         && leader.start_time != record.start_time
@@ -147,6 +144,12 @@ pub fn judge(record: &AgentRecord, boot_id: &str, procs: &[ProcStat]) -> Verdict
     let Some(first) = members.next() else {
         return Verdict::Gone;
     };
+    let supervisor_runs = procs.iter().any(|p| {
+        p.pid == record.supervisor_pid && !p.dead && p.start_time == record.supervisor_start_time
+    });
+    if supervisor_runs {
+        return Verdict::LiveSupervisor;
+    }
     if leader.is_some_and(|l| l.pgid == record.pgid) {
         return Verdict::Reap;
     }
@@ -317,6 +320,7 @@ pub fn reap_orphans(state_dir: &Path) -> Report {
                     record.supervisor_pid,
                     state_dir.join(LOCK_FILE).display()
                 );
+                park(&path, &record);
                 report.kept.push(record.agent);
                 continue;
             }
@@ -349,7 +353,8 @@ pub fn reap_orphans(state_dir: &Path) -> Report {
         remove_file(&path);
         report.reaped.push((record.agent, record.pid));
     }
-    for (_, record) in stuck {
+    for (path, record) in stuck {
+        park(&path, &record);
         tracing::error!(
             "orphaned agent \"{}\" (process group {}) left by a previous supervisor survived SIGKILL for {}; its record is kept and the next start tries again",
             record.agent,
@@ -362,6 +367,22 @@ pub fn reap_orphans(state_dir: &Path) -> Report {
 }
 
 type Target = (PathBuf, AgentRecord);
+
+/// Moves a record that must outlive this start to `<agent>.<pgid>.json`, out
+/// of the way of the record this supervisor's own watcher will write for the
+/// agent. A `.` never occurs in an agent name, so the two cannot collide.
+fn park(path: &Path, record: &AgentRecord) {
+    let parked = path.with_file_name(format!("{}.{}.json", record.agent, record.pgid));
+    if parked != path
+        && let Err(err) = fs::rename(path, &parked)
+    {
+        tracing::warn!(
+            "cannot move the agent record `{}` to `{}`: {err}",
+            path.display(),
+            parked.display()
+        );
+    }
+}
 
 /// SIGTERM to every target group at once, SIGKILL to what is left after the
 /// grace. Every signal is preceded by a fresh [`judge`], so a group that
@@ -776,6 +797,12 @@ mod tests {
                 Verdict::LiveSupervisor,
             ),
             (
+                "supervisor still runs, its agent is gone",
+                BOOT,
+                vec![proc(400, 400, 40, 900)],
+                Verdict::Gone,
+            ),
+            (
                 "supervisor pid reused by another process",
                 BOOT,
                 vec![leader, proc(400, 400, 40, 2000)],
@@ -992,6 +1019,32 @@ mod tests {
         assert_eq!(stored(tmp.path(), "worker"), None);
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn the_agents_of_a_live_supervisor_are_left_alone_and_their_record_parked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = group_leader();
+        let mut w = writer(tmp.path());
+        // This test process, as it really is: a supervisor that still runs.
+        w.supervisor_start_time = proc_stat(w.supervisor_pid).unwrap().start_time;
+        w.record("worker", child.id()).unwrap();
+
+        let report = reap_orphans(tmp.path());
+        assert_eq!(report.kept, vec!["worker".to_owned()]);
+        assert_eq!(child.try_wait().unwrap(), None, "the agent must live");
+        let pgid = child.id();
+        assert_eq!(stored(tmp.path(), "worker"), None);
+        let parked = stored(tmp.path(), &format!("worker.{pgid}")).unwrap();
+        assert_eq!(parked.agent, "worker");
+
+        // Once that group is gone, the parked record goes at the next start.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let report = reap_orphans(tmp.path());
+        assert_eq!(report.kept, Vec::<String>::new());
+        assert_eq!(report.dropped, vec!["worker".to_owned()]);
+        assert_eq!(stored(tmp.path(), &format!("worker.{pgid}")), None);
     }
 
     #[test]
