@@ -11,6 +11,11 @@
 //! touch the agents of a live supervisor: the lock is taken before any record
 //! is read.
 //!
+//! The one place outside `agent/` that signals processes, and only groups a
+//! previous supervisor left, through [`ProcessGroup`]. Those are not our
+//! children, so their zombies are not ours to reap: a group is judged gone
+//! from `/proc` (a group of zombies only is gone), not by `kill(-pgid, 0)`.
+//!
 //! An agent is recorded by a watcher a moment after its start; a supervisor
 //! SIGKILLed within that moment leaves that one start unrecorded.
 //!
