@@ -8,6 +8,7 @@ pub mod cli;
 pub mod fleet;
 pub mod ledger;
 pub mod logging;
+pub mod orphans;
 pub mod pricing;
 pub mod proxy;
 pub mod quarantine_cmd;

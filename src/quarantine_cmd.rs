@@ -119,7 +119,7 @@ pub fn quarantine_command(fleet_path: &Path, json: bool) -> u8 {
 /// lock file names its holder, and a lock we cannot take proves it is held.
 fn running_supervisor(state_dir: &Path) -> Option<i32> {
     use nix::fcntl::{Flock, FlockArg};
-    let path = state_dir.join("supervisor.lock");
+    let path = state_dir.join(crate::orphans::LOCK_FILE);
     let file = std::fs::File::open(&path).ok()?;
     match Flock::lock(file, FlockArg::LockSharedNonblock) {
         Ok(_free) => None,

@@ -141,6 +141,17 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
             return exit::CONFIG;
         }
     };
+    // Held until we exit: one supervisor per state dir. Taken before any
+    // agent record is read, so we never reap a live supervisor's agents.
+    let _state_lock = match crate::orphans::lock_state_dir(&resolved.fleet.state_dir) {
+        Ok(lock) => lock,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return exit::FAILURE;
+        }
+    };
+    crate::orphans::reap_orphans(&resolved.fleet.state_dir);
+    let recorder = crate::orphans::Recorder::new(&resolved.fleet.state_dir);
     // Orphaned grandchildren must be re-parented to us, not to a pid 1 that may
     // never reap them: otherwise their zombies keep a process group "alive".
     if let Err(err) = crate::agent::become_subreaper() {
@@ -168,7 +179,7 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
                 None
             }
         };
-        match Supervisor::start(fleet_path, resolved).await {
+        match Supervisor::start(fleet_path, resolved, recorder).await {
             Ok(supervisor) => supervisor.run().await,
             Err(err) => {
                 eprintln!("error: cannot start the fleet");
@@ -183,21 +194,6 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
     // keep the process alive after the fleet has stopped.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
-}
-
-/// Creates `state_dir` (0700: it holds the ledger and, later, the control socket).
-fn ensure_state_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
-                anyhow::anyhow!("cannot create the state directory `{}`: {e}", dir.display())
-            })?;
-    }
-    Ok(())
 }
 
 struct Supervisor {
@@ -216,6 +212,8 @@ struct Supervisor {
     proxy_shutdown: watch::Sender<bool>,
     proxy_tasks: JoinSet<()>,
     launches: u64,
+    /// Keeps each agent's pid on disk so a successor can reap what we leave if killed.
+    recorder: crate::orphans::Recorder,
 }
 
 struct Running {
@@ -225,9 +223,12 @@ struct Running {
 }
 
 impl Supervisor {
-    async fn start(fleet_path: &Path, resolved: ResolvedFleet) -> anyhow::Result<Self> {
+    async fn start(
+        fleet_path: &Path,
+        resolved: ResolvedFleet,
+        recorder: crate::orphans::Recorder,
+    ) -> anyhow::Result<Self> {
         let fleet = resolved.fleet.clone();
-        ensure_state_dir(&fleet.state_dir)?;
         let ledger = Arc::new(Ledger::open(&fleet.state_dir)?);
         let (events_tx, events) = mpsc::unbounded_channel();
         let proxy = Arc::new(ProxyShared::new(fleet.proxy.clone(), ledger, events_tx)?);
@@ -244,6 +245,7 @@ impl Supervisor {
             proxy_shutdown,
             proxy_tasks: JoinSet::new(),
             launches: 0,
+            recorder,
         };
         crate::logging::set_name_width(fleet.agents.keys().map(String::as_str));
         let recorded = ledger::month_totals(&fleet.state_dir, Month::current())?;
@@ -272,6 +274,7 @@ impl Supervisor {
             }
             let (launch_id, launch) = supervisor.launch(&name, &plan);
             let handle = AgentHandle::spawn(launch);
+            supervisor.recorder.watch(&handle);
             supervisor.agents.insert(
                 name,
                 Running {
@@ -418,7 +421,9 @@ impl Supervisor {
         tracing::info!(
             "shutting down: stopping all agents (send the signal again to kill them at once)"
         );
+        let recorder = std::mem::take(&mut self.recorder);
         self.shutdown(&mut sigterm, &mut sigint).await;
+        recorder.finish().await;
         tracing::info!("all agents stopped; bye");
         exit::OK
     }
@@ -515,7 +520,11 @@ impl Supervisor {
                     tokio::spawn(async move { h.restart(Some(launch)).await });
                     handle
                 }
-                None => AgentHandle::spawn(launch),
+                None => {
+                    let handle = AgentHandle::spawn(launch);
+                    self.recorder.watch(&handle);
+                    handle
+                }
             };
             self.agents.insert(
                 name.clone(),

@@ -102,7 +102,10 @@ async fn openai(agent: &Agent, body: Value) -> (u16, String) {
         .send()
         .await
         .unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+    (
+        resp.status().as_u16(),
+        resp.text().await.unwrap_or_default(),
+    )
 }
 
 fn usage_json(fleet: &FleetDir) -> Value {
@@ -111,7 +114,11 @@ fn usage_json(fleet: &FleetDir) -> Value {
         .arg(fleet.file("fleet.yaml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -124,30 +131,58 @@ fn ask(model: &str, stream: bool) -> Value {
 async fn scoped_tokens_and_exact_usage() {
     let (fake, fleet, mut sup, agent) = setup("monthly_tokens: 1M", "");
     let token = agent.var("ANTHROPIC_API_KEY").to_owned();
-    assert!(token.starts_with("sup-"), "a scoped token, not the real key");
+    assert!(
+        token.starts_with("sup-"),
+        "a scoped token, not the real key"
+    );
     let env_text = fleet.read("agent.env").unwrap();
-    assert!(!env_text.contains(ANTHROPIC_KEY) && !env_text.contains(OPENAI_KEY), "real keys never reach the agent");
+    assert!(
+        !env_text.contains(ANTHROPIC_KEY) && !env_text.contains(OPENAI_KEY),
+        "real keys never reach the agent"
+    );
     assert!(agent.var("OPENAI_BASE_URL").ends_with("/v1"));
 
     // JSON and SSE, Anthropic and OpenAI (streaming without include_usage too).
     let (status, _, body) = anthropic(&agent, ask("claude-sonnet-4-5", false)).await;
     assert_eq!(status, 200, "{body}");
-    let (status, _, body) = anthropic(&agent, ask("claude-sonnet-4-5-cache-read-40-cache-write-8", true)).await;
+    let (status, _, body) = anthropic(
+        &agent,
+        ask("claude-sonnet-4-5-cache-read-40-cache-write-8", true),
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(body.contains("event: message_stop"), "{body}");
-    let (status, body) = openai(&agent, json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})).await;
+    let (status, body) = openai(
+        &agent,
+        json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = openai(&agent, json!({"model": "gpt-4.1-cache-read-16", "stream": true,
-        "messages": [{"role": "user", "content": "hello there"}]})).await;
+    let (status, body) = openai(
+        &agent,
+        json!({"model": "gpt-4.1-cache-read-16", "stream": true,
+        "messages": [{"role": "user", "content": "hello there"}]}),
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(body.contains("data: [DONE]"));
-    assert!(!body.contains("\"prompt_tokens\""), "the usage chunk the client did not ask for is dropped: {body}");
-    assert!(fake.requests().iter().any(|r| r.body["stream_options"]["include_usage"] == json!(true)),
-        "but upstream was asked for it");
+    assert!(
+        !body.contains("\"prompt_tokens\""),
+        "the usage chunk the client did not ask for is dropped: {body}"
+    );
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|r| r.body["stream_options"]["include_usage"] == json!(true)),
+        "but upstream was asked for it"
+    );
 
     // The upstream saw only real keys, never the scoped tokens.
     let seen = fake.keys_seen();
-    assert!(seen.contains(ANTHROPIC_KEY) && seen.contains(OPENAI_KEY), "{seen:?}");
+    assert!(
+        seen.contains(ANTHROPIC_KEY) && seen.contains(OPENAI_KEY),
+        "{seen:?}"
+    );
     assert!(!fake.saw(&token) && !fake.saw(agent.var("OPENAI_API_KEY")));
 
     // The ledger equals what the upstream billed, kind by kind.
@@ -158,8 +193,14 @@ async fn scoped_tokens_and_exact_usage() {
     assert_eq!(row["requests"], 4);
     assert_eq!(row["input_tokens"], billed.input_tokens);
     assert_eq!(row["output_tokens"], billed.output_tokens);
-    assert_eq!(row["cache_creation_input_tokens"], billed.cache_creation_input_tokens);
-    assert_eq!(row["cache_read_input_tokens"], billed.cache_read_input_tokens);
+    assert_eq!(
+        row["cache_creation_input_tokens"],
+        billed.cache_creation_input_tokens
+    );
+    assert_eq!(
+        row["cache_read_input_tokens"],
+        billed.cache_read_input_tokens
+    );
     assert_eq!(row["charged_tokens"], billed.tokens());
     assert!(row["cost_usd"].as_f64().unwrap() > 0.0);
     assert_eq!(row["monthly_tokens_ceiling"], 1_000_000);
@@ -168,7 +209,10 @@ async fn scoped_tokens_and_exact_usage() {
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success());
     let log = sup.log();
-    assert!(!log.contains(&token) && !log.contains(ANTHROPIC_KEY), "no secret in the log");
+    assert!(
+        !log.contains(&token) && !log.contains(ANTHROPIC_KEY),
+        "no secret in the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -178,8 +222,13 @@ async fn refusals_speak_the_providers_shape_and_cost_nothing() {
     let base = agent.var("ANTHROPIC_BASE_URL").to_owned();
 
     // unknown token
-    let resp = client().post(format!("{base}/v1/messages")).header("x-api-key", "sup-0000")
-        .json(&ask("claude-sonnet-4-5", false)).send().await.unwrap();
+    let resp = client()
+        .post(format!("{base}/v1/messages"))
+        .header("x-api-key", "sup-0000")
+        .json(&ask("claude-sonnet-4-5", false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["type"], "error");
@@ -187,22 +236,42 @@ async fn refusals_speak_the_providers_shape_and_cost_nothing() {
 
     // not JSON, too large, unknown path
     let token = agent.var("ANTHROPIC_API_KEY");
-    let resp = client().post(format!("{base}/v1/messages")).header("x-api-key", token)
-        .body("{not json").send().await.unwrap();
+    let resp = client()
+        .post(format!("{base}/v1/messages"))
+        .header("x-api-key", token)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
-    let resp = client().post(format!("{base}/v1/messages")).header("x-api-key", token)
-        .body(vec![b' '; 70 * 1024]).send().await.unwrap();
+    let resp = client()
+        .post(format!("{base}/v1/messages"))
+        .header("x-api-key", token)
+        .body(vec![b' '; 70 * 1024])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 413);
-    let resp = client().post(format!("{base}/v1/messages/batches")).header("x-api-key", token)
-        .json(&json!({})).send().await.unwrap();
+    let resp = client()
+        .post(format!("{base}/v1/messages/batches"))
+        .header("x-api-key", token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 404);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "not_found_error");
     assert_eq!(fake.requests().len(), 0, "no refusal was forwarded");
 
     // OpenAI shape for OpenAI paths
-    let resp = client().post(format!("{}/chat/completions", agent.var("OPENAI_BASE_URL")))
-        .bearer_auth("sup-nope").json(&json!({})).send().await.unwrap();
+    let resp = client()
+        .post(format!("{}/chat/completions", agent.var("OPENAI_BASE_URL")))
+        .bearer_auth("sup-nope")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_api_key");
@@ -245,9 +314,12 @@ async fn concurrent_requests_never_overshoot_a_ceiling() {
             let mut ok = 0;
             loop {
                 // ~800 output tokens each; the worst case reserved is larger.
-                let (status, headers, body) =
-                    anthropic(&agent, json!({"model": "claude-sonnet-4-5-out-800", "max_tokens": 1000,
-                        "stream": ok % 2 == 0, "messages": [{"role": "user", "content": "go"}]})).await;
+                let (status, headers, body) = anthropic(
+                    &agent,
+                    json!({"model": "claude-sonnet-4-5-out-800", "max_tokens": 1000,
+                        "stream": ok % 2 == 0, "messages": [{"role": "user", "content": "go"}]}),
+                )
+                .await;
                 match status {
                     200 => ok += 1,
                     429 => {
@@ -265,8 +337,14 @@ async fn concurrent_requests_never_overshoot_a_ceiling() {
         total_ok += t.await.unwrap();
     }
     let billed = fake.billed().total.tokens();
-    assert!(billed <= CEILING, "upstream billed {billed} over the ceiling {CEILING}");
-    assert!(billed >= CEILING / 2, "most of the ceiling is used: {billed} of {CEILING} in {total_ok} requests");
+    assert!(
+        billed <= CEILING,
+        "upstream billed {billed} over the ceiling {CEILING}"
+    );
+    assert!(
+        billed >= CEILING / 2,
+        "most of the ceiling is used: {billed} of {CEILING} in {total_ok} requests"
+    );
     let rows = usage_json(&fleet);
     assert_eq!(rows[0]["charged_tokens"], billed, "ledger = upstream tally");
 }
@@ -287,7 +365,10 @@ async fn a_cut_stream_is_charged_at_its_reservation() {
     });
     assert_eq!(outcome, "cut");
     assert_eq!(charged, reserved, "charged conservatively");
-    assert!(charged as u64 >= billed, "never below what upstream billed ({billed})");
+    assert!(
+        charged as u64 >= billed,
+        "never below what upstream billed ({billed})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -299,12 +380,22 @@ async fn kill_9_during_traffic_loses_no_usage() {
         tasks.push(tokio::spawn(async move {
             let agent = Agent { env };
             for _ in 0..50 {
-                let model = if i % 2 == 0 { "claude-sonnet-4-5-fake-slow" } else { "claude-sonnet-4-5" };
-                let _ = tokio::time::timeout(Duration::from_secs(5), anthropic(&agent, ask(model, true))).await;
+                let model = if i % 2 == 0 {
+                    "claude-sonnet-4-5-fake-slow"
+                } else {
+                    "claude-sonnet-4-5"
+                };
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    anthropic(&agent, ask(model, true)),
+                )
+                .await;
             }
         }));
     }
-    wait_for("traffic to flow", || (fake.billed().total.requests >= 10).then_some(()));
+    wait_for("traffic to flow", || {
+        (fake.billed().total.requests >= 10).then_some(())
+    });
     sup.signal(Signal::SIGKILL);
     let _ = sup.wait_exit();
     for t in tasks {
@@ -313,9 +404,15 @@ async fn kill_9_during_traffic_loses_no_usage() {
     let billed = fake.billed().total.tokens();
     let rows = usage_json(&fleet);
     let recorded = rows[0]["charged_tokens"].as_u64().unwrap();
-    assert!(recorded >= billed, "ledger {recorded} < upstream billed {billed}");
+    assert!(
+        recorded >= billed,
+        "ledger {recorded} < upstream billed {billed}"
+    );
     // Clean up the agent the killed supervisor left behind.
-    if let Some(pid) = fleet.read("agent.pid").and_then(|p| p.trim().parse::<i32>().ok()) {
+    if let Some(pid) = fleet
+        .read("agent.pid")
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
     }
 }

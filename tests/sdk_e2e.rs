@@ -14,7 +14,11 @@ fn usage_json(fleet: &FleetDir) -> Value {
         .arg(fleet.file("fleet.yaml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -45,12 +49,20 @@ agents:
     ));
     let mut sup = fleet.run(&[]);
     let report: Value = wait_for("the SDK client's report", || {
-        fleet.read("sdk-report.json").and_then(|t| serde_json::from_str(&t).ok())
+        fleet
+            .read("sdk-report.json")
+            .and_then(|t| serde_json::from_str(&t).ok())
     });
     // What the SDKs parsed is what the fake billed, request by request.
-    let billed: Vec<_> = fake.requests().iter().map(|r| r.billed.clone()).collect();
-    assert_eq!(report["anthropic"][0][0], billed[0].input_tokens, "{report}");
-    assert_eq!(report["anthropic"][2][1], 529, "errors reach the SDK as its own typed error: {report}");
+    let billed: Vec<_> = fake.requests().iter().map(|r| r.billed).collect();
+    assert_eq!(
+        report["anthropic"][0][0], billed[0].input_tokens,
+        "{report}"
+    );
+    assert_eq!(
+        report["anthropic"][2][1], 529,
+        "errors reach the SDK as its own typed error: {report}"
+    );
     assert!(report["openai"][1].as_u64().unwrap() > 2, "{report}");
 
     let total = fake.billed().total;
@@ -60,8 +72,15 @@ agents:
     assert_eq!(row["requests"], fake.requests().len(), "{rows}");
     assert_eq!(row["input_tokens"], total.input_tokens);
     assert_eq!(row["output_tokens"], total.output_tokens);
-    assert_eq!(row["cache_read_input_tokens"], total.cache_read_input_tokens);
-    assert_eq!(row["charged_tokens"], total.tokens(), "ledger = upstream tally");
+    assert_eq!(
+        row["cache_read_input_tokens"],
+        total.cache_read_input_tokens
+    );
+    assert_eq!(
+        row["charged_tokens"],
+        total.tokens(),
+        "ledger = upstream tally"
+    );
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success());
 }
@@ -118,33 +137,58 @@ fn a_runaway_is_quarantined_and_stays_down_until_released() {
     wait_gone(looper);
     let log = fleet.read("looper.log").unwrap();
     let looping_calls = log.lines().filter(|l| l.starts_with("ok ")).count();
-    assert!(looping_calls <= 4, "tripped within failing_retries + 1 calls: {log}");
-    assert!(log.contains("refused 403"), "the SDK saw the refusal: {log}");
+    assert!(
+        looping_calls <= 4,
+        "tripped within failing_retries + 1 calls: {log}"
+    );
+    assert!(
+        log.contains("refused 403"),
+        "the SDK saw the refusal: {log}"
+    );
     assert!(log.contains("permission_error"), "{log}");
 
     // The sibling keeps working.
     let before = successes(&fleet, "steady");
-    wait_for("steady to keep working", || (successes(&fleet, "steady") > before + 3).then_some(()));
+    wait_for("steady to keep working", || {
+        (successes(&fleet, "steady") > before + 3).then_some(())
+    });
 
     let listed = cli(&fleet, &["quarantine", "--json"]);
     let records: Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(records[0]["agent"], "looper");
-    assert!(records[0]["reason"].as_str().unwrap().contains("failing retries"));
-    assert!(records[0]["evidence"]["steps"].as_array().is_some_and(|s| !s.is_empty()));
+    assert!(
+        records[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("failing retries")
+    );
+    assert!(
+        records[0]["evidence"]["steps"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty())
+    );
 
     // Across a supervisor restart it stays down.
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success());
     let _ = std::fs::remove_file(fleet.file("looper.pid"));
+    let _ = std::fs::remove_file(fleet.file("steady.pid"));
     let mut sup = fleet.run(&[]);
     sup.wait_log("looper: stays quarantined");
     let steady = fleet.wait_pid("steady");
     std::thread::sleep(std::time::Duration::from_millis(500));
-    assert!(fleet.read("looper.pid").is_none(), "a quarantined agent is not started");
+    assert!(
+        fleet.read("looper.pid").is_none(),
+        "a quarantined agent is not started"
+    );
 
     // Release: the running supervisor starts it again.
     let released = cli(&fleet, &["release", "looper"]);
-    assert!(released.status.success(), "{}", String::from_utf8_lossy(&released.stderr));
+    assert!(
+        released.status.success(),
+        "{}",
+        String::from_utf8_lossy(&released.stderr)
+    );
     assert!(String::from_utf8_lossy(&released.stdout).contains("is reloading"));
     fleet.wait_pid("looper");
     sup.wait_log("released from quarantine");

@@ -200,14 +200,20 @@ pub fn python_with_sdks() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
     let hint = "hint: run `python3 -m venv .venv && .venv/bin/pip install anthropic openai` in the crate root, \
                 or point `SUPERVISOR_TEST_PYTHON` at an interpreter that has them";
-    match Command::new(&py).args(["-c", "import anthropic, openai"]).output() {
+    match Command::new(&py)
+        .args(["-c", "import anthropic, openai"])
+        .output()
+    {
         Ok(out) if out.status.success() => py,
         Ok(out) => panic!(
             "the SDK tests need the `anthropic` and `openai` Python packages, but `{}` cannot import them: {}\n{hint}",
             py.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         ),
-        Err(e) => panic!("the SDK tests need a Python interpreter at `{}` ({e})\n{hint}", py.display()),
+        Err(e) => panic!(
+            "the SDK tests need a Python interpreter at `{}` ({e})\n{hint}",
+            py.display()
+        ),
     }
 }
 
