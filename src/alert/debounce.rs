@@ -147,6 +147,9 @@ mod tests {
 
     const S: Duration = Duration::from_secs(1);
 
+    /// `(agent, seconds after the start)`, in order.
+    type Feed<'a> = &'a [(&'a str, u64)];
+
     fn debouncer() -> (Debouncer, Instant) {
         let d = Debouncer::new(
             CrashLoopSpec {
@@ -182,7 +185,7 @@ mod tests {
 
     #[test]
     fn crash_loops() {
-        let cases: &[(&str, &[(&str, u64)], &[(&str, u64)])] = &[
+        let cases: &[(&str, Feed, Feed)] = &[
             ("below the threshold", &[("a", 0), ("a", 10)], &[]),
             (
                 "threshold within the window",
@@ -226,7 +229,7 @@ mod tests {
 
     #[test]
     fn rate_limit_storms() {
-        let cases: &[(&str, &[(&str, u64)], &[(&str, u64)])] = &[
+        let cases: &[(&str, Feed, Feed)] = &[
             (
                 "three refusals are no storm",
                 &[("a", 0), ("a", 0), ("a", 1)],

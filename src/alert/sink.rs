@@ -377,6 +377,95 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    fn sh(script: &str, cwd: &std::path::Path) -> AlertCommand {
+        AlertCommand {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            cwd: cwd.to_owned(),
+        }
+    }
+
+    fn path_env() -> Vec<(OsString, OsString)> {
+        std::env::var_os("PATH")
+            .map(|p| vec![("PATH".into(), p)])
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_command_past_its_timeout_is_killed_with_its_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        // The background sleep is what a plain kill of `sh` would leave running.
+        let command = sh("sleep 60 & echo $! > bg.pid; wait", dir.path());
+        let started = std::time::Instant::now();
+        let err = run_command(&command, b"{}", path_env(), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(err, "still running after 300ms; killed it");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "did not wait for the sleeps"
+        );
+        let pid: i32 = std::fs::read_to_string(dir.path().join("bg.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Killed; a zombie at most until its new parent reaps it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let alive = state
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next())
+                .is_some_and(|s| s != "Z" && s != "X");
+            if !alive {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} survived: {state}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn command_failures_say_what_happened() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |command: AlertCommand| async move {
+            run_command(&command, b"{\"a\":1}", path_env(), Duration::from_secs(20)).await
+        };
+        assert_eq!(run(sh("cat > got.json", dir.path())).await, Ok(()));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("got.json")).unwrap(),
+            "{\"a\":1}"
+        );
+        assert_eq!(
+            run(sh("exit 0", dir.path())).await,
+            Ok(()),
+            "ignoring stdin is fine"
+        );
+        assert_eq!(
+            run(sh("echo 'bad  token' >&2; exit 2", dir.path())).await,
+            Err("exited with status 2; stderr: bad token".to_owned())
+        );
+        assert_eq!(
+            run(sh("kill -TERM $$", dir.path())).await,
+            Err("killed by signal 15 (SIGTERM)".to_owned())
+        );
+        let missing = AlertCommand {
+            argv: vec!["/nonexistent/notify".into()],
+            cwd: dir.path().to_owned(),
+        };
+        assert_eq!(
+            run(missing).await,
+            Err(format!(
+                "cannot start it: No such file or directory (os error 2); check `alerts.command` in fleet.yaml (run in `{}`)",
+                dir.path().display()
+            ))
+        );
+    }
+
     #[test]
     fn exits_are_described() {
         assert_eq!(
