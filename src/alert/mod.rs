@@ -194,7 +194,7 @@ async fn deliver(
 ) {
     tracing::warn!("alert: {}", event.headline());
     let body = match serde_json::to_vec(&payload(event, fleet, time)) {
-        Ok(body) => body,
+        Ok(body) => bytes::Bytes::from(body),
         Err(err) => {
             tracing::error!("alert `{}` cannot be encoded as JSON: {err}", event.kind());
             return;
@@ -232,4 +232,31 @@ async fn deliver(
         }
     };
     tokio::join!(webhook, command);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The proxy and the supervisor share one handle across tasks and threads.
+    #[test]
+    fn the_handle_is_shareable() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<Alerter>();
+    }
+
+    #[tokio::test]
+    async fn flush_returns_once_the_task_is_gone() {
+        let (alerter, task) = Alerter::new(AlertsSpec::default(), "f");
+        task.abort();
+        let _ = task.await;
+        alerter.send(AlertEvent::CrashLooping {
+            agent: "a".into(),
+            restarts: 1,
+            window: std::time::Duration::from_secs(1),
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(20), alerter.flush())
+            .await
+            .expect("flush does not hang on a stopped task");
+    }
 }

@@ -82,7 +82,7 @@ pub(crate) fn judge(status: StatusCode) -> Verdict {
 pub(crate) async fn post_webhook(
     client: &reqwest::Client,
     url: &WebhookUrl,
-    body: &[u8],
+    body: &bytes::Bytes,
     delays: &[Duration],
 ) -> Result<usize, String> {
     let attempts = delays.len() + 1;
@@ -92,7 +92,7 @@ pub(crate) async fn post_webhook(
         let sent = client
             .post(url.expose().clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.to_vec())
+            .body(body.clone())
             .send()
             .await;
         let (verdict, why) = match sent {
