@@ -2,6 +2,7 @@
 //! one agent, never the fleet. See ARCHITECTURE.md for the map.
 
 pub mod agent;
+pub mod alert;
 pub mod budget;
 pub mod check;
 pub mod cli;

@@ -208,6 +208,7 @@ mod tests {
             vault,
             proxy: Default::default(),
             providers: BTreeMap::new(),
+            alerts: Default::default(),
             agents: BTreeMap::new(),
         }
     }

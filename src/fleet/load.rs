@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::alerts;
 use super::error::{ConfigError, ConfigErrors};
 use super::metering;
 use super::model::{
@@ -15,7 +16,8 @@ use super::model::{
 };
 use super::node::{self, At, Node, NodeError, Pos, Value};
 use super::schema::{
-    Backend, Dur, Policy, RawAgent, RawDefaults, RawEnv, RawProxy, RawRestart, RawStop, RawVault,
+    Backend, Dur, Policy, RawAgent, RawAlerts, RawDefaults, RawEnv, RawProxy, RawRestart, RawStop,
+    RawVault,
 };
 use crate::vault::SecretName;
 
@@ -32,6 +34,7 @@ const SECTIONS: &[&str] = &[
     "state_dir",
     "vault",
     "proxy",
+    "alerts",
     "providers",
     "defaults",
     "agents",
@@ -307,6 +310,7 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
     let mut defaults_ok = true;
     let mut agents: Option<&Node> = None;
     let mut proxy: Option<RawProxy> = None;
+    let mut alerts_raw: Option<RawAlerts> = None;
     let mut providers_raw = BTreeMap::new();
     let mut providers_ok = true;
 
@@ -338,6 +342,17 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
             }
             "agents" => agents = Some(value),
             "proxy" => proxy = section(cx, "proxy", value),
+            // Checked before serde sees it: serde's message would quote the
+            // string, and a string here is likely the webhook URL, a credential.
+            "alerts" if matches!(value.value, Value::Scalar { .. }) => cx.push(
+                value.pos,
+                None,
+                format!(
+                    "`alerts`: expected a mapping like `{{ webhook: https://..., command: [...] }}`, found {}",
+                    value.kind_name()
+                ),
+            ),
+            "alerts" => alerts_raw = section(cx, "alerts", value),
             "providers" => {
                 let before = cx.errors.len();
                 providers_raw = section(cx, "providers", value).unwrap_or_default();
@@ -379,6 +394,7 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
     check_defaults(cx, &defaults);
     let proxy = metering::resolve_proxy(cx, proxy);
     let providers = metering::resolve_providers(cx, providers_raw);
+    let alerts = alerts::resolve_alerts(cx, alerts_raw, base_dir);
 
     let mut sources = SourceMap::default();
     let mut specs = BTreeMap::new();
@@ -419,6 +435,7 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
         vault: vault?,
         proxy,
         providers,
+        alerts,
         agents: specs,
     };
     (agents_ok && defaults_ok && providers_ok).then_some(Located { fleet, sources })
@@ -1092,7 +1109,7 @@ agents:
                 "version: 2\nproxxy: {}\nvault: {backend: envv, pth: x}\ndefaults: {restart: always}\nagents: []\n",
                 &[
                     "fleet.yaml:1:10: unsupported `version` 2; this supervisor reads version 1",
-                    "fleet.yaml:2:1: unknown field `proxxy`, expected one of `version`, `state_dir`, `vault`, `proxy`, `providers`, `defaults`, `agents`",
+                    "fleet.yaml:2:1: unknown field `proxxy`, expected one of `version`, `state_dir`, `vault`, `proxy`, `alerts`, `providers`, `defaults`, `agents`",
                     "fleet.yaml:3:18: `vault.backend`: unknown variant `envv`, expected one of `dir`, `systemd-creds`, `env`",
                     "fleet.yaml:3:24: `vault`: unknown field `pth`, expected `backend` or `path`",
                     "fleet.yaml:4:21: `defaults.restart`: invalid type: string \"always\", expected a mapping with `policy`, `backoff_initial`, `backoff_max`, `reset_after`",

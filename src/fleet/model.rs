@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use crate::alert::WebhookUrl;
 use crate::pricing::Prices;
 use crate::proxy::refusal::Api;
 use crate::runaway::RunawayConfig;
@@ -27,6 +28,7 @@ pub struct Fleet {
     pub vault: VaultConfig,
     pub proxy: ProxySpec,
     pub providers: BTreeMap<String, ProviderSpec>,
+    pub alerts: AlertsSpec,
     pub agents: BTreeMap<String, AgentSpec>,
 }
 
@@ -47,6 +49,64 @@ impl Default for ProxySpec {
             listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
             max_body: 32 << 20,
             upstream_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `alerts:`: where alerts are delivered, and when repeated trouble becomes
+/// one alert. With no sink, alerts are only logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlertsSpec {
+    /// POSTed a JSON payload (Slack-compatible `text` plus structured fields).
+    pub webhook: Option<WebhookUrl>,
+    /// Run with the JSON payload on stdin.
+    pub command: Option<AlertCommand>,
+    pub crash_loop: CrashLoopSpec,
+    pub rate_limit_storm: StormSpec,
+}
+
+/// The `alerts.command` program, run in the fleet directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertCommand {
+    /// Never empty; a relative program path with a `/` is already resolved
+    /// against `cwd`, a bare name is looked up on `PATH`.
+    pub argv: Vec<String>,
+    /// The fleet directory, so `[python3, alerts/notify.py]` works as written.
+    pub cwd: PathBuf,
+}
+
+/// An agent is crash-looping when it restarts `restarts` times within `window`;
+/// it is alerted at most once per `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrashLoopSpec {
+    pub restarts: u32,
+    pub window: Duration,
+}
+
+impl Default for CrashLoopSpec {
+    fn default() -> Self {
+        Self {
+            restarts: 5,
+            window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A rate-limit storm is `refusals` rate-limit refusals of one agent within
+/// `window`; it is alerted at most once per `quiet`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StormSpec {
+    pub refusals: u32,
+    pub window: Duration,
+    pub quiet: Duration,
+}
+
+impl Default for StormSpec {
+    fn default() -> Self {
+        Self {
+            refusals: 20,
+            window: Duration::from_secs(60),
+            quiet: Duration::from_secs(900),
         }
     }
 }

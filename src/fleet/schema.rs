@@ -62,6 +62,33 @@ pub struct RawProxy {
     pub upstream_timeout: Option<At<Dur>>,
 }
 
+/// `alerts: { webhook, command, crash_loop, rate_limit_storm }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    pub webhook: Option<At<String>>,
+    pub command: Option<At<Argv>>,
+    pub crash_loop: Option<RawCrashLoop>,
+    pub rate_limit_storm: Option<RawStorm>,
+}
+
+/// `crash_loop: { restarts, window }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCrashLoop {
+    pub restarts: Option<At<u32>>,
+    pub window: Option<At<Dur>>,
+}
+
+/// `rate_limit_storm: { refusals, window, quiet }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorm {
+    pub refusals: Option<At<u32>>,
+    pub window: Option<At<Dur>>,
+    pub quiet: Option<At<Dur>>,
+}
+
 /// One entry of `providers:`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

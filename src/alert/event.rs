@@ -1,0 +1,292 @@
+//! What an alert says: the events, and the JSON payload both sinks receive
+//! (a Slack-compatible `text` plus structured fields). Pure: the time and the
+//! fleet name come in as arguments. Must not decide whether an event is worth
+//! sending (that is `debounce`) nor deliver it (that is `sink`).
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+
+use crate::budget::Month;
+
+/// Version of the payload's shape, for receivers that parse it.
+pub const PAYLOAD_VERSION: u32 = 1;
+
+/// Longest `text`, in characters: evidence can be long, chat messages should not be.
+const MAX_TEXT_CHARS: usize = 3000;
+
+/// Something an operator should hear about. Texts in it must hold no secret:
+/// they are sent to the sinks as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AlertEvent {
+    /// The agent was stopped and will not run again until released.
+    Quarantined {
+        agent: String,
+        reason: String,
+        evidence_summary: String,
+    },
+    /// The agent's monthly ceiling refused a request.
+    CeilingReached {
+        agent: String,
+        month: Month,
+        message: String,
+    },
+    /// The agent restarted `restarts` times within `window`.
+    CrashLooping {
+        agent: String,
+        restarts: u32,
+        window: Duration,
+    },
+    /// `refused` of the agent's requests were rate-limited within `window`.
+    RateLimitStorm {
+        agent: String,
+        refused: u32,
+        window: Duration,
+    },
+}
+
+impl AlertEvent {
+    /// The payload's `event` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Quarantined { .. } => "agent_quarantined",
+            Self::CeilingReached { .. } => "ceiling_reached",
+            Self::CrashLooping { .. } => "crash_looping",
+            Self::RateLimitStorm { .. } => "rate_limit_storm",
+        }
+    }
+
+    pub fn agent(&self) -> &str {
+        match self {
+            Self::Quarantined { agent, .. }
+            | Self::CeilingReached { agent, .. }
+            | Self::CrashLooping { agent, .. }
+            | Self::RateLimitStorm { agent, .. } => agent,
+        }
+    }
+
+    /// One line for people, without the fleet name or the evidence.
+    pub fn headline(&self) -> String {
+        match self {
+            Self::Quarantined { agent, reason, .. } => {
+                format!("agent `{agent}` quarantined: {reason}")
+            }
+            Self::CeilingReached { agent, month, .. } => format!(
+                "agent `{agent}` reached its monthly ceiling for {month}; its LLM requests are refused until {} or a higher ceiling",
+                month.next()
+            ),
+            Self::CrashLooping {
+                agent,
+                restarts,
+                window,
+            } => format!(
+                "agent `{agent}` is crash-looping: {restarts} restarts within {}",
+                humantime::format_duration(*window)
+            ),
+            Self::RateLimitStorm {
+                agent,
+                refused,
+                window,
+            } => format!(
+                "agent `{agent}` is in a rate-limit storm: {refused} requests refused within {}; it may be retrying in a tight loop, or its rate limits are too low",
+                humantime::format_duration(*window)
+            ),
+        }
+    }
+
+    /// The text under the headline, if the event carries one.
+    fn detail(&self) -> Option<&str> {
+        let text = match self {
+            Self::Quarantined {
+                evidence_summary, ..
+            } => evidence_summary,
+            Self::CeilingReached { message, .. } => message,
+            _ => return None,
+        };
+        (!text.trim().is_empty()).then_some(text.as_str())
+    }
+}
+
+/// The JSON both sinks receive: `text` for Slack-compatible webhooks, then
+/// `version`, `event`, `agent`, `fleet`, `time` (RFC 3339, UTC) and the
+/// event's own fields.
+pub fn payload(event: &AlertEvent, fleet: &str, time: SystemTime) -> Value {
+    let mut text = format!("[{fleet}] {}", event.headline());
+    if let Some(detail) = event.detail() {
+        text.push('\n');
+        text.push_str(detail);
+    }
+    let mut body = json!({
+        "text": slack_escape(&truncate(&text, MAX_TEXT_CHARS)),
+        "version": PAYLOAD_VERSION,
+        "event": event.kind(),
+        "agent": event.agent(),
+        "fleet": fleet,
+        "time": humantime::format_rfc3339_seconds(time).to_string(),
+    });
+    let fields = match event {
+        AlertEvent::Quarantined {
+            reason,
+            evidence_summary,
+            ..
+        } => json!({ "reason": reason, "evidence_summary": evidence_summary }),
+        AlertEvent::CeilingReached { month, message, .. } => {
+            json!({ "month": month.to_string(), "message": message })
+        }
+        AlertEvent::CrashLooping {
+            restarts, window, ..
+        } => json!({ "restarts": restarts, "window_secs": window.as_secs() }),
+        AlertEvent::RateLimitStorm {
+            refused, window, ..
+        } => json!({ "refused": refused, "window_secs": window.as_secs() }),
+    };
+    if let (Some(body), Value::Object(fields)) = (body.as_object_mut(), fields) {
+        body.extend(fields);
+    }
+    body
+}
+
+/// Slack reads `&`, `<` and `>` in `text` as markup (links, mentions); an
+/// HTML error page in the evidence must show as text, not ping anyone.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn month(y: i32, m: u8) -> Month {
+        Month::new(y, m).unwrap()
+    }
+
+    #[test]
+    fn payloads_for_every_event() {
+        // 2026-03-14T15:09:26Z
+        let time = at(1_773_500_966);
+        let cases: Vec<(AlertEvent, Value)> = vec![
+            (
+                AlertEvent::Quarantined {
+                    agent: "notes".into(),
+                    reason: "failing retries with growing context (4 in a row)".into(),
+                    evidence_summary: "#1 12k tokens <html>502</html>\n#2 14k tokens".into(),
+                },
+                json!({
+                    "text": "[demo] agent `notes` quarantined: failing retries with growing context (4 in a row)\n#1 12k tokens &lt;html&gt;502&lt;/html&gt;\n#2 14k tokens",
+                    "version": 1,
+                    "event": "agent_quarantined",
+                    "agent": "notes",
+                    "fleet": "demo",
+                    "time": "2026-03-14T15:09:26Z",
+                    "reason": "failing retries with growing context (4 in a row)",
+                    "evidence_summary": "#1 12k tokens <html>502</html>\n#2 14k tokens",
+                }),
+            ),
+            (
+                AlertEvent::CeilingReached {
+                    agent: "sparkles".into(),
+                    month: month(2026, 12),
+                    message:
+                        "agent \"sparkles\" reached its monthly ceiling: $150.00 of $150.00 used"
+                            .into(),
+                },
+                json!({
+                    "text": "[demo] agent `sparkles` reached its monthly ceiling for 2026-12; its LLM requests are refused until 2027-01 or a higher ceiling\nagent \"sparkles\" reached its monthly ceiling: $150.00 of $150.00 used",
+                    "version": 1,
+                    "event": "ceiling_reached",
+                    "agent": "sparkles",
+                    "fleet": "demo",
+                    "time": "2026-03-14T15:09:26Z",
+                    "month": "2026-12",
+                    "message": "agent \"sparkles\" reached its monthly ceiling: $150.00 of $150.00 used",
+                }),
+            ),
+            (
+                AlertEvent::CrashLooping {
+                    agent: "a".into(),
+                    restarts: 5,
+                    window: Duration::from_secs(600),
+                },
+                json!({
+                    "text": "[demo] agent `a` is crash-looping: 5 restarts within 10m",
+                    "version": 1,
+                    "event": "crash_looping",
+                    "agent": "a",
+                    "fleet": "demo",
+                    "time": "2026-03-14T15:09:26Z",
+                    "restarts": 5,
+                    "window_secs": 600,
+                }),
+            ),
+            (
+                AlertEvent::RateLimitStorm {
+                    agent: "b".into(),
+                    refused: 20,
+                    window: Duration::from_secs(60),
+                },
+                json!({
+                    "text": "[demo] agent `b` is in a rate-limit storm: 20 requests refused within 1m; it may be retrying in a tight loop, or its rate limits are too low",
+                    "version": 1,
+                    "event": "rate_limit_storm",
+                    "agent": "b",
+                    "fleet": "demo",
+                    "time": "2026-03-14T15:09:26Z",
+                    "refused": 20,
+                    "window_secs": 60,
+                }),
+            ),
+        ];
+        for (event, want) in cases {
+            assert_eq!(payload(&event, "demo", time), want, "{}", event.kind());
+        }
+    }
+
+    #[test]
+    fn empty_evidence_adds_no_line_and_long_text_is_cut() {
+        let event = AlertEvent::Quarantined {
+            agent: "a".into(),
+            reason: "r".into(),
+            evidence_summary: "  ".into(),
+        };
+        assert_eq!(
+            payload(&event, "f", at(0))["text"],
+            "[f] agent `a` quarantined: r"
+        );
+
+        let event = AlertEvent::Quarantined {
+            agent: "a".into(),
+            reason: "r".into(),
+            evidence_summary: "é".repeat(10_000),
+        };
+        let body = payload(&event, "f", at(0));
+        let text = body["text"].as_str().unwrap();
+        assert_eq!(text.chars().count(), MAX_TEXT_CHARS + 1);
+        assert!(text.ends_with("é…"));
+        assert_eq!(
+            body["evidence_summary"].as_str().unwrap().chars().count(),
+            10_000,
+            "structured fields stay whole"
+        );
+    }
+
+    #[test]
+    fn escaping_and_truncation() {
+        assert_eq!(slack_escape("a & <b> c"), "a &amp; &lt;b&gt; c");
+        assert_eq!(truncate("abc", 3), "abc");
+        assert_eq!(truncate("abcd", 3), "abc…");
+        assert_eq!(truncate("", 0), "");
+    }
+}
