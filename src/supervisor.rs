@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::agent::{AgentHandle, AgentLaunch, AgentState};
+use crate::alert::{AlertEvent, Alerter};
 use crate::budget::Month;
 use crate::check::AgentSecrets;
 use crate::cli::{LogFormat, exit};
@@ -214,6 +215,7 @@ struct Supervisor {
     launches: u64,
     /// Keeps each agent's pid on disk so a successor can reap what we leave if killed.
     recorder: crate::orphans::Recorder,
+    alerter: Alerter,
 }
 
 struct Running {
@@ -231,6 +233,12 @@ impl Supervisor {
         let fleet = resolved.fleet.clone();
         let ledger = Arc::new(Ledger::open(&fleet.state_dir)?);
         let (events_tx, events) = mpsc::unbounded_channel();
+        let fleet_name = fleet
+            .base_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "fleet".to_owned());
+        let (alerter, _delivery) = Alerter::new(fleet.alerts.clone(), fleet_name);
         let proxy = Arc::new(ProxyShared::new(fleet.proxy.clone(), ledger, events_tx)?);
         let (proxy_shutdown, _) = watch::channel(false);
         let mut supervisor = Self {
@@ -246,6 +254,7 @@ impl Supervisor {
             proxy_tasks: JoinSet::new(),
             launches: 0,
             recorder,
+            alerter,
         };
         crate::logging::set_name_width(fleet.agents.keys().map(String::as_str));
         let recorded = ledger::month_totals(&fleet.state_dir, Month::current())?;
@@ -275,6 +284,7 @@ impl Supervisor {
             let (launch_id, launch) = supervisor.launch(&name, &plan);
             let handle = AgentHandle::spawn(launch);
             supervisor.recorder.watch(&handle);
+            supervisor.watch_restarts(&name, &handle);
             supervisor.agents.insert(
                 name,
                 Running {
@@ -523,6 +533,7 @@ impl Supervisor {
                 None => {
                     let handle = AgentHandle::spawn(launch);
                     self.recorder.watch(&handle);
+                    self.watch_restarts(name, &handle);
                     handle
                 }
             };
@@ -552,6 +563,7 @@ impl Supervisor {
                 tokio::spawn(handle.shutdown());
             }
         }
+        self.alerter.reconfigure(resolved.fleet.alerts.clone());
         self.current = resolved.fleet;
         tracing::info!(
             added = diff.added.len(),
@@ -560,6 +572,23 @@ impl Supervisor {
             unchanged = diff.unchanged.len(),
             "reload applied"
         );
+    }
+
+    /// Tells the alerter about each restart, so a crash loop raises one alert.
+    fn watch_restarts(&self, name: &str, handle: &AgentHandle) {
+        let mut status = handle.subscribe();
+        let alerter = self.alerter.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let mut seen = status.borrow().restarts;
+            while status.changed().await.is_ok() {
+                let restarts = status.borrow().restarts;
+                if restarts > seen {
+                    alerter.agent_restarted(&name);
+                }
+                seen = restarts;
+            }
+        });
     }
 
     /// Containment and bookkeeping for what the proxy saw.
@@ -571,6 +600,14 @@ impl Supervisor {
                 evidence,
             } => {
                 let reason = format!("runaway: {evidence}");
+                self.alerter.send(AlertEvent::Quarantined {
+                    agent: agent.clone(),
+                    reason: reason.clone(),
+                    evidence_summary: crate::quarantine_cmd::evidence_lines(
+                        &serde_json::to_value(&evidence).unwrap_or_default(),
+                    )
+                    .join("\n"),
+                });
                 tracing::error!(agent = %agent, "quarantined: {reason}; its process group is being stopped and it stays down until `supervisor release {agent}`");
                 // Persist before anything else reads the records (reloads run
                 // in this same loop), so a restart cannot bring it back.
@@ -608,8 +645,24 @@ impl Supervisor {
                 evidence,
             } => {
                 tracing::warn!(agent = %agent, "runaway pattern (action: alert, so it keeps running): {evidence}");
+                self.alerter.send(AlertEvent::RunawayDetected {
+                    agent: agent.clone(),
+                    reason: format!("runaway: {evidence}"),
+                    evidence_summary: crate::quarantine_cmd::evidence_lines(
+                        &serde_json::to_value(&evidence).unwrap_or_default(),
+                    )
+                    .join("\n"),
+                });
             }
-            ProxyEvent::CeilingReached { .. } | ProxyEvent::RateLimited { .. } => {}
+            ProxyEvent::CeilingReached { agent, message } => {
+                // The alerter sends one per agent and month; this is every refusal.
+                self.alerter.send(AlertEvent::CeilingReached {
+                    agent,
+                    month: Month::current(),
+                    message,
+                });
+            }
+            ProxyEvent::RateLimited { agent } => self.alerter.rate_limited(&agent),
         }
     }
 
@@ -647,7 +700,15 @@ impl Supervisor {
         // The agents are gone; stop the proxy and make the ledger durable.
         let _ = self.proxy_shutdown.send(true);
         while self.proxy_tasks.join_next().await.is_some() {}
+        self.proxy.drain(Duration::from_secs(5)).await;
         self.proxy.ledger.flush().await;
+        // Alerts still queued get a bounded chance to go out.
+        if tokio::time::timeout(Duration::from_secs(10), self.alerter.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some alerts were not delivered before shutdown");
+        }
     }
 }
 

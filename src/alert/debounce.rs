@@ -118,7 +118,7 @@ impl Debouncer {
     /// the ones this debouncer detects.
     pub fn admit(&mut self, event: &AlertEvent, now: Instant) -> bool {
         match event {
-            AlertEvent::Quarantined { .. } => true,
+            AlertEvent::Quarantined { .. } | AlertEvent::RunawayDetected { .. } => true,
             AlertEvent::CeilingReached { agent, month, .. } => {
                 if self.ceilings.get(agent) == Some(month) {
                     false

@@ -25,6 +25,13 @@ pub enum AlertEvent {
         reason: String,
         evidence_summary: String,
     },
+    /// The agent shows the runaway pattern but its `runaway.action` is
+    /// `alert`, so it keeps running.
+    RunawayDetected {
+        agent: String,
+        reason: String,
+        evidence_summary: String,
+    },
     /// The agent's monthly ceiling refused a request.
     CeilingReached {
         agent: String,
@@ -50,6 +57,7 @@ impl AlertEvent {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Quarantined { .. } => "agent_quarantined",
+            Self::RunawayDetected { .. } => "runaway_detected",
             Self::CeilingReached { .. } => "ceiling_reached",
             Self::CrashLooping { .. } => "crash_looping",
             Self::RateLimitStorm { .. } => "rate_limit_storm",
@@ -59,6 +67,7 @@ impl AlertEvent {
     pub fn agent(&self) -> &str {
         match self {
             Self::Quarantined { agent, .. }
+            | Self::RunawayDetected { agent, .. }
             | Self::CeilingReached { agent, .. }
             | Self::CrashLooping { agent, .. }
             | Self::RateLimitStorm { agent, .. } => agent,
@@ -71,6 +80,9 @@ impl AlertEvent {
             Self::Quarantined { agent, reason, .. } => {
                 format!("agent `{agent}` quarantined: {reason}")
             }
+            Self::RunawayDetected { agent, reason, .. } => format!(
+                "agent `{agent}` shows the runaway pattern and keeps running (`runaway.action: alert`): {reason}"
+            ),
             Self::CeilingReached { agent, month, .. } => format!(
                 "agent `{agent}` reached its monthly ceiling for {month}; its LLM requests are refused until {} or a higher ceiling",
                 month.next()
@@ -99,6 +111,9 @@ impl AlertEvent {
         let text = match self {
             Self::Quarantined {
                 evidence_summary, ..
+            }
+            | Self::RunawayDetected {
+                evidence_summary, ..
             } => evidence_summary,
             Self::CeilingReached { message, .. } => message,
             _ => return None,
@@ -126,6 +141,11 @@ pub fn payload(event: &AlertEvent, fleet: &str, time: SystemTime) -> Value {
     });
     let fields = match event {
         AlertEvent::Quarantined {
+            reason,
+            evidence_summary,
+            ..
+        }
+        | AlertEvent::RunawayDetected {
             reason,
             evidence_summary,
             ..

@@ -208,24 +208,30 @@ pub(crate) async fn run_command(
     let Some((program, args)) = command.argv.split_first() else {
         return Err("`alerts.command` is empty".to_owned());
     };
-    let mut child = Command::new(program)
-        .args(args)
-        .current_dir(&command.cwd)
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        // Its own group, so a timeout also stops what a `sh -c` started.
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot start it: {e}; check `alerts.command` in fleet.yaml (run in `{}`)",
-                command.cwd.display()
-            )
-        })?;
+    // Registered with the orphan reaper, which must leave its exit status to us.
+    let (mut child, _owned) = crate::agent::reaper::spawn_owned(
+        || {
+            Command::new(program)
+                .args(args)
+                .current_dir(&command.cwd)
+                .env_clear()
+                .envs(env)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                // Its own group, so a timeout also stops what a `sh -c` started.
+                .process_group(0)
+                .kill_on_drop(true)
+                .spawn()
+        },
+        |child| child.id(),
+    )
+    .map_err(|e| {
+        format!(
+            "cannot start it: {e}; check `alerts.command` in fleet.yaml (run in `{}`)",
+            command.cwd.display()
+        )
+    })?;
     let group = child.id().and_then(ProcessGroup::from_leader);
     let stdin = child.stdin.take();
     let mut stderr = tokio::spawn(read_excerpt(child.stderr.take()));

@@ -82,6 +82,8 @@ pub struct ProxyShared {
     client: reqwest::Client,
     settings: ProxySpec,
     events: mpsc::UnboundedSender<ProxyEvent>,
+    /// One clone per answer being pumped, so shutdown can wait for settlements.
+    pumps: Arc<()>,
     /// Models already logged as unpriced, so each is logged once.
     unpriced: Mutex<std::collections::HashSet<(String, String)>>,
 }
@@ -111,8 +113,18 @@ impl ProxyShared {
             client,
             settings,
             events,
+            pumps: Arc::new(()),
             unpriced: Mutex::new(Default::default()),
         })
+    }
+
+    /// Waits (at most `limit`) for answers still being pumped to settle, so
+    /// a clean shutdown records exact usage rather than reservations.
+    pub async fn drain(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Arc::strong_count(&self.pumps) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -720,7 +732,9 @@ async fn handle_metered(
             },
         )
     });
+    let in_flight = shared.pumps.clone();
     tokio::spawn(pump(
+        in_flight,
         source,
         tx,
         tap,
@@ -871,6 +885,7 @@ fn millis(d: Duration) -> u64 {
 /// settles. A client that stops reading for `idle` is dropped (its answer
 /// is charged as cut), so no reservation is held forever.
 async fn pump(
+    _in_flight: Arc<()>,
     source: Source,
     tx: mpsc::Sender<Bytes>,
     mut tap: Option<UsageTap>,
