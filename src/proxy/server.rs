@@ -658,6 +658,7 @@ async fn handle_metered(
         started,
         streamed: estimate.stream,
         conversation,
+        _in_flight: shared.pumps.clone(),
     };
 
     // 6. forward
@@ -732,9 +733,7 @@ async fn handle_metered(
             },
         )
     });
-    let in_flight = shared.pumps.clone();
     tokio::spawn(pump(
-        in_flight,
         source,
         tx,
         tap,
@@ -771,6 +770,8 @@ struct Pending {
     started: Instant,
     streamed: bool,
     conversation: Option<ConversationKey>,
+    /// Counts this request as in flight until it is settled (see `drain`).
+    _in_flight: Arc<()>,
 }
 
 impl Pending {
@@ -885,7 +886,6 @@ fn millis(d: Duration) -> u64 {
 /// settles. A client that stops reading for `idle` is dropped (its answer
 /// is charged as cut), so no reservation is held forever.
 async fn pump(
-    _in_flight: Arc<()>,
     source: Source,
     tx: mpsc::Sender<Bytes>,
     mut tap: Option<UsageTap>,
