@@ -85,10 +85,11 @@ agents:
     assert!(sup.wait_exit().success());
 }
 
-fn runaway_fleet(py: &std::path::Path) -> String {
+fn runaway_fleet(py: &std::path::Path, webhook: &str) -> String {
     format!(
         "version: 1
 proxy: {{ listen: '127.0.0.1:0' }}
+alerts: {{ webhook: '{webhook}' }}
 providers:
   sim: {{ kind: simulated }}
 defaults:
@@ -130,7 +131,8 @@ fn cli(fleet: &FleetDir, args: &[&str]) -> std::process::Output {
 fn a_runaway_is_quarantined_and_stays_down_until_released() {
     let py = python_with_sdks();
     let fleet = FleetDir::new();
-    fleet.write_fleet(&runaway_fleet(&py));
+    let hook = common::webhook::Webhook::start();
+    fleet.write_fleet(&runaway_fleet(&py, &hook.url));
     let mut sup = fleet.run(&[]);
     let looper = fleet.wait_pid("looper");
     sup.wait_log("looper: quarantined: runaway");
@@ -146,6 +148,22 @@ fn a_runaway_is_quarantined_and_stays_down_until_released() {
         "the SDK saw the refusal: {log}"
     );
     assert!(log.contains("permission_error"), "{log}");
+
+    // The webhook got a Slack-compatible alert with the evidence.
+    let alert = wait_for("the quarantine alert", || {
+        hook.received()
+            .into_iter()
+            .find(|a| a["event"] == "agent_quarantined")
+    });
+    assert_eq!(alert["agent"], "looper");
+    assert!(
+        alert["text"].as_str().unwrap().contains("quarantined"),
+        "{alert}"
+    );
+    assert!(
+        alert["evidence_summary"].as_str().unwrap().contains("step"),
+        "{alert}"
+    );
 
     // The sibling keeps working.
     let before = successes(&fleet, "steady");

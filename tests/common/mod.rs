@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_upstream;
+pub mod webhook;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
