@@ -6,6 +6,7 @@ pub mod alert;
 pub mod budget;
 pub mod check;
 pub mod cli;
+pub mod control;
 pub mod fleet;
 pub mod ledger;
 pub mod logging;

@@ -1,0 +1,2 @@
+//! The control socket: the CLI's way into a running supervisor.
+pub mod protocol;
