@@ -63,6 +63,8 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// One measured load shape.
 struct Scenario {
+    /// What to pass after `--` to run only this one, e.g. `json-c1`.
+    label: &'static str,
     name: &'static str,
     connections: usize,
     stream: bool,
@@ -72,6 +74,7 @@ struct Scenario {
 
 const SCENARIOS: [Scenario; 3] = [
     Scenario {
+        label: "json-c32",
         name: "json",
         connections: 32,
         stream: false,
@@ -79,6 +82,7 @@ const SCENARIOS: [Scenario; 3] = [
         measure: Duration::from_secs(5),
     },
     Scenario {
+        label: "json-c1",
         name: "json",
         connections: 1,
         stream: false,
@@ -86,6 +90,7 @@ const SCENARIOS: [Scenario; 3] = [
         measure: Duration::from_secs(3),
     },
     Scenario {
+        label: "sse-c32",
         name: "sse",
         connections: 32,
         stream: true,
@@ -105,6 +110,20 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    // `cargo bench` passes `--bench`; any other argument selects scenarios by label.
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let scenarios: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| wanted.is_empty() || wanted.iter().any(|w| w == s.label))
+        .collect();
+    ensure!(
+        !scenarios.is_empty(),
+        "no scenario is called {wanted:?}; the scenarios are {:?}",
+        SCENARIOS.map(|s| s.label)
+    );
     let upstream = FakeUpstream::start().context("cannot start the fake upstream")?;
     let dir = tempfile::tempdir().context("cannot create a temporary fleet directory")?;
     let proxy_addr = free_port()?;
@@ -131,21 +150,31 @@ fn run() -> Result<()> {
          proxy = `supervisor run` with ledger, ceilings and rate buckets on"
     );
     println!(
-        "{:<6} {:>5} {:<6} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
-        "answer", "conns", "path", "requests", "req/s", "p50 µs", "p90 µs", "p99 µs", "max µs"
+        "{:<6} {:>5} {:<6} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
+        "answer",
+        "conns",
+        "path",
+        "requests",
+        "req/s",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "max µs",
+        "proxy cpu",
+        "bench cpu"
     );
     let mut summary = String::new();
     let mut aim = Aim::default();
-    for scenario in &SCENARIOS {
+    for scenario in scenarios {
         let body = Bytes::from_static(if scenario.stream {
             SSE_REQUEST.as_bytes()
         } else {
             JSON_REQUEST.as_bytes()
         });
-        let base = client.block_on(load(upstream.addr, scenario, body.clone()))?;
+        let base = client.block_on(load(upstream.addr, scenario, body.clone(), None))?;
         print_row(scenario, "direct", &base);
         direct += base.total;
-        let through = client.block_on(load(proxy_addr, scenario, body))?;
+        let through = client.block_on(load(proxy_addr, scenario, body, Some(supervisor.pid)))?;
         print_row(scenario, "proxy", &through);
         proxied += through.total;
 
@@ -155,8 +184,15 @@ fn run() -> Result<()> {
         let ratio = p.rps / b.rps;
         writeln!(
             summary,
-            "{:<4} C={:<2}  added p50 {:>+7.1} µs  added p99 {:>+7.1} µs  throughput proxy/direct {:.2} ({:.0} vs {:.0} req/s)",
-            scenario.name, scenario.connections, added_p50, added_p99, ratio, p.rps, b.rps
+            "{:<4} C={:<2}  added p50 {:>+7.1} µs  added p99 {:>+7.1} µs  throughput proxy/direct {:.2} ({:.0} vs {:.0} req/s)  proxy cpu {:.1} µs/req",
+            scenario.name,
+            scenario.connections,
+            added_p50,
+            added_p99,
+            ratio,
+            p.rps,
+            b.rps,
+            p.proxy_cpu_us.unwrap_or_default()
         )?;
         if !scenario.stream {
             if scenario.connections == 1 {
@@ -221,9 +257,16 @@ struct Measured {
     window: Duration,
     /// Every request sent, warm-up included (for the ledger check).
     total: u64,
+    /// CPU the supervisor used during the window (proxied runs only).
+    proxy_cpu: Option<Duration>,
+    /// CPU this process (load generator and fake upstream) used during the window.
+    bench_cpu: Duration,
 }
 
 struct Stats {
+    /// Supervisor CPU time per request (user + system), in µs.
+    proxy_cpu_us: Option<f64>,
+    bench_cpu_us: f64,
     rps: f64,
     p50_us: f64,
     p90_us: f64,
@@ -236,7 +279,10 @@ impl Measured {
         let mut sorted = self.latencies_ns.clone();
         sorted.sort_unstable();
         let us = |q: f64| percentile(&sorted, q) as f64 / 1_000.0;
+        let per_request = |cpu: Duration| cpu.as_secs_f64() * 1e6 / sorted.len().max(1) as f64;
         Stats {
+            proxy_cpu_us: self.proxy_cpu.map(per_request),
+            bench_cpu_us: per_request(self.bench_cpu),
             rps: sorted.len() as f64 / self.window.as_secs_f64(),
             p50_us: us(0.50),
             p90_us: us(0.90),
@@ -258,7 +304,7 @@ fn percentile(sorted: &[u64], q: f64) -> u64 {
 fn print_row(scenario: &Scenario, path: &str, run: &Measured) {
     let s = run.stats();
     println!(
-        "{:<6} {:>5} {:<6} {:>9} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+        "{:<6} {:>5} {:<6} {:>9} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>10} {:>10.1}",
         scenario.name,
         scenario.connections,
         path,
@@ -267,13 +313,22 @@ fn print_row(scenario: &Scenario, path: &str, run: &Measured) {
         s.p50_us,
         s.p90_us,
         s.p99_us,
-        s.max_us
+        s.max_us,
+        s.proxy_cpu_us
+            .map_or_else(|| "-".to_owned(), |us| format!("{us:.1}")),
+        s.bench_cpu_us
     );
 }
 
 /// Drives `scenario.connections` keep-alive connections, each sending its
 /// next request as soon as the previous answer has been read to the end.
-async fn load(addr: SocketAddr, scenario: &Scenario, body: Bytes) -> Result<Measured> {
+/// When `proxy` is given, its CPU time over the measured window is sampled.
+async fn load(
+    addr: SocketAddr,
+    scenario: &Scenario,
+    body: Bytes,
+    proxy: Option<u32>,
+) -> Result<Measured> {
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + scenario.warmup;
     let until = measure_from + scenario.measure;
@@ -282,6 +337,25 @@ async fn load(addr: SocketAddr, scenario: &Scenario, body: Bytes) -> Result<Meas
         let body = body.clone();
         tasks.spawn(connection_loop(addr, body, start, measure_from, until));
     }
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = (
+            proxy.map(cpu_time).transpose(),
+            cpu_time(std::process::id()),
+        );
+        tokio::time::sleep_until(until.into()).await;
+        let after = (
+            proxy.map(cpu_time).transpose(),
+            cpu_time(std::process::id()),
+        );
+        match (before, after) {
+            ((Ok(p0), Ok(b0)), (Ok(p1), Ok(b1))) => Ok((
+                p0.zip(p1).map(|(p0, p1)| p1.saturating_sub(p0)),
+                b1.saturating_sub(b0),
+            )),
+            ((Err(e), _) | (_, Err(e)), _) | (_, (Err(e), _) | (_, Err(e))) => Err(e),
+        }
+    });
     let mut latencies_ns = Vec::new();
     let mut total = 0;
     while let Some(joined) = tasks.join_next().await {
@@ -289,10 +363,13 @@ async fn load(addr: SocketAddr, scenario: &Scenario, body: Bytes) -> Result<Meas
         latencies_ns.extend(lat);
         total += sent;
     }
+    let (proxy_cpu, bench_cpu) = cpu.await.context("the CPU sampler panicked")??;
     Ok(Measured {
         latencies_ns,
         window: scenario.measure,
         total,
+        proxy_cpu,
+        bench_cpu,
     })
 }
 
@@ -364,6 +441,31 @@ async fn exchange(sender: &mut Sender, addr: SocketAddr, body: Bytes) -> Result<
     Ok(status)
 }
 
+/// User plus system CPU time of process `pid` so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read `{path}`"))?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("`{path}` has no field {n}"))
+    };
+    let ticks = field(14)? + field(15)?;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(100);
+    Ok(Duration::from_micros(ticks * 1_000_000 / per_second))
+}
+
 /// Polls until the proxy forwards a request for the bench agent (the
 /// listener binds a moment before the agent's key is registered). Returns how
 /// many requests went through, for the ledger check.
@@ -373,8 +475,12 @@ async fn wait_until_proxy_answers(addr: SocketAddr) -> Result<u64> {
     while Instant::now() < deadline {
         match connect(addr).await {
             Ok(mut sender) => {
-                match exchange(&mut sender, addr, Bytes::from_static(JSON_REQUEST.as_bytes()))
-                    .await
+                match exchange(
+                    &mut sender,
+                    addr,
+                    Bytes::from_static(JSON_REQUEST.as_bytes()),
+                )
+                .await
                 {
                     Ok(StatusCode::OK) => return Ok(1),
                     Ok(status) => last = format!("answered {status}"),
@@ -514,6 +620,7 @@ agents:
 /// `supervisor run` on the bench fleet; killed if the bench fails midway.
 struct SupervisorProcess {
     child: Option<Child>,
+    pid: u32,
     log: PathBuf,
 }
 
@@ -536,6 +643,7 @@ impl SupervisorProcess {
             .spawn()
             .with_context(|| format!("cannot start `{}`", supervisor_bin()))?;
         Ok(Self {
+            pid: child.id(),
             child: Some(child),
             log,
         })
