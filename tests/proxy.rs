@@ -416,3 +416,36 @@ async fn kill_9_during_traffic_loses_no_usage() {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_dies_with_its_launch() {
+    let (fake, fleet, sup, agent) = setup("monthly_tokens: 1M", "");
+    let old_pid = fleet.wait_pid("agent");
+    let (status, _, _) = anthropic(&agent, ask("claude-sonnet-4-5", false)).await;
+    assert_eq!(status, 200);
+
+    // Change the agent (a new env value): the reload restarts it with new tokens.
+    let _ = std::fs::remove_file(fleet.file("agent.pid"));
+    let _ = std::fs::remove_file(fleet.file("agent.env"));
+    let yaml = fleet_yaml(&fake.url(), "monthly_tokens: 1M", "")
+        .replace("    budget:", "    env: { GENERATION: two }\n    budget:");
+    fleet.write_fleet(&yaml);
+    sup.signal(Signal::SIGHUP);
+    let new_pid = fleet.wait_pid("agent");
+    assert_ne!(new_pid, old_pid);
+    let fresh = Agent::wait(&fleet);
+    assert_ne!(
+        fresh.var("ANTHROPIC_API_KEY"),
+        agent.var("ANTHROPIC_API_KEY")
+    );
+
+    let (status, _, body) = anthropic(&agent, ask("claude-sonnet-4-5", false)).await;
+    assert_eq!(status, 401, "the old launch's token is dead: {body}");
+    let (status, _, _) = anthropic(&fresh, ask("claude-sonnet-4-5", false)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        fake.billed().total.requests,
+        2,
+        "the refused request never reached upstream"
+    );
+}
