@@ -48,7 +48,7 @@ agents:
         script = repo_file("tests/sdk/metered_client.py").display(),
     ));
     let mut sup = fleet.run(&[]);
-    let report: Value = wait_for("the SDK client's report", || {
+    let report: Value = wait_for_within("the SDK client's report", PATIENCE_SDK, || {
         fleet
             .read("sdk-report.json")
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -134,8 +134,16 @@ fn a_runaway_is_quarantined_and_stays_down_until_released() {
     let hook = common::webhook::Webhook::start();
     fleet.write_fleet(&runaway_fleet(&py, &hook.url));
     let mut sup = fleet.run(&[]);
-    let looper = fleet.wait_pid("looper");
-    sup.wait_log("looper: quarantined: runaway");
+    let looper = wait_for_within("looper.pid", PATIENCE_SDK, || {
+        fleet
+            .read("looper.pid")
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    });
+    wait_for_within("the quarantine", PATIENCE_SDK, || {
+        sup.log()
+            .contains("looper: quarantined: runaway")
+            .then_some(())
+    });
     wait_gone(looper);
     let log = fleet.read("looper.log").unwrap();
     let looping_calls = log.lines().filter(|l| l.starts_with("ok ")).count();
@@ -150,7 +158,7 @@ fn a_runaway_is_quarantined_and_stays_down_until_released() {
     assert!(log.contains("permission_error"), "{log}");
 
     // The webhook got a Slack-compatible alert with the evidence.
-    let alert = wait_for("the quarantine alert", || {
+    let alert = wait_for_within("the quarantine alert", PATIENCE_SDK, || {
         hook.received()
             .into_iter()
             .find(|a| a["event"] == "agent_quarantined")
@@ -167,7 +175,7 @@ fn a_runaway_is_quarantined_and_stays_down_until_released() {
 
     // The sibling keeps working.
     let before = successes(&fleet, "steady");
-    wait_for("steady to keep working", || {
+    wait_for_within("steady to keep working", PATIENCE_SDK, || {
         (successes(&fleet, "steady") > before + 3).then_some(())
     });
 
@@ -208,7 +216,9 @@ fn a_runaway_is_quarantined_and_stays_down_until_released() {
         String::from_utf8_lossy(&released.stderr)
     );
     assert!(String::from_utf8_lossy(&released.stdout).contains("is reloading"));
-    fleet.wait_pid("looper");
+    wait_for_within("looper to start again", PATIENCE_SDK, || {
+        fleet.read("looper.pid")
+    });
     sup.wait_log("released from quarantine");
     assert!(process_alive(steady), "release touches nothing else");
     let again = cli(&fleet, &["release", "looper"]);

@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Upper bound for "eventually" checks: generous because CI machines are shared.
-pub const PATIENCE: Duration = Duration::from_secs(20);
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_supervisor")
@@ -144,13 +144,22 @@ impl Drop for Supervisor {
 }
 
 /// Polls `probe` until it yields a value; panics with `what` after `PATIENCE`.
-pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    wait_for_within(what, PATIENCE, probe)
+}
+
+/// Upper bound for steps that start Python with the SDKs: imports alone take
+/// seconds on a loaded machine.
+pub const PATIENCE_SDK: Duration = Duration::from_secs(120);
+
+/// [`wait_for`] with an explicit upper bound.
+pub fn wait_for_within<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = probe() {
             return v;
         }
-        if start.elapsed() > PATIENCE {
+        if start.elapsed() > limit {
             panic!("timed out waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -35,7 +35,8 @@ r = o.responses.create(model="gpt-4.1", input="Summarize the notes.")
 report["openai"].append([r.usage.input_tokens, r.usage.output_tokens])
 
 try:
-    a.messages.create(model="claude-sonnet-4-5-fake-529", max_tokens=64, messages=ask)
+    a.with_options(max_retries=0).messages.create(
+        model="claude-sonnet-4-5-fake-529", max_tokens=64, messages=ask)
 except anthropic.APIStatusError as err:
     report["anthropic"].append(["error", err.status_code])
 
