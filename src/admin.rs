@@ -152,16 +152,17 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
         return text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            format!(
-                "not found: `{path}`; the admin listener serves `/metrics` and `/healthz`\n"
-            ),
+            format!("not found: `{path}`; the admin listener serves `/metrics` and `/healthz`\n"),
         );
     }
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         let mut response = text(
             StatusCode::METHOD_NOT_ALLOWED,
             PLAIN,
-            format!("method `{}` not allowed on `{path}`; use GET\n", req.method()),
+            format!(
+                "method `{}` not allowed on `{path}`; use GET\n",
+                req.method()
+            ),
         );
         response
             .headers_mut()
@@ -169,7 +170,11 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
         return response;
     }
     if path == "/metrics" {
-        return text(StatusCode::OK, METRICS_CONTENT_TYPE, admin.metrics_text().await);
+        return text(
+            StatusCode::OK,
+            METRICS_CONTENT_TYPE,
+            admin.metrics_text().await,
+        );
     }
     if admin.healthy().await {
         text(StatusCode::OK, PLAIN, "ok\n".to_owned())

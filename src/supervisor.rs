@@ -362,7 +362,9 @@ impl Supervisor {
         };
         let listen = spec.listen;
         let listener = TcpListener::bind(listen).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on `{listen}` for the admin listener (`admin.listen`): {e}")
+            anyhow::anyhow!(
+                "cannot listen on `{listen}` for the admin listener (`admin.listen`): {e}"
+            )
         })?;
         let bound = listener.local_addr()?;
         if !bound.ip().is_loopback() {
@@ -378,7 +380,8 @@ impl Supervisor {
             admin::ask_loop(asker),
         ));
         let shutdown = self.proxy_shutdown.subscribe();
-        self.proxy_tasks.spawn(admin::serve(listener, admin, shutdown));
+        self.proxy_tasks
+            .spawn(admin::serve(listener, admin, shutdown));
         Ok(())
     }
 

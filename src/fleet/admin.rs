@@ -12,7 +12,11 @@ use super::schema::RawAdmin;
 /// `written` is whether the file has an `admin` key at all: absent means no
 /// admin listener; present (even empty, `admin: {}`) means one, on loopback
 /// unless `listen` says otherwise.
-pub(super) fn resolve_admin(cx: &mut Cx, written: bool, raw: Option<RawAdmin>) -> Option<AdminSpec> {
+pub(super) fn resolve_admin(
+    cx: &mut Cx,
+    written: bool,
+    raw: Option<RawAdmin>,
+) -> Option<AdminSpec> {
     if !written {
         return None;
     }
@@ -86,33 +90,47 @@ mod tests {
             ),
         ];
         for (what, source, want) in ok {
-            assert_eq!(parse(source), Ok(want.map(addr).map(|listen| AdminSpec { listen })), "{what}");
+            assert_eq!(
+                parse(source),
+                Ok(want.map(addr).map(|listen| AdminSpec { listen })),
+                "{what}"
+            );
         }
 
         let bad: &[(&str, &str, &[&str])] = &[
             (
                 "a host name",
                 "version: 1\nadmin: { listen: localhost:7879 }\nagents: {}\n",
-                &["fleet.yaml:2:19: `admin.listen`: invalid address `localhost:7879`; use IP:PORT, like `127.0.0.1:7879`"],
+                &[
+                    "fleet.yaml:2:18: `admin.listen`: invalid address `localhost:7879`; use IP:PORT, like `127.0.0.1:7879`",
+                ],
             ),
             (
                 "no port",
                 "version: 1\nadmin: { listen: 127.0.0.1 }\nagents: {}\n",
-                &["fleet.yaml:2:19: `admin.listen`: invalid address `127.0.0.1`; use IP:PORT, like `127.0.0.1:7879`"],
+                &[
+                    "fleet.yaml:2:18: `admin.listen`: invalid address `127.0.0.1`; use IP:PORT, like `127.0.0.1:7879`",
+                ],
             ),
             (
                 "unknown field",
                 "version: 1\nadmin: { listen: 127.0.0.1:1, path: /m }\nagents: {}\n",
-                &["fleet.yaml:2:33: `admin`: unknown field `path`, expected `listen`"],
+                &["fleet.yaml:2:31: `admin`: unknown field `path`, expected `listen`"],
             ),
             (
                 "a scalar",
                 "version: 1\nadmin: 127.0.0.1:7879\nagents: {}\n",
-                &["fleet.yaml:2:8: `admin`: invalid type: string \"127.0.0.1:7879\", expected a mapping with `listen`"],
+                &[
+                    "fleet.yaml:2:8: `admin`: invalid type: string \"127.0.0.1:7879\", expected a mapping with `listen`",
+                ],
             ),
         ];
         for (what, source, want) in bad {
-            assert_eq!(parse(source), Err(want.iter().map(|s| s.to_string()).collect()), "{what}");
+            assert_eq!(
+                parse(source),
+                Err(want.iter().map(|s| s.to_string()).collect()),
+                "{what}"
+            );
         }
     }
 }

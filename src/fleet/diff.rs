@@ -82,7 +82,11 @@ pub fn non_reloadable_changes(old: &Fleet, new: &Fleet) -> Vec<String> {
             .map_or_else(|| "none".to_owned(), |a| a.listen.to_string())
     };
     if old.admin != new.admin {
-        out.push(refusal("admin.listen", admin_listen(old), admin_listen(new)));
+        out.push(refusal(
+            "admin.listen",
+            admin_listen(old),
+            admin_listen(new),
+        ));
     }
     out
 }
@@ -279,19 +283,25 @@ mod tests {
                 "moved",
                 Some("127.0.0.1:7879"),
                 Some("127.0.0.1:9100"),
-                Some("`admin.listen` cannot change while running (was `127.0.0.1:7879`, now `127.0.0.1:9100`); restart the supervisor to apply it"),
+                Some(
+                    "`admin.listen` cannot change while running (was `127.0.0.1:7879`, now `127.0.0.1:9100`); restart the supervisor to apply it",
+                ),
             ),
             (
                 "added",
                 None,
                 Some("127.0.0.1:7879"),
-                Some("`admin.listen` cannot change while running (was `none`, now `127.0.0.1:7879`); restart the supervisor to apply it"),
+                Some(
+                    "`admin.listen` cannot change while running (was `none`, now `127.0.0.1:7879`); restart the supervisor to apply it",
+                ),
             ),
             (
                 "removed",
                 Some("127.0.0.1:7879"),
                 None,
-                Some("`admin.listen` cannot change while running (was `127.0.0.1:7879`, now `none`); restart the supervisor to apply it"),
+                Some(
+                    "`admin.listen` cannot change while running (was `127.0.0.1:7879`, now `none`); restart the supervisor to apply it",
+                ),
             ),
         ];
         for (what, old, new, want) in cases {

@@ -17,8 +17,8 @@ use super::model::{
 };
 use super::node::{self, At, Node, NodeError, Pos, Value};
 use super::schema::{
-    Backend, Dur, Policy, RawAdmin, RawAgent, RawAlerts, RawDefaults, RawEnv, RawProxy, RawRestart, RawStop,
-    RawVault,
+    Backend, Dur, Policy, RawAdmin, RawAgent, RawAlerts, RawDefaults, RawEnv, RawProxy, RawRestart,
+    RawStop, RawVault,
 };
 use crate::vault::SecretName;
 

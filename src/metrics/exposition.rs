@@ -225,7 +225,11 @@ mod tests {
     #[test]
     fn a_family_with_samples() {
         let mut e = Exposition::new();
-        e.family("x_total", MetricType::Counter, "Things.\nWith a \\ in help.");
+        e.family(
+            "x_total",
+            MetricType::Counter,
+            "Things.\nWith a \\ in help.",
+        );
         e.sample("x_total", &[("agent", "a\"b"), ("kind", "in")], 3u64);
         e.sample("x_total", &[], 0.25);
         assert_eq!(

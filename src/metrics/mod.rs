@@ -327,7 +327,11 @@ mod tests {
         h.observe(Duration::from_millis(250));
         h.observe(Duration::from_micros(1500));
         let snap = h.snapshot();
-        assert!((snap.sum_seconds - 0.2515).abs() < 1e-9, "{}", snap.sum_seconds);
+        assert!(
+            (snap.sum_seconds - 0.2515).abs() < 1e-9,
+            "{}",
+            snap.sum_seconds
+        );
         assert_eq!(snap.count(), 2);
         assert_eq!(snap.counts.len(), OVERHEAD_BUCKETS.len() + 1);
     }

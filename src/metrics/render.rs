@@ -343,14 +343,21 @@ mod tests {
         ] {
             assert!(l.contains(&want), "missing {want:?} in\n{text}");
         }
-        assert!(!text.contains("supervisor_agent_monthly_usd_ceiling{"), "{text}");
+        assert!(
+            !text.contains("supervisor_agent_monthly_usd_ceiling{"),
+            "{text}"
+        );
     }
 
     #[test]
     fn every_family_is_contiguous_with_help_and_type() {
         let m = AgentMetrics::default();
         let snapshot = FleetSnapshot {
-            counters: [("a".to_owned(), m.snapshot()), ("b".to_owned(), m.snapshot())].into(),
+            counters: [
+                ("a".to_owned(), m.snapshot()),
+                ("b".to_owned(), m.snapshot()),
+            ]
+            .into(),
             status: Some(vec![row("a", "running"), row("b", "backoff")]),
         };
         let text = render(&snapshot);

@@ -258,7 +258,9 @@ async fn handle(
     };
     let api = route.provider.api();
     if let Some(reason) = meter.quarantine_reason() {
-        meter.metrics.count_request(RequestOutcome::RefusedQuarantine);
+        meter
+            .metrics
+            .count_request(RequestOutcome::RefusedQuarantine);
         return refuse(
             api,
             RefusalKind::Quarantined,
