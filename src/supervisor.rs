@@ -372,7 +372,7 @@ impl Supervisor {
                 "the admin listener listens on {bound}, which is not loopback: any host that can reach it can read agent names, usage and states"
             );
         }
-        tracing::info!(listen = %bound, "admin listener serving /metrics and /healthz");
+        tracing::info!("admin listener serving /metrics and /healthz on http://{bound}");
         let (asker, requests) = mpsc::channel(16);
         self.status_requests = Some(requests);
         let admin = Arc::new(admin::Admin::for_meters(
