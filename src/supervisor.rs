@@ -798,8 +798,10 @@ fn status_row(
     meter: Option<&AgentMeter>,
     month: Month,
 ) -> AgentStatusRow {
+    let quarantine_reason = meter.and_then(AgentMeter::quarantine_reason);
+    // The proxy refuses a tripped agent before this loop has moved it to `held`.
     let state = match status.map(|s| &s.state) {
-        _ if held => "quarantined",
+        _ if held || quarantine_reason.is_some() => "quarantined",
         None | Some(AgentState::Starting) => "starting",
         Some(AgentState::Running { .. }) => "running",
         Some(AgentState::Backoff { .. }) => "backoff",
@@ -831,7 +833,7 @@ fn status_row(
             .map(|m| m as f64 / 1e6),
         tokens_available: rates.and_then(|r| r.tokens_available),
         requests_available: rates.and_then(|r| r.requests_available),
-        quarantine_reason: meter.and_then(AgentMeter::quarantine_reason),
+        quarantine_reason,
     }
 }
 

@@ -497,3 +497,95 @@ fn admin_listener_warns_when_not_on_loopback_and_is_absent_by_default() {
     assert!(sup.wait_exit().success());
     assert!(!sup.log().contains("admin listener"), "{}", sup.log());
 }
+
+/// A runaway written with plain urllib: its tool always fails, it appends
+/// the failure and retries, until the proxy refuses it.
+const LOOPER: &str = r#"
+import json, os, urllib.error, urllib.request
+base, key = os.environ["ANTHROPIC_BASE_URL"], os.environ["ANTHROPIC_API_KEY"]
+tools = [{"name": "fetch_notes", "description": "fetch notes",
+          "input_schema": {"type": "object", "properties": {"folder": {"type": "string"}}}}]
+messages = [{"role": "user", "content": "Summarize the notes."}]
+attempt = 0
+while True:
+    body = json.dumps({"model": "claude-sim", "max_tokens": 256, "tools": tools,
+                       "messages": messages}).encode()
+    req = urllib.request.Request(base + "/v1/messages", data=body, headers={
+        "x-api-key": key, "content-type": "application/json", "anthropic-version": "2023-06-01"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            answer = json.load(r)
+    except urllib.error.HTTPError as e:
+        with open("looper.refused", "w") as f:
+            f.write(str(e.code))
+        raise SystemExit(1)
+    messages.append({"role": "assistant", "content": answer["content"]})
+    calls = [b for b in answer["content"] if b["type"] == "tool_use"]
+    attempt += 1
+    messages.append({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": c["id"], "is_error": True,
+         "content": f"Traceback: ValueError: malformed JSON at char {attempt * 37} (request {attempt})"}
+        for c in calls]})
+"#;
+
+#[test]
+fn a_quarantined_runaway_shows_in_its_series() {
+    let fleet = FleetDir::new();
+    std::fs::write(fleet.file("looper.py"), LOOPER).unwrap();
+    fleet.write_fleet(
+        "version: 1
+proxy: { listen: '127.0.0.1:0' }
+admin: { listen: '127.0.0.1:0' }
+providers:
+  sim: { kind: simulated }
+defaults:
+  restart: { policy: never }
+agents:
+  looper:
+    command: [python3, looper.py]
+    llm: [ { provider: sim } ]
+    runaway: { failing_retries: 2 }
+",
+    );
+    let mut sup = fleet.run(&[]);
+    let addr = admin_addr(&sup);
+    sup.wait_log("looper: quarantined: runaway");
+    assert_eq!(
+        wait_for("the looper's refusal", || fleet.read("looper.refused")),
+        "403"
+    );
+    let scrape = wait_for("the looper to show as quarantined", || {
+        let (status, _, body) = http_get(addr, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        let scrape = parse(&body);
+        let quarantined = scrape.get(
+            "supervisor_agent_state",
+            &[("agent", "looper"), ("state", "quarantined")],
+        );
+        (quarantined == Some(1.0)).then_some(scrape)
+    });
+    let one = |name: &str, extra: &[(&str, &str)]| {
+        let mut labels = vec![("agent", "looper")];
+        labels.extend_from_slice(extra);
+        scrape.value(name, &labels)
+    };
+    assert_eq!(one("supervisor_agent_quarantined", &[]), 1.0);
+    assert_eq!(one("supervisor_agent_quarantines_total", &[]), 1.0);
+    assert_eq!(
+        one(
+            "supervisor_agent_requests_total",
+            &[("outcome", "refused_quarantine")]
+        ),
+        1.0,
+        "the tripping request is refused, not forwarded"
+    );
+    let ok = one("supervisor_agent_requests_total", &[("outcome", "ok")]);
+    assert!(
+        (1.0..=3.0).contains(&ok),
+        "tripped within failing_retries + 1 calls: {ok}"
+    );
+    assert_eq!(one("supervisor_proxy_overhead_seconds_count", &[]), ok);
+
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success(), "{}", sup.log());
+}
