@@ -1,6 +1,7 @@
 //! agent-supervisor: runs a fleet of LLM agents so that one runaway agent costs
 //! one agent, never the fleet. See ARCHITECTURE.md for the map.
 
+pub mod admin;
 pub mod agent;
 pub mod alert;
 pub mod budget;
@@ -10,6 +11,7 @@ pub mod control;
 pub mod fleet;
 pub mod ledger;
 pub mod logging;
+pub mod metrics;
 pub mod orphans;
 pub mod pricing;
 pub mod proxy;

@@ -18,11 +18,13 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::agent::{AgentHandle, AgentLaunch, AgentState};
+use crate::admin::{self, StatusRequest};
+use crate::agent::{AgentHandle, AgentLaunch, AgentState, AgentStatus};
 use crate::alert::{AlertEvent, Alerter};
 use crate::budget::Month;
 use crate::check::AgentSecrets;
 use crate::cli::{LogFormat, exit};
+use crate::control::protocol::AgentStatusRow;
 use crate::fleet::{self, AgentSpec, ConfigErrors, Delivery, Fleet, ProviderSpec};
 use crate::ledger::{self, Ledger};
 use crate::proxy::meter::{AgentMeter, Route};
@@ -211,7 +213,10 @@ struct Supervisor {
     /// `http://HOST:PORT` of the bound proxy, once bound.
     proxy_origin: Option<String>,
     proxy_shutdown: watch::Sender<bool>,
+    /// The proxy's tasks, and the admin listener's, which stops with it.
     proxy_tasks: JoinSet<()>,
+    /// The admin listener's requests for agent rows, answered by the loop.
+    status_requests: Option<mpsc::Receiver<StatusRequest>>,
     launches: u64,
     /// Keeps each agent's pid on disk so a successor can reap what we leave if killed.
     recorder: crate::orphans::Recorder,
@@ -252,6 +257,7 @@ impl Supervisor {
             proxy_origin: None,
             proxy_shutdown,
             proxy_tasks: JoinSet::new(),
+            status_requests: None,
             launches: 0,
             recorder,
             alerter,
@@ -263,6 +269,7 @@ impl Supervisor {
             supervisor.install_meter(&resolved, name, &providers, recorded.get(name));
         }
         supervisor.ensure_proxy(&fleet).await?;
+        supervisor.start_admin(&fleet).await?;
         tracing::info!(
             fleet = %fleet_path.display(),
             agents = fleet.agents.len(),
@@ -347,6 +354,62 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Binds the admin listener (`/metrics`, `/healthz`) when `admin:` is set.
+    /// It asks this loop for agent rows, so `/healthz` fails when the loop stalls.
+    async fn start_admin(&mut self, fleet: &Fleet) -> anyhow::Result<()> {
+        let Some(spec) = fleet.admin else {
+            return Ok(());
+        };
+        let listen = spec.listen;
+        let listener = TcpListener::bind(listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on `{listen}` for the admin listener (`admin.listen`): {e}"
+            )
+        })?;
+        let bound = listener.local_addr()?;
+        if !bound.ip().is_loopback() {
+            tracing::warn!(
+                "the admin listener listens on {bound}, which is not loopback: any host that can reach it can read agent names, usage and states"
+            );
+        }
+        tracing::info!("admin listener serving /metrics and /healthz on http://{bound}");
+        let (asker, requests) = mpsc::channel(16);
+        self.status_requests = Some(requests);
+        let admin = Arc::new(admin::Admin::for_meters(
+            self.proxy.clone(),
+            admin::ask_loop(asker),
+        ));
+        let shutdown = self.proxy_shutdown.subscribe();
+        self.proxy_tasks
+            .spawn(admin::serve(listener, admin, shutdown));
+        Ok(())
+    }
+
+    /// One row per agent in the fleet, as the admin listener shows them.
+    fn status_rows(&self) -> Vec<AgentStatusRow> {
+        let month = Month::current();
+        self.current
+            .agents
+            .keys()
+            .map(|name| {
+                let handle = self
+                    .agents
+                    .get(name)
+                    .map(|r| &r.handle)
+                    .or_else(|| self.retired.get(name));
+                let status = handle.map(AgentHandle::status);
+                let meter = self.proxy.meters.get(name);
+                status_row(
+                    name,
+                    status.as_ref(),
+                    self.held.contains_key(name),
+                    meter.as_deref(),
+                    month,
+                )
+            })
+            .collect()
+    }
+
     /// Builds an agent's launch: its plan plus, per `llm:` entry, a fresh
     /// scoped token (or its real key for `delivery: direct`) registered with
     /// the proxy, and the proxy's URL.
@@ -408,6 +471,9 @@ impl Supervisor {
                 _ = sigterm.recv() => break 'serve,
                 _ = sigint.recv() => break 'serve,
                 Some(event) = events.recv() => self.on_proxy_event(event).await,
+                Some(reply) = recv_status_request(&mut self.status_requests) => {
+                    let _ = reply.send(self.status_rows());
+                }
                 _ = sighup.recv() => {
                     tracing::info!(fleet = %self.fleet_path.display(), "reloading");
                     // Reading the file and the vault may block (a FIFO, a slow
@@ -428,6 +494,8 @@ impl Supervisor {
             }
         }
 
+        // From here on `/healthz` says the loop is gone.
+        self.status_requests = None;
         tracing::info!(
             "shutting down: stopping all agents (send the signal again to kill them at once)"
         );
@@ -709,6 +777,63 @@ impl Supervisor {
         {
             tracing::warn!("some alerts were not delivered before shutdown");
         }
+    }
+}
+
+async fn recv_status_request(
+    requests: &mut Option<mpsc::Receiver<StatusRequest>>,
+) -> Option<StatusRequest> {
+    match requests {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An agent's row from its actor's status (none while it is held and its
+/// old process is gone) and its proxy meter.
+fn status_row(
+    name: &str,
+    status: Option<&AgentStatus>,
+    held: bool,
+    meter: Option<&AgentMeter>,
+    month: Month,
+) -> AgentStatusRow {
+    let quarantine_reason = meter.and_then(AgentMeter::quarantine_reason);
+    // The proxy refuses a tripped agent before this loop has moved it to `held`.
+    let state = match status.map(|s| &s.state) {
+        _ if held || quarantine_reason.is_some() => "quarantined",
+        None | Some(AgentState::Starting) => "starting",
+        Some(AgentState::Running { .. }) => "running",
+        Some(AgentState::Backoff { .. }) => "backoff",
+        Some(AgentState::Stopping { .. }) => "stopping",
+        Some(AgentState::Stopped) => "stopped",
+        Some(AgentState::Exited { .. }) => "exited",
+    };
+    let uptime_secs = match status.map(|s| &s.state) {
+        Some(AgentState::Running { since }) => Some(since.elapsed().as_secs()),
+        _ => None,
+    };
+    let usage = meter.map(|m| m.budget.usage(month));
+    let rates = meter.map(|m| m.budget.rate_snapshot(std::time::Instant::now()));
+    AgentStatusRow {
+        agent: name.to_owned(),
+        state: state.to_owned(),
+        pid: status.and_then(|s| s.pid),
+        uptime_secs,
+        restarts: status.map_or(0, |s| s.restarts),
+        last_exit: status
+            .and_then(|s| s.last_exit.as_ref())
+            .map(|e| e.exit.to_string()),
+        month: month.to_string(),
+        month_tokens: usage.map_or(0, |u| u.committed.tokens),
+        month_usd: usage.map_or(0.0, |u| u.committed.micro_usd as f64 / 1e6),
+        monthly_tokens_ceiling: usage.and_then(|u| u.ceilings.monthly_tokens),
+        monthly_usd_ceiling: usage
+            .and_then(|u| u.ceilings.monthly_micro_usd)
+            .map(|m| m as f64 / 1e6),
+        tokens_available: rates.and_then(|r| r.tokens_available),
+        requests_available: rates.and_then(|r| r.requests_available),
+        quarantine_reason,
     }
 }
 

@@ -76,6 +76,18 @@ pub fn non_reloadable_changes(old: &Fleet, new: &Fleet) -> Vec<String> {
             humantime::format_duration(now.upstream_timeout),
         ));
     }
+    let admin_listen = |fleet: &Fleet| {
+        fleet
+            .admin
+            .map_or_else(|| "none".to_owned(), |a| a.listen.to_string())
+    };
+    if old.admin != new.admin {
+        out.push(refusal(
+            "admin.listen",
+            admin_listen(old),
+            admin_listen(new),
+        ));
+    }
     out
 }
 
@@ -207,6 +219,7 @@ mod tests {
             state_dir: PathBuf::from(state_dir),
             vault,
             proxy: Default::default(),
+            admin: None,
             providers: BTreeMap::new(),
             alerts: Default::default(),
             agents: BTreeMap::new(),
@@ -251,6 +264,50 @@ mod tests {
         ];
         for (what, old, new, want) in cases {
             assert_eq!(non_reloadable_changes(&old, &new), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn admin_listen_is_not_reloadable() {
+        let with = |listen: Option<&str>| {
+            let mut f = fleet("/s", VaultConfig::Env);
+            f.admin = listen.map(|l| crate::fleet::AdminSpec {
+                listen: l.parse().unwrap(),
+            });
+            f
+        };
+        let cases = [
+            ("same", Some("127.0.0.1:7879"), Some("127.0.0.1:7879"), None),
+            ("both absent", None, None, None),
+            (
+                "moved",
+                Some("127.0.0.1:7879"),
+                Some("127.0.0.1:9100"),
+                Some(
+                    "`admin.listen` cannot change while running (was `127.0.0.1:7879`, now `127.0.0.1:9100`); restart the supervisor to apply it",
+                ),
+            ),
+            (
+                "added",
+                None,
+                Some("127.0.0.1:7879"),
+                Some(
+                    "`admin.listen` cannot change while running (was `none`, now `127.0.0.1:7879`); restart the supervisor to apply it",
+                ),
+            ),
+            (
+                "removed",
+                Some("127.0.0.1:7879"),
+                None,
+                Some(
+                    "`admin.listen` cannot change while running (was `127.0.0.1:7879`, now `none`); restart the supervisor to apply it",
+                ),
+            ),
+        ];
+        for (what, old, new, want) in cases {
+            let got = non_reloadable_changes(&with(old), &with(new));
+            let want: Vec<String> = want.into_iter().map(str::to_owned).collect();
+            assert_eq!(got, want, "{what}");
         }
     }
 

@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::admin;
 use super::alerts;
 use super::error::{ConfigError, ConfigErrors};
 use super::metering;
@@ -16,8 +17,8 @@ use super::model::{
 };
 use super::node::{self, At, Node, NodeError, Pos, Value};
 use super::schema::{
-    Backend, Dur, Policy, RawAgent, RawAlerts, RawDefaults, RawEnv, RawProxy, RawRestart, RawStop,
-    RawVault,
+    Backend, Dur, Policy, RawAdmin, RawAgent, RawAlerts, RawDefaults, RawEnv, RawProxy, RawRestart,
+    RawStop, RawVault,
 };
 use crate::vault::SecretName;
 
@@ -34,6 +35,7 @@ const SECTIONS: &[&str] = &[
     "state_dir",
     "vault",
     "proxy",
+    "admin",
     "alerts",
     "providers",
     "defaults",
@@ -310,6 +312,8 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
     let mut defaults_ok = true;
     let mut agents: Option<&Node> = None;
     let mut proxy: Option<RawProxy> = None;
+    let mut admin_raw: Option<RawAdmin> = None;
+    let mut admin_written = false;
     let mut alerts_raw: Option<RawAlerts> = None;
     let mut providers_raw = BTreeMap::new();
     let mut providers_ok = true;
@@ -342,6 +346,10 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
             }
             "agents" => agents = Some(value),
             "proxy" => proxy = section(cx, "proxy", value),
+            "admin" => {
+                admin_written = true;
+                admin_raw = section(cx, "admin", value);
+            }
             // Checked before serde sees it: serde's message would quote the
             // string, and a string here is likely the webhook URL, a credential.
             "alerts" if matches!(value.value, Value::Scalar { .. }) => cx.push(
@@ -393,6 +401,7 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
     };
     check_defaults(cx, &defaults);
     let proxy = metering::resolve_proxy(cx, proxy);
+    let admin = admin::resolve_admin(cx, admin_written, admin_raw);
     let providers = metering::resolve_providers(cx, providers_raw);
     let alerts = alerts::resolve_alerts(cx, alerts_raw, base_dir);
 
@@ -434,6 +443,7 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
         state_dir: state_dir?,
         vault: vault?,
         proxy,
+        admin,
         providers,
         alerts,
         agents: specs,
@@ -1109,7 +1119,7 @@ agents:
                 "version: 2\nproxxy: {}\nvault: {backend: envv, pth: x}\ndefaults: {restart: always}\nagents: []\n",
                 &[
                     "fleet.yaml:1:10: unsupported `version` 2; this supervisor reads version 1",
-                    "fleet.yaml:2:1: unknown field `proxxy`, expected one of `version`, `state_dir`, `vault`, `proxy`, `alerts`, `providers`, `defaults`, `agents`",
+                    "fleet.yaml:2:1: unknown field `proxxy`, expected one of `version`, `state_dir`, `vault`, `proxy`, `admin`, `alerts`, `providers`, `defaults`, `agents`",
                     "fleet.yaml:3:18: `vault.backend`: unknown variant `envv`, expected one of `dir`, `systemd-creds`, `env`",
                     "fleet.yaml:3:24: `vault`: unknown field `pth`, expected `backend` or `path`",
                     "fleet.yaml:4:21: `defaults.restart`: invalid type: string \"always\", expected a mapping with `policy`, `backoff_initial`, `backoff_max`, `reset_after`",

@@ -5,6 +5,7 @@
 //! Entry points: [`load`] (or [`load_located`] when later errors need the
 //! file's positions), [`diff`] and [`non_reloadable_changes`] for reloads.
 
+mod admin;
 mod alerts;
 mod diff;
 mod error;

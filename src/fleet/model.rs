@@ -27,6 +27,8 @@ pub struct Fleet {
     pub state_dir: PathBuf,
     pub vault: VaultConfig,
     pub proxy: ProxySpec,
+    /// The admin listener (`/metrics`, `/healthz`); `None` when not configured.
+    pub admin: Option<AdminSpec>,
     pub providers: BTreeMap<String, ProviderSpec>,
     pub alerts: AlertsSpec,
     pub agents: BTreeMap<String, AgentSpec>,
@@ -49,6 +51,21 @@ impl Default for ProxySpec {
             listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
             max_body: 32 << 20,
             upstream_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `admin:`: where `/metrics` and `/healthz` are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminSpec {
+    /// Default `127.0.0.1:7879`: loopback, so only this host can scrape it.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSpec {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7879)),
         }
     }
 }

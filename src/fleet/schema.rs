@@ -62,6 +62,13 @@ pub struct RawProxy {
     pub upstream_timeout: Option<At<Dur>>,
 }
 
+/// `admin: { listen }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<At<String>>,
+}
+
 /// `alerts: { webhook, command, crash_loop, rate_limit_storm }`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,6 +1,7 @@
 //! Per-agent proxy state: the agent's budget (ceilings and rate buckets), the
 //! routes of its `llm:` entries (provider and real key, swapped in place on
-//! reload or rotation), and its quarantine flag. One `AgentMeter` per agent,
+//! reload or rotation), its quarantine flag, and its Prometheus counters
+//! (`metrics`, bumped by the request path). One `AgentMeter` per agent,
 //! shared by every request of that agent; the supervisor updates it in place.
 //!
 //! Must not do I/O. Locks here are held for a few instructions, never across
@@ -13,6 +14,7 @@ use std::time::Instant;
 use crate::budget::{AgentBudget, BudgetLimits, Ceilings, Month, RateLimits};
 use crate::fleet::{BudgetSpec, ProviderSpec};
 use crate::ledger::AgentMonthUsage;
+use crate::metrics::{AgentCounters, AgentMetrics};
 use crate::runaway::{
     ConversationKey, Detector, RequestSummary, ResponseSummary, RunawayAction, RunawayConfig,
     Verdict,
@@ -34,6 +36,8 @@ pub struct AgentMeter {
     quarantine: RwLock<Option<String>>,
     /// The runaway detector: pure state, fed every request and answer.
     detector: Mutex<Detector>,
+    /// Counters for `/metrics`; atomics, so the request path takes no lock.
+    pub metrics: AgentMetrics,
 }
 
 impl std::fmt::Debug for AgentMeter {
@@ -86,6 +90,7 @@ impl AgentMeter {
             routes: RwLock::new(routes),
             quarantine: RwLock::new(None),
             detector: Mutex::new(Detector::new(runaway)),
+            metrics: AgentMetrics::default(),
         }
     }
 
@@ -157,6 +162,18 @@ impl Meters {
         if let Ok(mut map) = self.by_agent.write() {
             map.remove(agent);
         }
+    }
+
+    /// Every agent's counters, for a scrape.
+    pub fn counters(&self) -> std::collections::BTreeMap<String, AgentCounters> {
+        self.by_agent
+            .read()
+            .map(|m| {
+                m.iter()
+                    .map(|(name, meter)| (name.clone(), meter.metrics.snapshot()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn names(&self) -> Vec<String> {

@@ -44,6 +44,7 @@ use super::usage::{
 use crate::budget::{Amount, Month, RateTicket, Reservation};
 use crate::fleet::{ProviderKind, ProxySpec};
 use crate::ledger::{self, Ledger, Outcome, Settlement};
+use crate::metrics::{RequestOutcome, TokenKind};
 use crate::pricing::{Prices, cost_micro_usd, worst_case_cost_micro_usd};
 use crate::runaway::{
     self, ConversationKey, Evidence, InputUsage, RequestSummary, ResponseSummary, RunawayAction,
@@ -225,6 +226,7 @@ async fn handle(
     req: Request<Incoming>,
     _peer: SocketAddr,
 ) -> Response<ProxyBody> {
+    let received = Instant::now();
     let path = req.uri().path().to_owned();
     let shape = api_of_path(&path);
     let Some(token) = presented_token(req.headers()) else {
@@ -256,6 +258,9 @@ async fn handle(
     };
     let api = route.provider.api();
     if let Some(reason) = meter.quarantine_reason() {
+        meter
+            .metrics
+            .count_request(RequestOutcome::RefusedQuarantine);
         return refuse(
             api,
             RefusalKind::Quarantined,
@@ -274,7 +279,9 @@ async fn handle(
         )
     });
     match (kind, req.method()) {
-        (Some(kind), &Method::POST) => handle_metered(shared, req, &meter, route, kind).await,
+        (Some(kind), &Method::POST) => {
+            handle_metered(shared, req, &meter, route, kind, received).await
+        }
         _ if is_free(api, req.method(), &path) => forward_unmetered(shared, req, &route).await,
         _ => refuse(
             api,
@@ -482,20 +489,26 @@ async fn handle_metered(
     meter: &Arc<AgentMeter>,
     route: Route,
     kind: ApiKind,
+    started: Instant,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
     let api = route.provider.api();
     let agent = meter.name().to_owned();
     let (parts, body) = req.into_parts();
 
+    let bad_request = || meter.metrics.count_request(RequestOutcome::BadRequest);
+
     // 3. body and worst case
     let body = match read_body(body, shared.settings.max_body).await {
         Ok(b) => b,
-        Err(resp) => return resp(api),
+        Err(resp) => {
+            bad_request();
+            return resp(api);
+        }
     };
     let mut json: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(err) => {
+            bad_request();
             return refuse(
                 api,
                 RefusalKind::BadRequest,
@@ -528,6 +541,10 @@ async fn handle_metered(
                 });
                 if action == RunawayAction::Quarantine {
                     meter.set_quarantine(Some(reason.clone()));
+                    meter.metrics.count_quarantine();
+                    meter
+                        .metrics
+                        .count_request(RequestOutcome::RefusedQuarantine);
                     return refuse(
                         api,
                         RefusalKind::Quarantined,
@@ -544,7 +561,10 @@ async fn handle_metered(
     let injected = kind == ApiKind::OpenAiChat && ensure_openai_stream_usage(&mut json);
     let estimate = match estimate_request(kind, &json, &EstimateConfig::for_kind(kind)) {
         Ok(e) => e,
-        Err(err) => return refuse(api, RefusalKind::BadRequest, err.to_string()),
+        Err(err) => {
+            bad_request();
+            return refuse(api, RefusalKind::BadRequest, err.to_string());
+        }
     };
     let prices = route.provider.prices.get(&estimate.model).copied();
     if prices.is_none() {
@@ -555,6 +575,7 @@ async fn handle_metered(
             .monthly_micro_usd
             .is_some()
         {
+            bad_request();
             return refuse(
                 api,
                 RefusalKind::BadRequest,
@@ -596,6 +617,7 @@ async fn handle_metered(
     let ticket = match meter.budget.admit_rate(Instant::now(), worst_tokens) {
         Ok(t) => t,
         Err(refusal) => {
+            meter.metrics.count_request(RequestOutcome::Throttled);
             let _ = shared.events.send(ProxyEvent::RateLimited {
                 agent: agent.clone(),
             });
@@ -615,6 +637,7 @@ async fn handle_metered(
         Ok(r) => r,
         Err(refusal) => {
             meter.budget.cancel_rate(Instant::now(), ticket);
+            meter.metrics.count_request(RequestOutcome::RefusedCeiling);
             tracing::warn!(agent = %agent, "monthly ceiling reached: {refusal}");
             let _ = shared.events.send(ProxyEvent::CeilingReached {
                 agent: agent.clone(),
@@ -640,6 +663,7 @@ async fn handle_metered(
         Err(err) => {
             reservation.release();
             meter.budget.cancel_rate(Instant::now(), ticket);
+            meter.metrics.count_request(RequestOutcome::InternalError);
             tracing::error!(agent = %agent, "refusing a request: {err:#}");
             return refuse(
                 api,
@@ -661,7 +685,8 @@ async fn handle_metered(
         _in_flight: shared.pumps.clone(),
     };
 
-    // 6. forward
+    // 6. forward; everything before this point is the proxy's own overhead.
+    meter.metrics.observe_overhead(started.elapsed());
     let body = if injected {
         Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
     } else {
@@ -700,11 +725,11 @@ async fn handle_metered(
                     (answer.status().as_u16(), headers, Source::Upstream(answer))
                 }
                 Ok(Err(err)) => {
-                    pending.release();
+                    pending.release_failed();
                     return upstream_failure(api, &route.provider.name, &err);
                 }
                 Err(_) => {
-                    pending.release();
+                    pending.release_failed();
                     return refuse(
                         api,
                         RefusalKind::UpstreamTimeout,
@@ -775,8 +800,12 @@ struct Pending {
 }
 
 impl Pending {
-    /// Nothing reached upstream: free everything, charge nothing.
-    fn release(self) {
+    /// Upstream could not be reached or did not answer: free everything,
+    /// charge nothing, count it as an upstream error.
+    fn release_failed(self) {
+        let metrics = &self.meter.metrics;
+        metrics.count_request(RequestOutcome::UpstreamError);
+        metrics.observe_duration(self.started.elapsed());
         self.reservation.release();
         self.meter.budget.cancel_rate(Instant::now(), self.ticket);
         self.ledger.settle(
@@ -838,6 +867,22 @@ impl Pending {
         self.meter
             .budget
             .settle_rate(Instant::now(), self.ticket, settled.charged.tokens);
+        let metrics = &self.meter.metrics;
+        metrics.count_request(match outcome {
+            Outcome::Ok => RequestOutcome::Ok,
+            Outcome::Cut => RequestOutcome::Cut,
+            Outcome::UpstreamError | Outcome::Released => RequestOutcome::UpstreamError,
+        });
+        for (kind, tokens) in [
+            (TokenKind::Input, seen.input_tokens),
+            (TokenKind::Output, seen.output_tokens),
+            (TokenKind::CacheCreation, seen.cache_creation_input_tokens),
+            (TokenKind::CacheRead, seen.cache_read_input_tokens),
+        ] {
+            metrics.add_tokens(kind, tokens);
+        }
+        metrics.add_cost(settled.charged.micro_usd);
+        metrics.observe_duration(self.started.elapsed());
         self.ledger.settle(
             self.ledger_id,
             Settlement {
