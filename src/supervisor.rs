@@ -226,6 +226,27 @@ struct Supervisor {
     control_shutdown: watch::Sender<bool>,
     /// The socket file, removed when the supervisor ends.
     control_socket: Option<SocketFiles>,
+    /// Installed first thing in `start`: a SIGTERM while agents are being
+    /// started must stop them, not kill the supervisor by default action.
+    signals: Option<Signals>,
+}
+
+struct Signals {
+    sigterm: Signal,
+    sigint: Signal,
+    sighup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        let install =
+            |kind| signal(kind).map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"));
+        Ok(Self {
+            sigterm: install(SignalKind::terminate())?,
+            sigint: install(SignalKind::interrupt())?,
+            sighup: install(SignalKind::hangup())?,
+        })
+    }
 }
 
 struct Running {
@@ -243,6 +264,7 @@ impl Supervisor {
         resolved: ResolvedFleet,
         recorder: crate::orphans::Recorder,
     ) -> anyhow::Result<Self> {
+        let signals = Signals::install()?;
         let fleet = resolved.fleet.clone();
         let ledger = Arc::new(Ledger::open(&fleet.state_dir)?);
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -274,6 +296,7 @@ impl Supervisor {
             control_rx: Some(control_rx),
             control_shutdown,
             control_socket: None,
+            signals: Some(signals),
         };
         crate::logging::set_name_width(fleet.agents.keys().map(String::as_str));
         let recorded = ledger::month_totals(&fleet.state_dir, Month::current())?;
@@ -409,22 +432,18 @@ impl Supervisor {
     }
 
     async fn run(mut self) -> u8 {
-        let (mut sigterm, mut sigint, mut sighup) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-            (Err(err), _, _) | (_, Err(err), _) | (_, _, Err(err)) => {
-                eprintln!("error: cannot install signal handlers\ncaused by: {err}");
-                return exit::FAILURE;
-            }
-        };
-
-        let (Some(mut events), Some(mut control)) = (self.events.take(), self.control_rx.take())
-        else {
+        let (Some(mut events), Some(mut control), Some(signals)) = (
+            self.events.take(),
+            self.control_rx.take(),
+            self.signals.take(),
+        ) else {
             return exit::FAILURE;
         };
+        let Signals {
+            mut sigterm,
+            mut sigint,
+            mut sighup,
+        } = signals;
         // A reload or a control command is raced with the stop signals so a
         // shutdown is never delayed by it; both are cancel-safe (see `reload`).
         'serve: loop {
