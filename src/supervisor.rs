@@ -1,8 +1,9 @@
 //! `supervisor run`: the owner of the agent actors and of the proxy's
 //! per-agent state. Loads the fleet, opens the ledger, starts the metering
-//! proxy and every agent, applies reloads as diffs by agent name, and turns
-//! SIGTERM/SIGINT into one graceful shutdown (a second signal escalates to
-//! SIGKILL).
+//! proxy, the control socket and every agent, applies reloads as diffs by
+//! agent name (SIGHUP or `supervisor reload`), answers control commands
+//! (`status`, `start`, `stop`, `restart`), and turns SIGTERM/SIGINT into one
+//! graceful shutdown (a second signal escalates to SIGKILL).
 //!
 //! Owns the map of running agents; nothing else holds it. Must not touch
 //! processes directly — every process operation goes through an
