@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::control::client::agent_command;
+use crate::control::protocol::Command as Control;
+
 /// Exit codes, documented in `--help` and README.
 pub mod exit {
     /// Success.
@@ -14,6 +17,9 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     /// Usage error: bad arguments (clap's own code).
     pub const USAGE: u8 = 2;
+    /// `status`, `reload`, `start`, `stop`, `restart`: no supervisor is
+    /// running for the fleet (no control socket, or nobody listening on it).
+    pub const NOT_RUNNING: u8 = 3;
     /// `run` was refused because fleet.yaml is not valid (EX_CONFIG).
     pub const CONFIG: u8 = 78;
 }
@@ -23,6 +29,7 @@ Exit codes:
   0   success
   1   failure (`check`: the fleet is not valid)
   2   usage error (bad arguments)
+  3   `status`, `reload`, `start`, `stop`, `restart`: no supervisor is running for the fleet
   78  `run`: fleet.yaml is not valid, nothing was started";
 
 #[derive(Debug, Parser)]
@@ -58,6 +65,34 @@ pub enum Command {
     /// Validate fleet.yaml and check that every referenced secret resolves (values are never printed).
     #[command(after_help = EXIT_CODES_HELP)]
     Check,
+    /// Show each agent of the running supervisor: state, pid, uptime, restarts, last exit, this month's usage against the ceilings, and what its rate buckets hold.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Status {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the running supervisor re-read fleet.yaml (same as SIGHUP); prints what changed, or every problem (exit 1) while the fleet keeps running.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Reload,
+    /// Start a stopped (or exited, or backing-off) agent in the running supervisor.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Start {
+        /// The agent's name in fleet.yaml.
+        agent: String,
+    },
+    /// Stop an agent gracefully; it stays stopped (also across reloads) until `supervisor start`.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Stop {
+        /// The agent's name in fleet.yaml.
+        agent: String,
+    },
+    /// Stop an agent gracefully and start it again with fresh credentials.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Restart {
+        /// The agent's name in fleet.yaml.
+        agent: String,
+    },
     /// Per-agent usage for a month from the ledger, against the ceilings; works without a running supervisor.
     #[command(after_help = EXIT_CODES_HELP)]
     Usage {
@@ -98,6 +133,11 @@ pub fn main() -> ExitCode {
         Command::Check => crate::check::check_command(&cli.fleet),
         Command::Quarantine { json } => crate::quarantine_cmd::quarantine_command(&cli.fleet, json),
         Command::Release { agent } => crate::quarantine_cmd::release_command(&cli.fleet, &agent),
+        Command::Status { json } => crate::control::client::status_command(&cli.fleet, json),
+        Command::Reload => crate::control::client::reload_command(&cli.fleet),
+        Command::Start { agent } => agent_command(&cli.fleet, Control::Start { agent }),
+        Command::Stop { agent } => agent_command(&cli.fleet, Control::Stop { agent }),
+        Command::Restart { agent } => agent_command(&cli.fleet, Control::Restart { agent }),
         Command::Usage { month, json } => {
             crate::usage_report::usage_command(&cli.fleet, month, json)
         }

@@ -1,8 +1,9 @@
 //! `supervisor run`: the owner of the agent actors and of the proxy's
 //! per-agent state. Loads the fleet, opens the ledger, starts the metering
-//! proxy and every agent, applies reloads as diffs by agent name, and turns
-//! SIGTERM/SIGINT into one graceful shutdown (a second signal escalates to
-//! SIGKILL).
+//! proxy, the control socket and every agent, applies reloads as diffs by
+//! agent name (SIGHUP or `supervisor reload`), answers control commands
+//! (`status`, `start`, `stop`, `restart`), and turns SIGTERM/SIGINT into one
+//! graceful shutdown (a second signal escalates to SIGKILL).
 //!
 //! Owns the map of running agents; nothing else holds it. Must not touch
 //! processes directly — every process operation goes through an
@@ -11,20 +12,22 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::admin::{self, StatusRequest};
-use crate::agent::{AgentHandle, AgentLaunch, AgentState, AgentStatus};
+use crate::agent::{AgentHandle, AgentLaunch, AgentState};
 use crate::alert::{AlertEvent, Alerter};
 use crate::budget::Month;
 use crate::check::AgentSecrets;
 use crate::cli::{LogFormat, exit};
-use crate::control::protocol::AgentStatusRow;
+use crate::control::protocol::{AgentStatusRow, Command, Response};
+use crate::control::server::SocketFiles;
+use crate::control::{ControlHandle, ControlRequest};
 use crate::fleet::{self, AgentSpec, ConfigErrors, Delivery, Fleet, ProviderSpec};
 use crate::ledger::{self, Ledger};
 use crate::proxy::meter::{AgentMeter, Route};
@@ -221,12 +224,43 @@ struct Supervisor {
     /// Keeps each agent's pid on disk so a successor can reap what we leave if killed.
     recorder: crate::orphans::Recorder,
     alerter: Alerter,
+    /// Asks this task to run a control command; the socket server (and any
+    /// in-process user, such as a metrics endpoint) holds clones.
+    control: ControlHandle,
+    control_rx: Option<mpsc::Receiver<ControlRequest>>,
+    control_shutdown: watch::Sender<bool>,
+    /// The socket file, removed when the supervisor ends.
+    control_socket: Option<SocketFiles>,
+    /// Installed first thing in `start`: a SIGTERM while agents are being
+    /// started must stop them, not kill the supervisor by default action.
+    signals: Option<Signals>,
+}
+
+struct Signals {
+    sigterm: Signal,
+    sigint: Signal,
+    sighup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        let install =
+            |kind| signal(kind).map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"));
+        Ok(Self {
+            sigterm: install(SignalKind::terminate())?,
+            sigint: install(SignalKind::interrupt())?,
+            sighup: install(SignalKind::hangup())?,
+        })
+    }
 }
 
 struct Running {
     handle: AgentHandle,
     plan: LaunchPlan,
     launch: u64,
+    /// Stopped on request (`supervisor stop`): it stays down, also when a
+    /// reload changes it, until `supervisor start` or `restart`.
+    stopped: bool,
 }
 
 impl Supervisor {
@@ -235,6 +269,7 @@ impl Supervisor {
         resolved: ResolvedFleet,
         recorder: crate::orphans::Recorder,
     ) -> anyhow::Result<Self> {
+        let signals = Signals::install()?;
         let fleet = resolved.fleet.clone();
         let ledger = Arc::new(Ledger::open(&fleet.state_dir)?);
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -246,6 +281,8 @@ impl Supervisor {
         let (alerter, _delivery) = Alerter::new(fleet.alerts.clone(), fleet_name);
         let proxy = Arc::new(ProxyShared::new(fleet.proxy.clone(), ledger, events_tx)?);
         let (proxy_shutdown, _) = watch::channel(false);
+        let (control, control_rx) = ControlHandle::channel();
+        let (control_shutdown, _) = watch::channel(false);
         let mut supervisor = Self {
             fleet_path: fleet_path.to_owned(),
             current: fleet.clone(),
@@ -261,6 +298,11 @@ impl Supervisor {
             launches: 0,
             recorder,
             alerter,
+            control,
+            control_rx: Some(control_rx),
+            control_shutdown,
+            control_socket: None,
+            signals: Some(signals),
         };
         crate::logging::set_name_width(fleet.agents.keys().map(String::as_str));
         let recorded = ledger::month_totals(&fleet.state_dir, Month::current())?;
@@ -269,6 +311,7 @@ impl Supervisor {
             supervisor.install_meter(&resolved, name, &providers, recorded.get(name));
         }
         supervisor.ensure_proxy(&fleet).await?;
+        supervisor.start_control();
         supervisor.start_admin(&fleet).await?;
         tracing::info!(
             fleet = %fleet_path.display(),
@@ -298,6 +341,7 @@ impl Supervisor {
                     handle,
                     plan,
                     launch: launch_id,
+                    stopped: false,
                 },
             );
         }
@@ -385,31 +429,6 @@ impl Supervisor {
         Ok(())
     }
 
-    /// One row per agent in the fleet, as the admin listener shows them.
-    fn status_rows(&self) -> Vec<AgentStatusRow> {
-        let month = Month::current();
-        self.current
-            .agents
-            .keys()
-            .map(|name| {
-                let handle = self
-                    .agents
-                    .get(name)
-                    .map(|r| &r.handle)
-                    .or_else(|| self.retired.get(name));
-                let status = handle.map(AgentHandle::status);
-                let meter = self.proxy.meters.get(name);
-                status_row(
-                    name,
-                    status.as_ref(),
-                    self.held.contains_key(name),
-                    meter.as_deref(),
-                    month,
-                )
-            })
-            .collect()
-    }
-
     /// Builds an agent's launch: its plan plus, per `llm:` entry, a fresh
     /// scoped token (or its real key for `delivery: direct`) registered with
     /// the proxy, and the proxy's URL.
@@ -451,21 +470,20 @@ impl Supervisor {
     }
 
     async fn run(mut self) -> u8 {
-        let (mut sigterm, mut sigint, mut sighup) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-            (Err(err), _, _) | (_, Err(err), _) | (_, _, Err(err)) => {
-                eprintln!("error: cannot install signal handlers\ncaused by: {err}");
-                return exit::FAILURE;
-            }
-        };
-
-        let Some(mut events) = self.events.take() else {
+        let (Some(mut events), Some(mut control), Some(signals)) = (
+            self.events.take(),
+            self.control_rx.take(),
+            self.signals.take(),
+        ) else {
             return exit::FAILURE;
         };
+        let Signals {
+            mut sigterm,
+            mut sigint,
+            mut sighup,
+        } = signals;
+        // A reload or a control command is raced with the stop signals so a
+        // shutdown is never delayed by it; both are cancel-safe (see `reload`).
         'serve: loop {
             tokio::select! {
                 _ = sigterm.recv() => break 'serve,
@@ -475,24 +493,24 @@ impl Supervisor {
                     let _ = reply.send(self.status_rows());
                 }
                 _ = sighup.recv() => {
-                    tracing::info!(fleet = %self.fleet_path.display(), "reloading");
-                    // Reading the file and the vault may block (a FIFO, a slow
-                    // disk): do it off the loop so a shutdown is never delayed.
-                    let path = self.fleet_path.clone();
-                    let mut job = tokio::task::spawn_blocking(move || load_and_resolve(&path));
-                    let loaded = tokio::select! {
-                        joined = &mut job => joined,
+                    tokio::select! {
+                        _ = self.reload() => {}
                         _ = sigterm.recv() => break 'serve,
                         _ = sigint.recv() => break 'serve,
-                    };
-                    match loaded {
-                        Ok(Ok(resolved)) => self.apply(resolved).await,
-                        Ok(Err(errors)) => reject_reload(&errors.to_string()),
-                        Err(err) => tracing::error!("reload failed: {err}"),
+                    }
+                }
+                Some((command, reply)) = control.recv() => {
+                    tokio::select! {
+                        () = self.on_control(command, reply) => {}
+                        _ = sigterm.recv() => break 'serve,
+                        _ = sigint.recv() => break 'serve,
                     }
                 }
             }
         }
+        // Commands still queued are answered "shutting down" as they drop.
+        let _ = self.control_shutdown.send(true);
+        drop(control);
 
         // From here on `/healthz` says the loop is gone.
         self.status_requests = None;
@@ -506,21 +524,34 @@ impl Supervisor {
         exit::OK
     }
 
+    /// Re-reads fleet.yaml and applies it: what SIGHUP and `supervisor
+    /// reload` do. Cancel-safe: every `.await` comes before the first change,
+    /// so a shutdown that drops it leaves the fleet as it was.
+    async fn reload(&mut self) -> Response {
+        tracing::info!(fleet = %self.fleet_path.display(), "reloading");
+        // Reading the file and the vault may block (a FIFO, a slow disk): do
+        // it off the loop so a shutdown is never delayed.
+        let path = self.fleet_path.clone();
+        match tokio::task::spawn_blocking(move || load_and_resolve(&path)).await {
+            Ok(Ok(resolved)) => self.apply(resolved).await,
+            Ok(Err(errors)) => reject_reload(&errors.to_string()),
+            Err(err) => reject_reload(&format!("reload failed: {err}")),
+        }
+    }
+
     /// Applies a validated fleet: only the difference, by agent name. On any
     /// problem the running fleet is left exactly as it is.
-    async fn apply(&mut self, resolved: ResolvedFleet) {
+    async fn apply(&mut self, resolved: ResolvedFleet) -> Response {
         let refused = fleet::non_reloadable_changes(&self.current, &resolved.fleet);
         if !refused.is_empty() {
-            reject_reload(&format!(
+            return reject_reload(&format!(
                 "`{}` changes what cannot change live\n{}",
                 self.fleet_path.display(),
                 refused.join("\n")
             ));
-            return;
         }
         if let Err(err) = self.ensure_proxy(&resolved.fleet).await {
-            reject_reload(&format!("{err:#}"));
-            return;
+            return reject_reload(&format!("{err:#}"));
         }
         let running: BTreeMap<String, LaunchPlan> = self
             .agents
@@ -573,6 +604,13 @@ impl Supervisor {
             let Some(plan) = plans.remove(name) else {
                 continue;
             };
+            if let Some(running) = self.agents.get_mut(name)
+                && running.stopped
+            {
+                tracing::info!(agent = %name, "reload: agent changed; it stays stopped until `supervisor start {name}`");
+                running.plan = plan;
+                continue;
+            }
             let (launch_id, launch) = self.launch(name, &plan);
             if let Some(running) = self.agents.get_mut(name) {
                 tracing::info!(agent = %name, "reload: agent changed, restarting it");
@@ -611,6 +649,7 @@ impl Supervisor {
                     handle,
                     plan,
                     launch: launch_id,
+                    stopped: false,
                 },
             );
         }
@@ -640,6 +679,239 @@ impl Supervisor {
             unchanged = diff.unchanged.len(),
             "reload applied"
         );
+        Response::Reloaded {
+            added: diff.added,
+            removed: diff.removed,
+            changed: diff.changed,
+            unchanged: diff.unchanged.len(),
+        }
+    }
+
+    /// Opens the control socket. A supervisor without one still runs its
+    /// fleet (SIGHUP still reloads), so a failure here is logged, not fatal.
+    fn start_control(&mut self) {
+        let runtime_dir = crate::control::runtime_directory();
+        match crate::control::server::bind(&self.current.state_dir, runtime_dir.as_deref()) {
+            Ok((listener, files)) => {
+                tracing::info!(socket = %files.socket.display(), "control socket listening");
+                tokio::spawn(crate::control::server::serve(
+                    listener,
+                    self.control.clone(),
+                    self.control_shutdown.subscribe(),
+                ));
+                self.control_socket = Some(files);
+            }
+            Err(err) => tracing::error!(
+                "cannot create the control socket: {err}; `supervisor status`, `reload`, `start`, `stop` and `restart` cannot reach this supervisor (hint: {})",
+                err.hint()
+            ),
+        }
+    }
+
+    /// Runs one control command. Per-agent verbs update the supervisor's own
+    /// state here, in order, and then wait for the agent in a task of their
+    /// own, so a long stop grace never holds up this loop.
+    async fn on_control(&mut self, command: Command, reply: oneshot::Sender<Response>) {
+        let answer = match command {
+            Command::Status => Deferred::Now(
+                Response::Status {
+                    agents: self.status_rows(),
+                },
+                reply,
+            ),
+            Command::Reload => Deferred::Now(self.reload().await, reply),
+            Command::Start { agent } => self.start_agent(&agent, reply),
+            Command::Stop { agent } => self.stop_agent(&agent, reply),
+            Command::Restart { agent } => self.restart_agent(&agent, reply),
+        };
+        if let Deferred::Now(answer, reply) = answer {
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// The agent a per-agent command may act on, or the answer refusing it.
+    fn controllable(&self, name: &str, verb: &str) -> Result<(), Response> {
+        if !self.current.agents.contains_key(name) {
+            let known: Vec<String> = self
+                .current
+                .agents
+                .keys()
+                .map(|n| format!("`{n}`"))
+                .collect();
+            let hint = if known.is_empty() {
+                "the fleet has no agents".to_owned()
+            } else {
+                format!("the fleet's agents are {}", known.join(", "))
+            };
+            return Err(Response::error(
+                format!("unknown agent `{name}` in `{}`", self.fleet_path.display()),
+                Some(hint),
+            ));
+        }
+        if self.held.contains_key(name) {
+            let reason = self
+                .proxy
+                .meters
+                .get(name)
+                .and_then(|m| m.quarantine_reason())
+                .unwrap_or_else(|| "see `supervisor quarantine`".to_owned());
+            return Err(Response::error(
+                format!("cannot {verb} `{name}`: it is quarantined ({reason})"),
+                Some(format!(
+                    "inspect it with `supervisor quarantine`, then `supervisor release {name}` lets it run again"
+                )),
+            ));
+        }
+        Ok(())
+    }
+
+    fn start_agent(&mut self, name: &str, reply: oneshot::Sender<Response>) -> Deferred {
+        if let Err(refusal) = self.controllable(name, "start") {
+            return Deferred::Now(refusal, reply);
+        }
+        let Some(running) = self.agents.get(name) else {
+            return Deferred::Now(not_running(name), reply);
+        };
+        let handle = running.handle.clone();
+        let name = name.to_owned();
+        if running.stopped {
+            // Its tokens were revoked at the stop; it starts with new ones,
+            // and with whatever a reload changed meanwhile.
+            let plan = running.plan.clone();
+            let (launch_id, launch) = self.launch(&name, &plan);
+            if let Some(running) = self.agents.get_mut(&name) {
+                running.stopped = false;
+                running.launch = launch_id;
+            }
+            tokio::spawn(async move {
+                handle.restart(Some(launch)).await;
+                let _ = reply.send(started(&handle, "started", &name).await);
+            });
+            return Deferred::Later;
+        }
+        let before = handle.status();
+        if let (AgentState::Running { .. }, Some(pid)) = (&before.state, before.pid) {
+            return Deferred::Now(
+                Response::Ok {
+                    message: format!("`{name}` is already running (pid {pid})"),
+                },
+                reply,
+            );
+        }
+        tokio::spawn(async move {
+            handle.start().await;
+            let _ = reply.send(started(&handle, "started", &name).await);
+        });
+        Deferred::Later
+    }
+
+    fn stop_agent(&mut self, name: &str, reply: oneshot::Sender<Response>) -> Deferred {
+        if let Err(refusal) = self.controllable(name, "stop") {
+            // A quarantined agent is already down: say so rather than fail.
+            if self.held.contains_key(name) {
+                return Deferred::Now(
+                    Response::Ok {
+                        message: format!("`{name}` is quarantined and not running"),
+                    },
+                    reply,
+                );
+            }
+            return Deferred::Now(refusal, reply);
+        }
+        let Some(running) = self.agents.get_mut(name) else {
+            return Deferred::Now(not_running(name), reply);
+        };
+        let already = running.stopped;
+        running.stopped = true;
+        // A process that escaped the group keeps no way to spend.
+        self.proxy.tokens.revoke_launch(name, running.launch);
+        let handle = running.handle.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            handle.stop().await;
+            let message = if already {
+                format!("`{name}` is already stopped")
+            } else {
+                format!("stopped `{name}`; it stays stopped until `supervisor start {name}`")
+            };
+            let _ = reply.send(Response::Ok { message });
+        });
+        Deferred::Later
+    }
+
+    fn restart_agent(&mut self, name: &str, reply: oneshot::Sender<Response>) -> Deferred {
+        if let Err(refusal) = self.controllable(name, "restart") {
+            return Deferred::Now(refusal, reply);
+        }
+        let Some(running) = self.agents.get(name) else {
+            return Deferred::Now(not_running(name), reply);
+        };
+        let (plan, old_launch, handle) =
+            (running.plan.clone(), running.launch, running.handle.clone());
+        let (launch_id, launch) = self.launch(name, &plan);
+        self.proxy.tokens.revoke_launch(name, old_launch);
+        if let Some(running) = self.agents.get_mut(name) {
+            running.stopped = false;
+            running.launch = launch_id;
+        }
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            handle.restart(Some(launch)).await;
+            let _ = reply.send(started(&handle, "restarted", &name).await);
+        });
+        Deferred::Later
+    }
+
+    /// A row per agent of the fleet (quarantined ones included), then removed
+    /// agents whose processes are still stopping.
+    fn status_rows(&self) -> Vec<AgentStatusRow> {
+        use crate::control::status::{RowInput, row};
+        let now = Instant::now();
+        let month = Month::current();
+        let mut rows = Vec::new();
+        for name in self.current.agents.keys() {
+            let status = self
+                .agents
+                .get(name)
+                .map(|r| r.handle.status())
+                .or_else(|| self.retired.get(name).map(AgentHandle::status));
+            let meter = self.proxy.meters.get(name);
+            let quarantine = meter
+                .as_ref()
+                .and_then(|m| m.quarantine_reason())
+                .or_else(|| {
+                    self.held
+                        .contains_key(name)
+                        .then(|| "see `supervisor quarantine`".to_owned())
+                });
+            rows.push(row(RowInput {
+                agent: name,
+                status: status.as_ref(),
+                quarantine: quarantine.as_deref(),
+                usage: meter.as_ref().map(|m| m.budget.usage(month)),
+                rate: meter.as_ref().map(|m| m.budget.rate_snapshot(now)),
+                month,
+                now,
+            }));
+        }
+        for (name, handle) in &self.retired {
+            let status = handle.status();
+            if self.current.agents.contains_key(name)
+                || !matches!(status.state, AgentState::Stopping { .. })
+            {
+                continue;
+            }
+            rows.push(row(RowInput {
+                agent: name,
+                status: Some(&status),
+                quarantine: None,
+                usage: None,
+                rate: None,
+                month,
+                now,
+            }));
+        }
+        rows
     }
 
     /// Tells the alerter about each restart, so a crash loop raises one alert.
@@ -789,59 +1061,46 @@ async fn recv_status_request(
     }
 }
 
-/// An agent's row from its actor's status (none while it is held and its
-/// old process is gone) and its proxy meter.
-fn status_row(
-    name: &str,
-    status: Option<&AgentStatus>,
-    held: bool,
-    meter: Option<&AgentMeter>,
-    month: Month,
-) -> AgentStatusRow {
-    let quarantine_reason = meter.and_then(AgentMeter::quarantine_reason);
-    // The proxy refuses a tripped agent before this loop has moved it to `held`.
-    let state = match status.map(|s| &s.state) {
-        _ if held || quarantine_reason.is_some() => "quarantined",
-        None | Some(AgentState::Starting) => "starting",
-        Some(AgentState::Running { .. }) => "running",
-        Some(AgentState::Backoff { .. }) => "backoff",
-        Some(AgentState::Stopping { .. }) => "stopping",
-        Some(AgentState::Stopped) => "stopped",
-        Some(AgentState::Exited { .. }) => "exited",
+/// A control answer given at once, or by a task once the agent has acted.
+enum Deferred {
+    Now(Response, oneshot::Sender<Response>),
+    Later,
+}
+
+/// Only if the fleet and the map of agents disagree, which `controllable` rules out.
+fn not_running(name: &str) -> Response {
+    Response::error(format!("`{name}` is not run by this supervisor"), None)
+}
+
+/// What a start or restart led to, once the spawn has been attempted (the
+/// actor acknowledges just before it spawns, so wait a moment for the pid).
+async fn started(handle: &AgentHandle, verb: &str, name: &str) -> Response {
+    let mut status = handle.subscribe();
+    let settled = tokio::time::timeout(
+        Duration::from_secs(5),
+        status.wait_for(|s| !matches!(s.state, AgentState::Starting)),
+    )
+    .await;
+    let now = match settled {
+        Ok(Ok(s)) => s.clone(),
+        _ => handle.status(),
     };
-    let uptime_secs = match status.map(|s| &s.state) {
-        Some(AgentState::Running { since }) => Some(since.elapsed().as_secs()),
-        _ => None,
+    let message = match (&now.state, now.pid, &now.last_exit) {
+        (AgentState::Running { .. }, Some(pid), _) => format!("{verb} `{name}` (pid {pid})"),
+        (_, _, Some(exit)) => format!("{verb} `{name}`, but it is not running: {}", exit.exit),
+        _ => format!("{verb} `{name}`"),
     };
-    let usage = meter.map(|m| m.budget.usage(month));
-    let rates = meter.map(|m| m.budget.rate_snapshot(std::time::Instant::now()));
-    AgentStatusRow {
-        agent: name.to_owned(),
-        state: state.to_owned(),
-        pid: status.and_then(|s| s.pid),
-        uptime_secs,
-        restarts: status.map_or(0, |s| s.restarts),
-        last_exit: status
-            .and_then(|s| s.last_exit.as_ref())
-            .map(|e| e.exit.to_string()),
-        month: month.to_string(),
-        month_tokens: usage.map_or(0, |u| u.committed.tokens),
-        month_usd: usage.map_or(0.0, |u| u.committed.micro_usd as f64 / 1e6),
-        monthly_tokens_ceiling: usage.and_then(|u| u.ceilings.monthly_tokens),
-        monthly_usd_ceiling: usage
-            .and_then(|u| u.ceilings.monthly_micro_usd)
-            .map(|m| m as f64 / 1e6),
-        tokens_available: rates.and_then(|r| r.tokens_available),
-        requests_available: rates.and_then(|r| r.requests_available),
-        quarantine_reason,
-    }
+    Response::Ok { message }
 }
 
 /// Logs why a reload was refused, one problem per line (the lines `check`
-/// prints), and that nothing was touched.
-fn reject_reload(report: &str) {
+/// prints), and that nothing was touched; the same lines go to the CLI.
+fn reject_reload(report: &str) -> Response {
     tracing::error!("reload rejected; the running fleet is unchanged");
     for line in report.lines() {
         tracing::error!("{line}");
+    }
+    Response::Rejected {
+        errors: report.lines().map(str::to_owned).collect(),
     }
 }

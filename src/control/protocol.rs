@@ -67,7 +67,73 @@ pub enum Response {
     Ok {
         message: String,
     },
+    /// The command failed; `hint` says what to do about it.
     Error {
         message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hint: Option<String>,
     },
+}
+
+impl Response {
+    pub fn error(message: impl Into<String>, hint: Option<String>) -> Self {
+        Response::Error {
+            message: message.into(),
+            hint,
+        }
+    }
+}
+
+impl Command {
+    /// The agent a per-agent command names.
+    pub fn agent(&self) -> Option<&str> {
+        match self {
+            Command::Start { agent } | Command::Stop { agent } | Command::Restart { agent } => {
+                Some(agent)
+            }
+            Command::Status | Command::Reload => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire shapes are a contract with older and newer CLIs: pin them.
+    #[test]
+    fn wire_shapes_are_pinned() {
+        let cases: Vec<(Request, &str)> = vec![
+            (
+                Request {
+                    version: 1,
+                    command: Command::Status,
+                },
+                r#"{"version":1,"command":{"command":"status"}}"#,
+            ),
+            (
+                Request {
+                    version: 1,
+                    command: Command::Stop { agent: "a".into() },
+                },
+                r#"{"version":1,"command":{"command":"stop","agent":"a"}}"#,
+            ),
+        ];
+        for (request, json) in cases {
+            assert_eq!(serde_json::to_string(&request).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Request>(json).unwrap(), request);
+        }
+        let error = Response::error("unknown agent `x`", None);
+        assert_eq!(
+            serde_json::to_string(&error).unwrap(),
+            r#"{"result":"error","message":"unknown agent `x`"}"#
+        );
+        let rejected = Response::Rejected {
+            errors: vec!["f:1:2: bad".into()],
+        };
+        assert_eq!(
+            serde_json::to_string(&rejected).unwrap(),
+            r#"{"result":"rejected","errors":["f:1:2: bad"]}"#
+        );
+    }
 }

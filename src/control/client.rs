@@ -1,0 +1,346 @@
+//! The CLI side of the control socket: `supervisor status|reload|start|stop|
+//! restart`. Finds the socket of a fleet, sends one request, prints the
+//! answer and turns it into an exit code. Blocking I/O on purpose: the CLI
+//! sends one line and reads one line. Must not decide anything itself.
+
+use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::protocol::{AgentStatusRow, Command, PROTOCOL_VERSION, Request, Response};
+use super::server::{MAX_REQUEST_BYTES, REPLY_TIMEOUT};
+use super::{runtime_directory, socket_path, status};
+use crate::cli::exit;
+use crate::fleet::{self, ConfigErrors, LoadEnv};
+
+/// Answers are a few KiB per agent; this bounds a confused peer.
+const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No socket, or nothing listening on it.
+    #[error("no supervisor is running for `{fleet}` ({why})")]
+    NotRunning { fleet: PathBuf, why: String },
+    #[error("cannot {what} the control socket `{socket}`: {source}")]
+    Io {
+        what: &'static str,
+        socket: PathBuf,
+        source: io::Error,
+    },
+    #[error("the supervisor sent an answer this CLI does not understand: {0}")]
+    BadAnswer(String),
+}
+
+impl ClientError {
+    pub fn hint(&self) -> String {
+        match self {
+            ClientError::NotRunning { .. } => "start one with `supervisor run`".to_owned(),
+            ClientError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                "run the command as the user the supervisor runs as (or as root)".to_owned()
+            }
+            ClientError::Io { .. } => {
+                "see whether the supervisor is still running, e.g. in its log".to_owned()
+            }
+            ClientError::BadAnswer(_) => {
+                "use the `supervisor` binary the running supervisor was started from".to_owned()
+            }
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::NotRunning { .. } => exit::NOT_RUNNING,
+            _ => exit::FAILURE,
+        }
+    }
+}
+
+/// Where the control socket of the fleet at `fleet_path` is. A fleet file
+/// that does not validate (a reload about to be rejected) must still lead
+/// to its supervisor, so only its `state_dir` is read then.
+pub fn locate(fleet_path: &Path) -> Result<PathBuf, ConfigErrors> {
+    let runtime = runtime_directory();
+    if let Some(dir) = &runtime {
+        return Ok(socket_path(Path::new(""), Some(dir)));
+    }
+    let state_dir = match fleet::load(fleet_path) {
+        Ok(fleet) => fleet.state_dir,
+        Err(errors) if errors.unreadable.is_some() => return Err(errors),
+        Err(_) => lenient_state_dir(fleet_path, &LoadEnv::from_process()),
+    };
+    Ok(socket_path(&state_dir, None))
+}
+
+/// The `state_dir` of a fleet file that does not validate, resolved as
+/// `fleet::load` would (relative to the file's folder; default
+/// `$STATE_DIRECTORY`, else `.supervisor` beside the file).
+fn lenient_state_dir(fleet_path: &Path, env: &LoadEnv) -> PathBuf {
+    #[derive(Deserialize)]
+    struct OnlyStateDir {
+        state_dir: Option<String>,
+    }
+    let parent = match fleet_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_owned());
+    let written = std::fs::read_to_string(fleet_path)
+        .ok()
+        .and_then(|text| serde_saphyr::from_str::<OnlyStateDir>(&text).ok())
+        .and_then(|f| f.state_dir)
+        .filter(|d| !d.trim().is_empty());
+    match (written, &env.state_directory) {
+        (Some(dir), _) => base.join(dir),
+        (None, Some(dir)) => dir.clone(),
+        (None, None) => base.join(".supervisor"),
+    }
+}
+
+/// Sends one command to the supervisor listening at `socket` and waits for
+/// its answer.
+pub fn request(
+    fleet_path: &Path,
+    socket: &Path,
+    command: Command,
+) -> Result<Response, ClientError> {
+    let io_err = |what| {
+        move |source| ClientError::Io {
+            what,
+            socket: socket.to_owned(),
+            source,
+        }
+    };
+    let mut stream = match UnixStream::connect(socket) {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ClientError::NotRunning {
+                fleet: fleet_path.to_owned(),
+                why: format!("no control socket at `{}`", socket.display()),
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            return Err(ClientError::NotRunning {
+                fleet: fleet_path.to_owned(),
+                why: format!("nothing listens on `{}`", socket.display()),
+            });
+        }
+        Err(e) => return Err(io_err("connect to")(e)),
+    };
+    let mut line = serde_json::to_vec(&Request {
+        version: PROTOCOL_VERSION,
+        command,
+    })
+    .map_err(|e| io_err("encode a request for")(io::Error::other(e)))?;
+    debug_assert!((line.len() as u64) < MAX_REQUEST_BYTES);
+    line.push(b'\n');
+    stream
+        .set_write_timeout(Some(WRITE_TIMEOUT))
+        .and_then(|()| stream.set_read_timeout(Some(REPLY_TIMEOUT + WRITE_TIMEOUT)))
+        .map_err(io_err("configure"))?;
+    stream.write_all(&line).map_err(io_err("write to"))?;
+    let mut answer = Vec::new();
+    BufReader::new((&stream).take(MAX_RESPONSE_BYTES))
+        .read_until(b'\n', &mut answer)
+        .map_err(io_err("read from"))?;
+    if answer.is_empty() {
+        return Err(io_err("read from")(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the supervisor closed the connection without answering (is it shutting down?)",
+        )));
+    }
+    serde_json::from_slice(&answer).map_err(|e| ClientError::BadAnswer(e.to_string()))
+}
+
+/// Locates the socket, sends `command`, and hands the answer to `on_answer`
+/// (which prints it and returns the exit code); prints failures.
+fn run(fleet_path: &Path, command: Command, on_answer: impl FnOnce(Response) -> u8) -> u8 {
+    let socket = match locate(fleet_path) {
+        Ok(socket) => socket,
+        Err(errors) => {
+            eprint!("{}", errors.report());
+            return exit::FAILURE;
+        }
+    };
+    match request(fleet_path, &socket, command) {
+        Ok(Response::Error { message, hint }) => {
+            eprintln!("error: {message}");
+            if let Some(hint) = hint {
+                eprintln!("hint: {hint}");
+            }
+            exit::FAILURE
+        }
+        Ok(response) => on_answer(response),
+        Err(err) => {
+            eprintln!("error: {err}");
+            eprintln!("hint: {}", err.hint());
+            err.exit_code()
+        }
+    }
+}
+
+fn unexpected(response: &Response) -> u8 {
+    eprintln!("error: the supervisor sent an unexpected answer: {response:?}");
+    exit::FAILURE
+}
+
+/// `supervisor status [--json]`.
+pub fn status_command(fleet_path: &Path, json: bool) -> u8 {
+    run(fleet_path, Command::Status, |response| match response {
+        Response::Status { agents } => print_status(&agents, json),
+        other => unexpected(&other),
+    })
+}
+
+fn print_status(agents: &[AgentStatusRow], json: bool) -> u8 {
+    if !json {
+        print!("{}", status::table(agents));
+        return exit::OK;
+    }
+    match serde_json::to_string_pretty(agents) {
+        Ok(text) => {
+            println!("{text}");
+            exit::OK
+        }
+        Err(err) => {
+            eprintln!("error: cannot encode the status as JSON: {err}");
+            exit::FAILURE
+        }
+    }
+}
+
+/// `supervisor reload`: the applied diff, or the errors (exit 1).
+pub fn reload_command(fleet_path: &Path) -> u8 {
+    run(fleet_path, Command::Reload, |response| match response {
+        Response::Reloaded {
+            added,
+            removed,
+            changed,
+            unchanged,
+        } => {
+            print!(
+                "{}",
+                reload_summary(fleet_path, &added, &removed, &changed, unchanged)
+            );
+            exit::OK
+        }
+        Response::Rejected { errors } => {
+            eprintln!("error: reload rejected; the running fleet is unchanged");
+            for line in errors {
+                eprintln!("{line}");
+            }
+            eprintln!(
+                "hint: fix each problem (`supervisor check` shows the same report), then run `supervisor reload` again"
+            );
+            exit::FAILURE
+        }
+        other => unexpected(&other),
+    })
+}
+
+/// What a reload did, one line per kind of change.
+pub fn reload_summary(
+    fleet_path: &Path,
+    added: &[String],
+    removed: &[String],
+    changed: &[String],
+    unchanged: usize,
+) -> String {
+    let mut out = format!("reloaded `{}`\n", fleet_path.display());
+    for (label, names) in [("added", added), ("removed", removed), ("changed", changed)] {
+        if !names.is_empty() {
+            out.push_str(&format!("{label}: {}\n", names.join(", ")));
+        }
+    }
+    let agents = if unchanged == 1 { "agent" } else { "agents" };
+    out.push_str(&format!("unchanged: {unchanged} {agents}\n"));
+    out
+}
+
+/// `supervisor start|stop|restart AGENT`.
+pub fn agent_command(fleet_path: &Path, command: Command) -> u8 {
+    run(fleet_path, command, |response| match response {
+        Response::Ok { message } => {
+            println!("{message}");
+            exit::OK
+        }
+        other => unexpected(&other),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reload_summary_lists_each_kind() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            reload_summary(
+                Path::new("fleet.yaml"),
+                &s(&["j"]),
+                &s(&["l"]),
+                &s(&["c", "d"]),
+                2
+            ),
+            "reloaded `fleet.yaml`\nadded: j\nremoved: l\nchanged: c, d\nunchanged: 2 agents\n"
+        );
+        assert_eq!(
+            reload_summary(Path::new("f.yaml"), &[], &[], &[], 1),
+            "reloaded `f.yaml`\nunchanged: 1 agent\n"
+        );
+    }
+
+    #[test]
+    fn a_fleet_that_does_not_validate_still_names_its_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = dir.path().join("fleet.yaml");
+        let env = LoadEnv {
+            state_directory: Some(PathBuf::from("/var/lib/x")),
+        };
+        let cases = [
+            (
+                "state_dir: st\nagents: { a: { comand: [x] } }\n",
+                dir.path().join("st"),
+            ),
+            (
+                "agents: { a: { comand: [x] } }\n",
+                PathBuf::from("/var/lib/x"),
+            ),
+            ("agents: [\n", PathBuf::from("/var/lib/x")),
+            ("state_dir: ''\n", PathBuf::from("/var/lib/x")),
+        ];
+        for (text, want) in cases {
+            std::fs::write(&fleet, text).unwrap();
+            assert_eq!(lenient_state_dir(&fleet, &env), want, "{text:?}");
+        }
+        std::fs::write(&fleet, "agents: [\n").unwrap();
+        assert_eq!(
+            lenient_state_dir(&fleet, &LoadEnv::default()),
+            dir.path().join(".supervisor")
+        );
+    }
+
+    #[test]
+    fn no_socket_means_no_supervisor() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("control.sock");
+        let err = request(Path::new("fleet.yaml"), &socket, Command::Status).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "no supervisor is running for `fleet.yaml` (no control socket at `{}`)",
+                socket.display()
+            )
+        );
+        assert_eq!(err.exit_code(), exit::NOT_RUNNING);
+        // A socket file nobody listens on (a supervisor killed with -9).
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        let err = request(Path::new("fleet.yaml"), &socket, Command::Status).unwrap_err();
+        assert!(err.to_string().contains("nothing listens on"), "{err}");
+        assert_eq!(err.exit_code(), exit::NOT_RUNNING);
+    }
+}
