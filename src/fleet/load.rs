@@ -1,13 +1,15 @@
 //! From fleet.yaml text to a validated, defaults-merged [`Fleet`], collecting
 //! every problem with its location. `parse_fleet` is pure (the file's text and
-//! the environment it depends on come in as arguments); `load` is the thin
-//! shell that reads them. Must not resolve secrets or touch processes.
+//! the environment it depends on come in as arguments, the user database as
+//! [`Accounts`]); `load` is the thin shell that reads them. Must not resolve
+//! secrets or touch processes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::accounts::Accounts;
 use super::alerts;
 use super::error::{ConfigError, ConfigErrors};
 use super::metering;
@@ -48,6 +50,8 @@ const RESERVED_ENV: &[&str] = &["SUPERVISOR_AGENT"];
 pub struct LoadEnv {
     /// systemd's `$STATE_DIRECTORY` (first entry), the default `state_dir`.
     pub state_directory: Option<PathBuf>,
+    /// Where `user:`/`group:` are looked up.
+    pub accounts: Accounts,
 }
 
 impl LoadEnv {
@@ -62,7 +66,10 @@ impl LoadEnv {
                 .to_owned();
             (!first.is_empty()).then(|| PathBuf::from(first))
         });
-        Self { state_directory }
+        Self {
+            state_directory,
+            accounts: Accounts::System,
+        }
     }
 }
 
@@ -73,6 +80,7 @@ pub struct SourceMap {
     agents: BTreeMap<String, Pos>,
     secrets: BTreeMap<(String, String), Pos>,
     llm_keys: BTreeMap<String, Vec<Pos>>,
+    run_as: BTreeMap<String, Pos>,
 }
 
 impl SourceMap {
@@ -86,6 +94,12 @@ impl SourceMap {
         self.secrets
             .get(&(agent.to_owned(), env_var.to_owned()))
             .copied()
+    }
+
+    /// Where the `user:` (else `group:`) that applies to the agent is written,
+    /// in the agent or in `defaults`.
+    pub fn run_as(&self, agent: &str) -> Option<Pos> {
+        self.run_as.get(agent).copied()
     }
 
     /// Where the key of the agent's `llm[index]` entry is written.
@@ -404,8 +418,16 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
             Value::Null => {}
             Value::Map(list) => {
                 for (key, body) in list {
-                    match build_agent(cx, key, body, &defaults, &providers, base_dir, &mut sources)
-                    {
+                    match build_agent(
+                        cx,
+                        key,
+                        body,
+                        &defaults,
+                        &providers,
+                        base_dir,
+                        &env.accounts,
+                        &mut sources,
+                    ) {
                         Some(spec) => {
                             specs.insert(spec.name.clone(), spec);
                         }
@@ -650,6 +672,7 @@ fn merge_stop(raw: Option<&RawStop>, base: &StopSpec) -> StopSpec {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_agent(
     cx: &mut Cx,
     key: &Node,
@@ -657,6 +680,7 @@ fn build_agent(
     defaults: &RawDefaults,
     providers: &BTreeMap<String, ProviderSpec>,
     base_dir: &Path,
+    accounts: &Accounts,
     sources: &mut SourceMap,
 ) -> Option<AgentSpec> {
     let Some(name) = key.as_text() else {
@@ -827,6 +851,35 @@ fn build_agent(
     let runaway =
         metering::resolve_runaway(cx, agent, defaults.runaway.as_ref(), raw.runaway.as_ref());
 
+    // user and group: each the agent's, else the defaults'
+    let user = raw.user.as_ref().or(defaults.user.as_ref());
+    let group = raw.group.as_ref().or(defaults.group.as_ref());
+    let run_as = match (user, group) {
+        (None, None) => None,
+        (None, Some(group)) => {
+            cx.push(
+                group.pos,
+                agent,
+                "`group` is set without `user`; name the user the agent runs as too",
+            );
+            None
+        }
+        (Some(user), group) => {
+            sources.run_as.insert(name.to_owned(), user.pos);
+            match accounts.resolve(&user.value.0, group.map(|g| g.value.0.as_str())) {
+                Ok(run_as) => Some(run_as),
+                Err((field, message)) => {
+                    let pos = match (field, group) {
+                        ("group", Some(group)) => group.pos,
+                        _ => user.pos,
+                    };
+                    cx.push(pos, agent, format!("`{field}`: {message}"));
+                    None
+                }
+            }
+        }
+    };
+
     (cx.errors.len() == errors_before).then(|| AgentSpec {
         name: name.to_owned(),
         command: argv.iter().map(|a| a.value.clone()).collect(),
@@ -838,6 +891,7 @@ fn build_agent(
         llm,
         budget,
         runaway,
+        run_as,
     })
 }
 
@@ -972,6 +1026,7 @@ agents:
     fn state_dir_and_vault_resolution() {
         let env = LoadEnv {
             state_directory: Some("/var/lib/agent-supervisor".into()),
+            ..LoadEnv::default()
         };
         let cases: &[(&str, &LoadEnv, &str, VaultConfig)] = &[
             (

@@ -5,6 +5,7 @@
 //! Entry points: [`load`] (or [`load_located`] when later errors need the
 //! file's positions), [`diff`] and [`non_reloadable_changes`] for reloads.
 
+mod accounts;
 mod alerts;
 mod diff;
 mod error;
@@ -14,6 +15,7 @@ mod model;
 mod node;
 mod schema;
 
+pub use accounts::{Accounts, GroupEntry, UserEntry};
 pub use diff::{FleetDiff, diff, non_reloadable_changes};
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{
