@@ -226,7 +226,10 @@ mod tests {
     #[test]
     fn resolution_table() {
         // (user, group, expected (user, uid, gid, groups, home) or error (field, message))
-        type Want = Result<(&'static str, u32, u32, &'static [u32], &'static str), (&'static str, &'static str)>;
+        type Want = Result<
+            (&'static str, u32, u32, &'static [u32], &'static str),
+            (&'static str, &'static str),
+        >;
         let cases: &[(&str, Option<&str>, Want)] = &[
             (
                 "alice",
@@ -307,10 +310,14 @@ mod tests {
     /// The host's database has root everywhere this runs.
     #[test]
     fn the_system_database_knows_root() {
-        let root = Accounts::System.resolve("root", None).expect("root resolves");
+        let root = Accounts::System
+            .resolve("root", None)
+            .expect("root resolves");
         assert_eq!((root.uid, root.gid), (0, 0));
         assert!(root.groups.contains(&0));
-        let by_id = Accounts::System.resolve("0", Some("0")).expect("uid 0 resolves");
+        let by_id = Accounts::System
+            .resolve("0", Some("0"))
+            .expect("uid 0 resolves");
         assert_eq!(by_id.user, "root");
         assert!(Accounts::System.user("no-such-user-4f1c").is_err());
     }
