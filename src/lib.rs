@@ -16,6 +16,7 @@ pub mod orphans;
 pub mod pricing;
 pub mod proxy;
 pub mod quarantine_cmd;
+pub mod redact;
 pub mod runaway;
 pub mod supervisor;
 pub mod usage_report;

@@ -34,6 +34,7 @@ use crate::proxy::meter::{AgentMeter, Route};
 use crate::proxy::refusal::Api;
 use crate::proxy::server::{ProxyEvent, ProxyShared, serve};
 use crate::proxy::tokens::{self, Grant};
+use crate::redact::Redactor;
 use crate::runaway::RunawayAction;
 use crate::vault::Secret;
 
@@ -78,6 +79,17 @@ impl ResolvedFleet {
         })
     }
 
+    /// Every secret value the fleet resolved: raw secrets and real keys.
+    fn secret_values(&self) -> Vec<Secret> {
+        self.secrets
+            .values()
+            .flat_map(|s| {
+                let env = s.env.iter().map(|(_, v)| v.clone());
+                env.chain(s.llm_keys.iter().flatten().cloned())
+            })
+            .collect()
+    }
+
     fn plans(&self) -> BTreeMap<String, LaunchPlan> {
         self.fleet
             .agents
@@ -120,7 +132,10 @@ fn shared_providers(fleet: &Fleet) -> BTreeMap<String, Arc<ProviderSpec>> {
 /// Reads, validates and resolves secrets for a fleet file (exactly what
 /// `check` verifies); every problem is collected into one report.
 fn load_and_resolve(fleet_path: &Path) -> Result<ResolvedFleet, ConfigErrors> {
-    let (fleet, secrets) = crate::check::load_resolved(fleet_path)?;
+    let (fleet, secrets) = crate::check::load_resolved_to_run(fleet_path)?;
+    for warning in crate::redact::short_secret_warnings(&fleet, &secrets) {
+        tracing::warn!("{warning}");
+    }
     // A ledger that cannot be read holds no quarantine we could honour; say so.
     let quarantined = ledger::quarantined(&fleet.state_dir)
         .unwrap_or_else(|err| {
@@ -140,6 +155,14 @@ fn load_and_resolve(fleet_path: &Path) -> Result<ResolvedFleet, ConfigErrors> {
 /// Runs the fleet in the foreground and returns the process exit code.
 pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
     crate::logging::init(log_format);
+    // Before any secret is read: a non-dumpable process's memory and
+    // /proc/PID/{environ,mem,...} are closed to other processes of its uid,
+    // and it leaves no core dump. Children are dumpable again after exec.
+    if let Err(err) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(
+            "cannot mark the supervisor non-dumpable ({err}); processes of the same user may read its memory"
+        );
+    }
     let resolved = match load_and_resolve(fleet_path) {
         Ok(resolved) => resolved,
         Err(errors) => {
@@ -224,6 +247,10 @@ struct Supervisor {
     /// Keeps each agent's pid on disk so a successor can reap what we leave if killed.
     recorder: crate::orphans::Recorder,
     alerter: Alerter,
+    /// Secret values of the fleet in force, and of the one before the last
+    /// reload (its processes may still be stopping): both are masked in logs.
+    secrets: Vec<Secret>,
+    previous_secrets: Vec<Secret>,
     /// Asks this task to run a control command; the socket server (and any
     /// in-process user, such as a metrics endpoint) holds clones.
     control: ControlHandle,
@@ -278,8 +305,9 @@ impl Supervisor {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "fleet".to_owned());
-        let (alerter, _delivery) = Alerter::new(fleet.alerts.clone(), fleet_name);
         let proxy = Arc::new(ProxyShared::new(fleet.proxy.clone(), ledger, events_tx)?);
+        let (alerter, _delivery) =
+            Alerter::with_redaction(fleet.alerts.clone(), fleet_name, proxy.redaction.clone());
         let (proxy_shutdown, _) = watch::channel(false);
         let (control, control_rx) = ControlHandle::channel();
         let (control_shutdown, _) = watch::channel(false);
@@ -298,12 +326,15 @@ impl Supervisor {
             launches: 0,
             recorder,
             alerter,
+            secrets: resolved.secret_values(),
+            previous_secrets: Vec::new(),
             control,
             control_rx: Some(control_rx),
             control_shutdown,
             control_socket: None,
             signals: Some(signals),
         };
+        supervisor.refresh_redaction();
         crate::logging::set_name_width(fleet.agents.keys().map(String::as_str));
         let recorded = ledger::month_totals(&fleet.state_dir, Month::current())?;
         let providers = shared_providers(&fleet);
@@ -332,7 +363,7 @@ impl Supervisor {
                 continue;
             }
             let (launch_id, launch) = supervisor.launch(&name, &plan);
-            let handle = AgentHandle::spawn(launch);
+            let handle = AgentHandle::spawn_redacted(launch, supervisor.proxy.redaction.clone());
             supervisor.recorder.watch(&handle);
             supervisor.watch_restarts(&name, &handle);
             supervisor.agents.insert(
@@ -466,7 +497,21 @@ impl Supervisor {
             };
             spec.env.insert(llm.base_url_env.clone(), url);
         }
+        // Before the child exists, so its first line is already masked.
+        self.refresh_redaction();
         (launch_id, AgentLaunch { spec, secret_env })
+    }
+
+    /// Puts in force a redactor for every secret value held: the fleet's
+    /// (current and previous) and every live scoped token.
+    fn refresh_redaction(&self) {
+        let tokens = self.proxy.tokens.secrets();
+        let values = self
+            .secrets
+            .iter()
+            .chain(&self.previous_secrets)
+            .chain(&tokens);
+        self.proxy.redaction.replace(Redactor::new(values));
     }
 
     async fn run(mut self) -> u8 {
@@ -581,6 +626,8 @@ impl Supervisor {
             }
         }
         self.held = held;
+        self.previous_secrets = std::mem::replace(&mut self.secrets, resolved.secret_values());
+        self.refresh_redaction();
         let diff = fleet::diff(&running, &plans);
         crate::logging::set_name_width(plans.keys().map(String::as_str));
 
@@ -637,7 +684,7 @@ impl Supervisor {
                     handle
                 }
                 None => {
-                    let handle = AgentHandle::spawn(launch);
+                    let handle = AgentHandle::spawn_redacted(launch, self.proxy.redaction.clone());
                     self.recorder.watch(&handle);
                     self.watch_restarts(name, &handle);
                     handle
@@ -939,14 +986,13 @@ impl Supervisor {
                 action: RunawayAction::Quarantine,
                 evidence,
             } => {
-                let reason = format!("runaway: {evidence}");
+                // Evidence quotes what the agent sent and what upstream
+                // answered: masked before it is logged, persisted or sent.
+                let (reason, evidence) = self.masked_evidence(&evidence);
                 self.alerter.send(AlertEvent::Quarantined {
                     agent: agent.clone(),
                     reason: reason.clone(),
-                    evidence_summary: crate::quarantine_cmd::evidence_lines(
-                        &serde_json::to_value(&evidence).unwrap_or_default(),
-                    )
-                    .join("\n"),
+                    evidence_summary: crate::quarantine_cmd::evidence_lines(&evidence).join("\n"),
                 });
                 tracing::error!(agent = %agent, "quarantined: {reason}; its process group is being stopped and it stays down until `supervisor release {agent}`");
                 // Persist before anything else reads the records (reloads run
@@ -955,7 +1001,7 @@ impl Supervisor {
                     agent: agent.clone(),
                     since_ms: ledger::unix_millis_now(),
                     reason,
-                    evidence: serde_json::to_value(&evidence).unwrap_or_default(),
+                    evidence,
                 };
                 let state_dir = self.current.state_dir.clone();
                 let saved = tokio::task::spawn_blocking(move || {
@@ -984,14 +1030,12 @@ impl Supervisor {
                 action: RunawayAction::Alert,
                 evidence,
             } => {
-                tracing::warn!(agent = %agent, "runaway pattern (action: alert, so it keeps running): {evidence}");
+                let (reason, evidence) = self.masked_evidence(&evidence);
+                tracing::warn!(agent = %agent, "runaway pattern (action: alert, so it keeps running): {reason}");
                 self.alerter.send(AlertEvent::RunawayDetected {
                     agent: agent.clone(),
-                    reason: format!("runaway: {evidence}"),
-                    evidence_summary: crate::quarantine_cmd::evidence_lines(
-                        &serde_json::to_value(&evidence).unwrap_or_default(),
-                    )
-                    .join("\n"),
+                    reason,
+                    evidence_summary: crate::quarantine_cmd::evidence_lines(&evidence).join("\n"),
                 });
             }
             ProxyEvent::CeilingReached { agent, message } => {
@@ -1004,6 +1048,18 @@ impl Supervisor {
             }
             ProxyEvent::RateLimited { agent } => self.alerter.rate_limited(&agent),
         }
+    }
+
+    /// A trip's reason (`runaway: ...`) and its evidence as JSON, both with
+    /// every secret value masked.
+    fn masked_evidence(&self, evidence: &crate::runaway::Evidence) -> (String, serde_json::Value) {
+        let redactor = self.proxy.redaction.current();
+        let reason = redactor
+            .redact(&format!("runaway: {evidence}"))
+            .into_owned();
+        let mut json = serde_json::to_value(evidence).unwrap_or_default();
+        redactor.redact_json(&mut json);
+        (reason, json)
     }
 
     /// Stops every agent in parallel; a second SIGTERM/SIGINT kills them all at once.

@@ -48,6 +48,7 @@ fn spec(name: &str, script: &str, cwd: &Path) -> AgentSpec {
         llm: Vec::new(),
         budget: Default::default(),
         runaway: Default::default(),
+        run_as: None,
     }
 }
 

@@ -146,7 +146,7 @@ fn unknown_field_names_the_agent_and_the_choices() {
     assert_problems(
         "unknown_field.yaml",
         &[
-            "fleet.yaml:14:5: agent \"soundwave\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`, `llm`, `budget`, `runaway`",
+            "fleet.yaml:14:5: agent \"soundwave\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`, `llm`, `budget`, `runaway`, `user`, `group`",
         ],
     );
 }
@@ -347,7 +347,7 @@ fn config_and_secret_problems_are_reported_together() {
     assert_invalid(
         &fleet.check(),
         &[
-            "fleet.yaml:8:5: agent \"b\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`, `llm`, `budget`, `runaway`",
+            "fleet.yaml:8:5: agent \"b\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`, `llm`, `budget`, `runaway`, `user`, `group`",
         ],
     );
     fs::write(

@@ -24,6 +24,7 @@ use super::process_group::{Liveness, ProcessGroup};
 use super::reaper::{Owned, spawn_owned};
 use super::status::{AgentState, AgentStatus, ExitInfo};
 use crate::fleet::{AgentSpec, RestartPolicy, StopSpec};
+use crate::redact::Redaction;
 use crate::vault::Secret;
 
 /// How often an emptied-leader group is checked for remaining members; there
@@ -75,8 +76,17 @@ impl std::fmt::Debug for AgentHandle {
 
 impl AgentHandle {
     /// Starts the actor task and, at once, the agent. Must be called from
-    /// within a tokio runtime.
+    /// within a tokio runtime. The agent's output is masked for its own
+    /// secrets only; see [`AgentHandle::spawn_redacted`].
     pub fn spawn(launch: AgentLaunch) -> Self {
+        Self::spawn_redacted(launch, Redaction::default())
+    }
+
+    /// [`AgentHandle::spawn`], masking the agent's output with the shared
+    /// `redaction` (every secret of the fleet). Before each start the
+    /// launch's own secrets are added to it if they are missing, so a child
+    /// never prints a value of its own that would reach the log.
+    pub fn spawn_redacted(launch: AgentLaunch, redaction: Redaction) -> Self {
         let name: Arc<str> = launch.spec.name.as_str().into();
         let (tx, rx) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(AgentStatus::new());
@@ -84,6 +94,7 @@ impl AgentHandle {
             name: name.clone(),
             backoff: Backoff::new(&launch.spec.restart),
             launch,
+            redaction,
             status: status_tx,
             rx,
             rx_open: true,
@@ -296,6 +307,7 @@ enum Event {
 struct Actor {
     name: Arc<str>,
     launch: AgentLaunch,
+    redaction: Redaction,
     backoff: Backoff,
     status: watch::Sender<AgentStatus>,
     rx: mpsc::UnboundedReceiver<Control>,
@@ -654,6 +666,8 @@ impl Actor {
         reply(&mut self.on_start);
 
         let spec = &self.launch.spec;
+        self.redaction
+            .ensure(self.launch.secret_env.iter().map(|(_, secret)| secret));
         let env = child_env(spec, &self.launch.secret_env, std::env::vars_os());
         let spawned = match command(spec, env) {
             Some(mut cmd) => spawn_owned(|| cmd.spawn(), Child::id),
@@ -677,10 +691,12 @@ impl Actor {
             return;
         };
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(out, self.name.clone(), Stream::Stdout));
+            let redaction = self.redaction.clone();
+            tokio::spawn(pump(out, self.name.clone(), Stream::Stdout, redaction));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(err, self.name.clone(), Stream::Stderr));
+            let redaction = self.redaction.clone();
+            tokio::spawn(pump(err, self.name.clone(), Stream::Stderr, redaction));
         }
         let started = Instant::now();
         self.run = Some(Run {

@@ -1,11 +1,13 @@
 //! What a child process is started with: its environment, its `Command`, and
 //! the words used when it cannot be started. Owns the isolation rule that a
 //! child sees only an allow-list of the supervisor's environment plus what its
-//! own spec declares. Must not read the process environment itself (callers
-//! pass it in) and must never put a secret in argv or in an error.
+//! own spec declares, and runs as the account its spec names (`user:`), if
+//! any. Must not read the process environment itself (callers pass it in),
+//! must never put a secret in argv or in an error, and changes no file's
+//! ownership or mode to make an agent runnable.
 
 use std::collections::BTreeMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -13,7 +15,7 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
-use crate::fleet::AgentSpec;
+use crate::fleet::{AgentSpec, RunAs};
 use crate::vault::Secret;
 
 /// The supervisor's own variables a child may inherit; `LC_*` also passes.
@@ -32,8 +34,9 @@ fn inherited(key: &OsStr) -> bool {
 }
 
 /// The complete environment of `spec`'s child, sorted by name: the allow-list
-/// from `supervisor_env`, `PYTHONUNBUFFERED=1`, `spec.env`, the secrets, and
-/// finally `SUPERVISOR_AGENT=<name>`, each layer overriding the ones before.
+/// from `supervisor_env` (with `HOME` and `USER` those of `spec.run_as`, if
+/// set), `PYTHONUNBUFFERED=1`, `spec.env`, the secrets, and finally
+/// `SUPERVISOR_AGENT=<name>`, each layer overriding the ones before.
 ///
 /// The result holds secret values in the clear: hand it to `Command::envs`
 /// and drop it, never format it.
@@ -46,6 +49,10 @@ pub fn child_env(
         .into_iter()
         .filter(|(k, _)| inherited(k))
         .collect();
+    if let Some(run_as) = &spec.run_as {
+        env.insert("HOME".into(), run_as.home.clone().into());
+        env.insert("USER".into(), run_as.user.as_str().into());
+    }
     env.insert(PYTHON_UNBUFFERED.0.into(), PYTHON_UNBUFFERED.1.into());
     for (k, v) in &spec.env {
         env.insert(k.into(), v.into());
@@ -60,7 +67,8 @@ pub fn child_env(
 /// The `Command` for one run of `spec` with the environment from
 /// [`child_env`]: cleared environment, its own process group (so a stop can
 /// signal every process it started), stdin from /dev/null, stdout and stderr
-/// piped to the supervisor's log. `None` when `spec.command` is empty.
+/// piped to the supervisor's log, and the account of `spec.run_as` (see
+/// [`switch_account`]). `None` when `spec.command` is empty.
 pub fn command(spec: &AgentSpec, env: Vec<(OsString, OsString)>) -> Option<Command> {
     let (program, args) = spec.command.split_first()?;
     // A relative program path like `./run.sh` means "in the agent's cwd"; resolve
@@ -84,7 +92,43 @@ pub fn command(spec: &AgentSpec, env: Vec<(OsString, OsString)>) -> Option<Comma
         // Only a backstop if the actor task is dropped without stopping; the
         // actor itself always stops the whole group.
         .kill_on_drop(true);
+    if let Some(run_as) = &spec.run_as {
+        switch_account(&mut cmd, run_as, &spec.cwd);
+    }
     Some(cmd)
+}
+
+/// Makes the child drop to `run_as` between fork and exec: supplementary
+/// groups (as `initgroups` would set them), then the group, then the user —
+/// in that order, as only root may set groups. Not `Command::uid`/`gid`:
+/// std then clears the supplementary groups and offers no stable way to set
+/// them. std has already changed to `cwd` as root; it is entered again as the
+/// user, so an agent whose `cwd` its user cannot reach fails to start
+/// (nothing is chowned to make it work).
+fn switch_account(cmd: &mut Command, run_as: &RunAs, cwd: &Path) {
+    use nix::unistd::{Gid, Uid, chdir, setgid, setgroups, setuid};
+    // Everything the child needs is built here: between fork and exec only
+    // async-signal-safe calls are allowed, so no allocation.
+    let groups: Vec<Gid> = run_as.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    let gid = Gid::from_raw(run_as.gid);
+    let uid = Uid::from_raw(run_as.uid);
+    // A `cwd` with a NUL byte cannot be entered at all; std reports that.
+    let cwd = CString::new(cwd.as_os_str().as_bytes()).ok();
+    let switch = move || -> io::Result<()> {
+        setgroups(&groups)?;
+        setgid(gid)?;
+        setuid(uid)?;
+        if let Some(cwd) = &cwd {
+            chdir(cwd.as_c_str())?;
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only makes system calls (setgroups, setgid, setuid,
+    // chdir) on data prepared before the fork; it allocates nothing and
+    // takes no lock, so it is safe to run in the forked child.
+    unsafe {
+        cmd.pre_exec(switch);
+    }
 }
 
 /// One line saying why `spec` could not be started, naming the program, the
@@ -99,6 +143,26 @@ pub fn describe_spawn_error(spec: &AgentSpec, err: &io::Error, cwd_is_dir: bool)
     if !cwd_is_dir {
         return format!(
             "cannot start `{program}`: working directory `{cwd}` does not exist or is not a directory ({err}) (hint: check `cwd`)"
+        );
+    }
+    if let Some(run_as) = &spec.run_as {
+        let user = &run_as.user;
+        let uid = run_as.uid;
+        let hint = match err.kind() {
+            // EPERM is also `PermissionDenied`: it comes from setuid & co.
+            _ if err.raw_os_error() == Some(libc::EPERM) => {
+                "hint: only a supervisor running as root can start an agent as another user".into()
+            }
+            io::ErrorKind::PermissionDenied => format!(
+                "hint: user `{user}` must be able to enter `{cwd}` (search permission on it and every directory above it) and to execute `{program}`; the supervisor changes no ownership or modes"
+            ),
+            io::ErrorKind::NotFound => {
+                format!("hint: check `command` and the `PATH` the agent inherits, as user `{user}`")
+            }
+            _ => "hint: check `command`, `cwd` and `user`".into(),
+        };
+        return format!(
+            "cannot start `{program}` in `{cwd}` as user `{user}` (uid {uid}): {err} ({hint})"
         );
     }
     let hint = match err.kind() {
@@ -134,6 +198,7 @@ mod tests {
             llm: Vec::new(),
             budget: Default::default(),
             runaway: Default::default(),
+            run_as: None,
         }
     }
 
@@ -236,6 +301,68 @@ mod tests {
             let got = child_env(&spec("a", case.env), &secrets(case.secrets), os(case.host));
             assert_eq!(got, os(case.want), "{}", case.what);
         }
+    }
+
+    fn bob() -> RunAs {
+        RunAs {
+            user: "bob".into(),
+            uid: 1002,
+            gid: 2000,
+            groups: vec![2000],
+            home: "/srv/bob".into(),
+        }
+    }
+
+    #[test]
+    fn home_and_user_follow_the_account() {
+        let mut s = spec("a", &[("LOG", "info")]);
+        s.run_as = Some(bob());
+        let host = os(&[("HOME", "/root"), ("USER", "root"), ("PATH", "/bin")]);
+        let got = child_env(&s, &[], host.clone());
+        assert_eq!(
+            got,
+            os(&[
+                ("HOME", "/srv/bob"),
+                ("LOG", "info"),
+                ("PATH", "/bin"),
+                ("PYTHONUNBUFFERED", "1"),
+                ("SUPERVISOR_AGENT", "a"),
+                ("USER", "bob"),
+            ])
+        );
+        // Even when the supervisor has neither; the agent's own `env` still wins.
+        s.env.insert("HOME".into(), "/tmp/h".into());
+        let got = child_env(&s, &[], os(&[]));
+        assert!(got.contains(&("HOME".into(), "/tmp/h".into())));
+        assert!(got.contains(&("USER".into(), "bob".into())));
+    }
+
+    #[test]
+    fn spawn_error_texts_as_another_user() {
+        let mut s = spec("a", &[]);
+        s.command = vec!["./agent.sh".into()];
+        s.run_as = Some(bob());
+        let denied = io::Error::from_raw_os_error(libc::EACCES);
+        let eperm = io::Error::from_raw_os_error(libc::EPERM);
+        let not_found = io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(
+            describe_spawn_error(&s, &denied, true),
+            "cannot start `./agent.sh` in `/tmp` as user `bob` (uid 1002): Permission denied (os error 13) \
+             (hint: user `bob` must be able to enter `/tmp` (search permission on it and every directory \
+             above it) and to execute `./agent.sh`; the supervisor changes no ownership or modes)"
+        );
+        assert_eq!(
+            describe_spawn_error(&s, &eperm, true),
+            "cannot start `./agent.sh` in `/tmp` as user `bob` (uid 1002): Operation not permitted (os error 1) \
+             (hint: only a supervisor running as root can start an agent as another user)"
+        );
+        assert_eq!(
+            describe_spawn_error(&s, &not_found, true),
+            "cannot start `./agent.sh` in `/tmp` as user `bob` (uid 1002): No such file or directory (os error 2) \
+             (hint: check `command` and the `PATH` the agent inherits, as user `bob`)"
+        );
+        // A missing cwd is reported as such, whoever the agent runs as.
+        assert!(describe_spawn_error(&s, &not_found, false).contains("does not exist"));
     }
 
     #[test]

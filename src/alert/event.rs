@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use crate::budget::Month;
+use crate::redact::Redactor;
 
 /// Version of the payload's shape, for receivers that parse it.
 pub const PAYLOAD_VERSION: u32 = 1;
@@ -71,6 +72,44 @@ impl AlertEvent {
             | Self::CeilingReached { agent, .. }
             | Self::CrashLooping { agent, .. }
             | Self::RateLimitStorm { agent, .. } => agent,
+        }
+    }
+
+    /// The event with every value of `redactor` masked in its texts.
+    pub fn redacted(self, redactor: &Redactor) -> Self {
+        let mask = |text: String| match redactor.redact(&text) {
+            std::borrow::Cow::Borrowed(_) => text,
+            std::borrow::Cow::Owned(masked) => masked,
+        };
+        match self {
+            Self::Quarantined {
+                agent,
+                reason,
+                evidence_summary,
+            } => Self::Quarantined {
+                agent,
+                reason: mask(reason),
+                evidence_summary: mask(evidence_summary),
+            },
+            Self::RunawayDetected {
+                agent,
+                reason,
+                evidence_summary,
+            } => Self::RunawayDetected {
+                agent,
+                reason: mask(reason),
+                evidence_summary: mask(evidence_summary),
+            },
+            Self::CeilingReached {
+                agent,
+                month,
+                message,
+            } => Self::CeilingReached {
+                agent,
+                month,
+                message: mask(message),
+            },
+            other @ (Self::CrashLooping { .. } | Self::RateLimitStorm { .. }) => other,
         }
     }
 
@@ -191,6 +230,42 @@ mod tests {
 
     fn month(y: i32, m: u8) -> Month {
         Month::new(y, m).unwrap()
+    }
+
+    #[test]
+    fn redacted_masks_every_text() {
+        let secrets = [crate::vault::Secret::new("hunter22-key".into())];
+        let r = Redactor::new(&secrets);
+        let events = [
+            AlertEvent::Quarantined {
+                agent: "a".into(),
+                reason: "runaway: hunter22-key".into(),
+                evidence_summary: "step 1: hunter22-key rejected".into(),
+            },
+            AlertEvent::RunawayDetected {
+                agent: "a".into(),
+                reason: "x hunter22-key".into(),
+                evidence_summary: "hunter22-key".into(),
+            },
+            AlertEvent::CeilingReached {
+                agent: "a".into(),
+                month: month(2025, 3),
+                message: "over hunter22-key".into(),
+            },
+        ];
+        for event in events {
+            let masked = event.clone().redacted(&r);
+            let text = format!("{masked:?}");
+            assert!(!text.contains("hunter22"), "{text}");
+            assert!(text.contains("[REDACTED]"), "{text}");
+            assert_eq!(masked.kind(), event.kind());
+        }
+        let storm = AlertEvent::RateLimitStorm {
+            agent: "a".into(),
+            refused: 3,
+            window: Duration::from_secs(60),
+        };
+        assert_eq!(storm.clone().redacted(&r), storm);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! (full → the alert is dropped and that is logged). Every alert is logged;
 //! failed deliveries are logged too. Must not decide that an agent is
 //! quarantined, over its ceiling or crash-looping beyond counting what it is
-//! told: callers report facts, this module words and delivers them.
+//! told: callers report facts, this module words and delivers them. Every
+//! text an event carries is masked for secret values when it is reported,
+//! before it is queued, logged or delivered.
 
 mod debounce;
 mod event;
@@ -24,6 +26,7 @@ pub use sink::{COMMAND_TIMEOUT, WEBHOOK_RETRY_DELAYS, WEBHOOK_TIMEOUT};
 pub use webhook_url::WebhookUrl;
 
 use crate::fleet::AlertsSpec;
+use crate::redact::Redaction;
 
 /// Alerts waiting for delivery; beyond this they are dropped (and logged).
 /// Deliveries to a dead webhook take up to ~24s each, so this holds a long outage.
@@ -40,6 +43,7 @@ struct Inner {
     debouncer: Mutex<Debouncer>,
     queue: mpsc::Sender<Job>,
     spec: watch::Sender<AlertsSpec>,
+    redaction: Redaction,
 }
 
 enum Job {
@@ -62,6 +66,16 @@ impl Alerter {
     /// alert. Call from within a tokio runtime. The task ends once every
     /// clone of the returned handle is dropped and the queue is delivered.
     pub fn new(spec: AlertsSpec, fleet: impl Into<String>) -> (Alerter, JoinHandle<()>) {
+        Self::with_redaction(spec, fleet, Redaction::default())
+    }
+
+    /// [`Alerter::new`], masking the values of `redaction` (as it stands
+    /// when each event is reported) in every event's texts.
+    pub fn with_redaction(
+        spec: AlertsSpec,
+        fleet: impl Into<String>,
+        redaction: Redaction,
+    ) -> (Alerter, JoinHandle<()>) {
         let (queue, jobs) = mpsc::channel(QUEUE_CAPACITY);
         let debouncer = Debouncer::new(spec.crash_loop, spec.rate_limit_storm);
         let (spec, spec_rx) = watch::channel(spec);
@@ -70,6 +84,7 @@ impl Alerter {
             debouncer: Mutex::new(debouncer),
             queue,
             spec,
+            redaction,
         };
         (
             Alerter {
@@ -138,7 +153,7 @@ impl Alerter {
 
     fn enqueue(&self, event: AlertEvent) {
         let job = Job::Deliver {
-            event,
+            event: event.redacted(&self.inner.redaction.current()),
             time: SystemTime::now(),
         };
         match self.inner.queue.try_send(job) {
@@ -243,6 +258,39 @@ mod tests {
     fn the_handle_is_shareable() {
         fn shareable<T: Send + Sync + Clone + 'static>() {}
         shareable::<Alerter>();
+    }
+
+    /// What a sink receives has the values in force at report time masked.
+    #[tokio::test]
+    async fn delivered_payloads_are_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("payload.json");
+        let spec = AlertsSpec {
+            command: Some(crate::fleet::AlertCommand {
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("cat >> '{}'", out.display()),
+                ],
+                cwd: dir.path().to_owned(),
+            }),
+            ..AlertsSpec::default()
+        };
+        let redaction = Redaction::default();
+        let (alerter, _task) = Alerter::with_redaction(spec, "f", redaction.clone());
+        let secrets = [crate::vault::Secret::new("sup-leaked-token-0123".into())];
+        redaction.replace(crate::redact::Redactor::new(&secrets));
+        alerter.send(AlertEvent::Quarantined {
+            agent: "a".into(),
+            reason: "runaway: tool said sup-leaked-token-0123 is invalid".into(),
+            evidence_summary: "sup-leaked-token-0123".into(),
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(60), alerter.flush())
+            .await
+            .expect("delivered");
+        let payload = std::fs::read_to_string(&out).unwrap();
+        assert!(payload.contains("[REDACTED] is invalid"), "{payload}");
+        assert!(!payload.contains("sup-leaked"), "{payload}");
     }
 
     #[tokio::test]

@@ -300,6 +300,7 @@ mod tests {
         let fleet = dir.path().join("fleet.yaml");
         let env = LoadEnv {
             state_directory: Some(PathBuf::from("/var/lib/x")),
+            ..LoadEnv::default()
         };
         let cases = [
             (

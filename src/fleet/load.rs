@@ -1,13 +1,15 @@
 //! From fleet.yaml text to a validated, defaults-merged [`Fleet`], collecting
 //! every problem with its location. `parse_fleet` is pure (the file's text and
-//! the environment it depends on come in as arguments); `load` is the thin
-//! shell that reads them. Must not resolve secrets or touch processes.
+//! the environment it depends on come in as arguments, the user database as
+//! [`Accounts`]); `load` is the thin shell that reads them. Must not resolve
+//! secrets or touch processes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::accounts::Accounts;
 use super::admin;
 use super::alerts;
 use super::error::{ConfigError, ConfigErrors};
@@ -50,6 +52,8 @@ const RESERVED_ENV: &[&str] = &["SUPERVISOR_AGENT"];
 pub struct LoadEnv {
     /// systemd's `$STATE_DIRECTORY` (first entry), the default `state_dir`.
     pub state_directory: Option<PathBuf>,
+    /// Where `user:`/`group:` are looked up.
+    pub accounts: Accounts,
 }
 
 impl LoadEnv {
@@ -64,7 +68,10 @@ impl LoadEnv {
                 .to_owned();
             (!first.is_empty()).then(|| PathBuf::from(first))
         });
-        Self { state_directory }
+        Self {
+            state_directory,
+            accounts: Accounts::System,
+        }
     }
 }
 
@@ -75,6 +82,7 @@ pub struct SourceMap {
     agents: BTreeMap<String, Pos>,
     secrets: BTreeMap<(String, String), Pos>,
     llm_keys: BTreeMap<String, Vec<Pos>>,
+    run_as: BTreeMap<String, Pos>,
 }
 
 impl SourceMap {
@@ -88,6 +96,12 @@ impl SourceMap {
         self.secrets
             .get(&(agent.to_owned(), env_var.to_owned()))
             .copied()
+    }
+
+    /// Where the `user:` (else `group:`) that applies to the agent is written,
+    /// in the agent or in `defaults`.
+    pub fn run_as(&self, agent: &str) -> Option<Pos> {
+        self.run_as.get(agent).copied()
     }
 
     /// Where the key of the agent's `llm[index]` entry is written.
@@ -413,8 +427,16 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
             Value::Null => {}
             Value::Map(list) => {
                 for (key, body) in list {
-                    match build_agent(cx, key, body, &defaults, &providers, base_dir, &mut sources)
-                    {
+                    match build_agent(
+                        cx,
+                        key,
+                        body,
+                        &defaults,
+                        &providers,
+                        base_dir,
+                        &env.accounts,
+                        &mut sources,
+                    ) {
                         Some(spec) => {
                             specs.insert(spec.name.clone(), spec);
                         }
@@ -660,6 +682,7 @@ fn merge_stop(raw: Option<&RawStop>, base: &StopSpec) -> StopSpec {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_agent(
     cx: &mut Cx,
     key: &Node,
@@ -667,6 +690,7 @@ fn build_agent(
     defaults: &RawDefaults,
     providers: &BTreeMap<String, ProviderSpec>,
     base_dir: &Path,
+    accounts: &Accounts,
     sources: &mut SourceMap,
 ) -> Option<AgentSpec> {
     let Some(name) = key.as_text() else {
@@ -837,6 +861,39 @@ fn build_agent(
     let runaway =
         metering::resolve_runaway(cx, agent, defaults.runaway.as_ref(), raw.runaway.as_ref());
 
+    // user and group: each the agent's, else the defaults'
+    let user = raw.user.as_ref().or(defaults.user.as_ref());
+    let group = raw.group.as_ref().or(defaults.group.as_ref());
+    // A `user:` that did not parse was reported already; not again as missing.
+    let user_written = matches!(&body.value, Value::Map(fields)
+        if fields.iter().any(|(k, _)| k.as_text() == Some("user")));
+    let run_as = match (user, group) {
+        (None, None) => None,
+        (None, Some(_)) if user_written => None,
+        (None, Some(group)) => {
+            cx.push(
+                group.pos,
+                agent,
+                "`group` is set without `user`; name the user the agent runs as too",
+            );
+            None
+        }
+        (Some(user), group) => {
+            sources.run_as.insert(name.to_owned(), user.pos);
+            match accounts.resolve(&user.value.0, group.map(|g| g.value.0.as_str())) {
+                Ok(run_as) => Some(run_as),
+                Err((field, message)) => {
+                    let pos = match (field, group) {
+                        ("group", Some(group)) => group.pos,
+                        _ => user.pos,
+                    };
+                    cx.push(pos, agent, format!("`{field}`: {message}"));
+                    None
+                }
+            }
+        }
+    };
+
     (cx.errors.len() == errors_before).then(|| AgentSpec {
         name: name.to_owned(),
         command: argv.iter().map(|a| a.value.clone()).collect(),
@@ -848,6 +905,7 @@ fn build_agent(
         llm,
         budget,
         runaway,
+        run_as,
     })
 }
 
@@ -982,6 +1040,7 @@ agents:
     fn state_dir_and_vault_resolution() {
         let env = LoadEnv {
             state_directory: Some("/var/lib/agent-supervisor".into()),
+            ..LoadEnv::default()
         };
         let cases: &[(&str, &LoadEnv, &str, VaultConfig)] = &[
             (
@@ -1067,6 +1126,127 @@ agents:
             assert_eq!(fleet.state_dir, PathBuf::from(state_dir), "{extra}");
             assert_eq!(&fleet.vault, vault, "{extra}");
         }
+    }
+
+    fn accounts() -> LoadEnv {
+        use crate::fleet::{GroupEntry, UserEntry};
+        LoadEnv {
+            accounts: Accounts::Fixed {
+                users: vec![
+                    UserEntry {
+                        name: "alice".into(),
+                        uid: 1001,
+                        gid: 1001,
+                        home: "/home/alice".into(),
+                    },
+                    UserEntry {
+                        name: "bob".into(),
+                        uid: 1002,
+                        gid: 1002,
+                        home: "/home/bob".into(),
+                    },
+                ],
+                groups: vec![GroupEntry {
+                    name: "agents".into(),
+                    gid: 2000,
+                    members: vec!["bob".into()],
+                }],
+            },
+            ..LoadEnv::default()
+        }
+    }
+
+    fn parse_with_accounts(source: &str) -> Result<Located, Vec<String>> {
+        parse_fleet(
+            Path::new("fleet.yaml"),
+            Path::new("/srv/fleet"),
+            source,
+            &accounts(),
+        )
+        .map_err(|e| e.errors.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn user_and_group_resolve_per_field_over_defaults() {
+        let located = parse_with_accounts(
+            "version: 1
+defaults: { user: alice }
+agents:
+  a:
+    command: [x]
+  b:
+    command: [x]
+    user: 1002
+    group: agents
+  c:
+    command: [x]
+    group: 2000
+  d:
+    command: [x]
+    user: bob
+",
+        )
+        .unwrap();
+        let agents = &located.fleet.agents;
+        let a = agents["a"].run_as.as_ref().unwrap();
+        assert_eq!((a.user.as_str(), a.uid, a.gid), ("alice", 1001, 1001));
+        assert_eq!(a.groups, [1001]);
+        assert_eq!(a.home, PathBuf::from("/home/alice"));
+        let b = agents["b"].run_as.as_ref().unwrap();
+        assert_eq!((b.user.as_str(), b.uid, b.gid), ("bob", 1002, 2000));
+        assert_eq!(b.groups, [2000]);
+        let c = agents["c"].run_as.as_ref().unwrap();
+        assert_eq!((c.user.as_str(), c.gid), ("alice", 2000));
+        let d = agents["d"].run_as.as_ref().unwrap();
+        assert_eq!(
+            (d.uid, d.gid, d.groups.as_slice()),
+            (1002, 1002, &[1002, 2000][..])
+        );
+        // Where the account that applies was written: the agent's, else the defaults'.
+        assert_eq!(located.sources.run_as("a"), Some(Pos::new(2, 19)));
+        assert_eq!(located.sources.run_as("b"), Some(Pos::new(8, 11)));
+
+        let none = parse_with_accounts("version: 1\nagents:\n  a:\n    command: [x]\n").unwrap();
+        assert_eq!(none.fleet.agents["a"].run_as, None);
+        assert_eq!(none.sources.run_as("a"), None);
+        // A different account is a different launch: the agent restarts on reload.
+        assert_ne!(agents["a"].launch_view(), agents["d"].launch_view());
+    }
+
+    #[test]
+    fn user_and_group_errors_are_located() {
+        let got = parse_with_accounts(
+            "version: 1
+defaults: { group: agents }
+agents:
+  a:
+    command: [x]
+  b:
+    command: [x]
+    user: carol
+  c:
+    command: [x]
+    user: bob
+    group: wheel
+  d:
+    command: [x]
+    user: ''
+  e:
+    command: [x]
+    user: [bob]
+",
+        )
+        .unwrap_err();
+        assert_eq!(
+            got,
+            [
+                "fleet.yaml:2:20: agent \"a\": `group` is set without `user`; name the user the agent runs as too",
+                "fleet.yaml:8:11: agent \"b\": `user`: no user `carol` on this host (hint: create it, e.g. `useradd --system --no-create-home carol`, or fix the name)",
+                "fleet.yaml:12:12: agent \"c\": `group`: no group `wheel` on this host (hint: create it, e.g. `groupadd --system wheel`, or fix the name)",
+                "fleet.yaml:15:11: agent \"d\": `user`: invalid account ``: give a user or group name, like `agents`, or a numeric id",
+                "fleet.yaml:18:11: agent \"e\": `user`: invalid type: sequence, expected a user or group name, or a numeric id",
+            ]
+        );
     }
 
     #[test]
@@ -1156,7 +1336,7 @@ agents:
     command: [y]
 ",
                 &[
-                    "fleet.yaml:5:5: agent \"a\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`, `llm`, `budget`, `runaway`",
+                    "fleet.yaml:5:5: agent \"a\": unknown field `restrat`, expected one of `command`, `cwd`, `env`, `secrets`, `restart`, `stop`, `llm`, `budget`, `runaway`, `user`, `group`",
                     "fleet.yaml:6:20: agent \"a\": `stop.signal`: unknown signal `SIGFOO`, expected a name like `SIGTERM`, `SIGINT`, `SIGQUIT` or `SIGHUP`",
                     "fleet.yaml:7:3: agent \"B\": invalid agent name; use lower-case letters, digits, `_` and `-`, starting with a letter or digit (at most 63)",
                     "fleet.yaml:8:14: agent \"B\": `command`: invalid type: string \"\", expected a list of arguments, like `[python3, agent.py]`",

@@ -5,6 +5,7 @@
 //! Entry points: [`load`] (or [`load_located`] when later errors need the
 //! file's positions), [`diff`] and [`non_reloadable_changes`] for reloads.
 
+mod accounts;
 mod admin;
 mod alerts;
 mod diff;
@@ -15,6 +16,7 @@ mod model;
 mod node;
 mod schema;
 
+pub use accounts::{Accounts, GroupEntry, UserEntry};
 pub use diff::{FleetDiff, diff, non_reloadable_changes};
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{

@@ -224,6 +224,25 @@ pub struct AgentSpec {
     pub llm: Vec<LlmSpec>,
     pub budget: BudgetSpec,
     pub runaway: RunawayConfig,
+    /// `user:`/`group:`: the account the agent runs as; `None` runs it as the
+    /// supervisor's own.
+    pub run_as: Option<RunAs>,
+}
+
+/// The account an agent runs as, resolved when the fleet is loaded. Only a
+/// supervisor running as root can use it (`run` refuses it otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// The user's name (a numeric `user:` is resolved to it): `USER` in the child.
+    pub user: String,
+    pub uid: u32,
+    /// `group:` if given, else the user's primary group.
+    pub gid: u32,
+    /// Supplementary groups as `initgroups` sets them: `gid` and every group
+    /// listing the user; sorted.
+    pub groups: Vec<u32>,
+    /// The user's home directory: `HOME` in the child.
+    pub home: PathBuf,
 }
 
 impl AgentSpec {

@@ -47,6 +47,8 @@ pub type RawEnv = BTreeMap<At<String>, At<String>>;
 #[serde(deny_unknown_fields)]
 pub struct RawDefaults {
     pub env: Option<RawEnv>,
+    pub user: Option<At<AccountName>>,
+    pub group: Option<At<AccountName>>,
     pub restart: Option<RawRestart>,
     pub stop: Option<RawStop>,
     pub budget: Option<RawBudget>,
@@ -290,6 +292,33 @@ macro_rules! from_text {
     };
 }
 
+/// A user or group as written for `user:`/`group:`: a name, or a numeric id.
+/// Only the syntax is checked here; the lookup is `accounts`'.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountName(pub String);
+
+impl FromStr for AccountName {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let ok = !text.is_empty()
+            && text.len() <= 256
+            && !text.starts_with('-')
+            && text
+                .chars()
+                .all(|c| !c.is_control() && !c.is_whitespace() && c != ':' && c != '/');
+        if ok {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(format!(
+                "invalid account `{}`: give a user or group name, like `agents`, or a numeric id",
+                text.escape_debug()
+            ))
+        }
+    }
+}
+
+from_text!(AccountName, "a user or group name, or a numeric id");
 from_text!(Count, "a count, like `60k` or `40M`");
 from_text!(Usd, "an amount in dollars, like `150`");
 from_text!(ByteSize, "a size, like `32MiB`");
@@ -306,6 +335,8 @@ pub struct RawAgent {
     pub llm: Option<Vec<At<RawLlm>>>,
     pub budget: Option<RawBudget>,
     pub runaway: Option<RawRunaway>,
+    pub user: Option<At<AccountName>>,
+    pub group: Option<At<AccountName>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

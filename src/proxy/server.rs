@@ -46,6 +46,7 @@ use crate::fleet::{ProviderKind, ProxySpec};
 use crate::ledger::{self, Ledger, Outcome, Settlement};
 use crate::metrics::{RequestOutcome, TokenKind};
 use crate::pricing::{Prices, cost_micro_usd, worst_case_cost_micro_usd};
+use crate::redact::Redaction;
 use crate::runaway::{
     self, ConversationKey, Evidence, InputUsage, RequestSummary, ResponseSummary, RunawayAction,
     Verdict,
@@ -80,6 +81,8 @@ pub struct ProxyShared {
     pub tokens: TokenTable,
     pub meters: Meters,
     pub ledger: Arc<Ledger>,
+    /// Masks secret values in what the proxy logs; the supervisor keeps it current.
+    pub redaction: Redaction,
     client: reqwest::Client,
     settings: ProxySpec,
     events: mpsc::UnboundedSender<ProxyEvent>,
@@ -111,6 +114,7 @@ impl ProxyShared {
             tokens: TokenTable::new(),
             meters: Meters::default(),
             ledger,
+            redaction: Redaction::default(),
             client,
             settings,
             events,
@@ -412,7 +416,7 @@ async fn forward_unmetered(
             copy_response_headers(&headers, response.headers_mut());
             response
         }
-        Err(err) => upstream_failure(api, &route.provider.name, &err),
+        Err(err) => upstream_failure(api, &route.provider.name, &err, &shared.redaction),
     }
 }
 
@@ -424,13 +428,20 @@ fn copy_response_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) 
     }
 }
 
-fn upstream_failure(api: Api, provider: &str, err: &reqwest::Error) -> Response<ProxyBody> {
-    // reqwest's Display can include the URL, never the headers: no key leaks.
+fn upstream_failure(
+    api: Api,
+    provider: &str,
+    err: &reqwest::Error,
+    redaction: &Redaction,
+) -> Response<ProxyBody> {
+    // reqwest's Display can include the URL, never the headers; an agent may
+    // have put a value in the URL's query, so the text is masked too.
     let (kind, what) = if err.is_timeout() {
         (RefusalKind::UpstreamTimeout, "did not answer in time")
     } else {
         (RefusalKind::UpstreamUnreachable, "could not be reached")
     };
+    let err = redaction.redact(&err.to_string());
     tracing::warn!(provider, "upstream {what}: {err}");
     refuse(
         api,
@@ -726,7 +737,7 @@ async fn handle_metered(
                 }
                 Ok(Err(err)) => {
                     pending.release_failed();
-                    return upstream_failure(api, &route.provider.name, &err);
+                    return upstream_failure(api, &route.provider.name, &err, &shared.redaction);
                 }
                 Err(_) => {
                     pending.release_failed();

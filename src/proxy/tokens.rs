@@ -98,6 +98,14 @@ impl TokenTable {
             .then(|| stored.grant.clone())
     }
 
+    /// Every current token, for the log redactor (which must mask them) only.
+    pub fn secrets(&self) -> Vec<Secret> {
+        self.by_digest
+            .read()
+            .map(|map| map.values().map(|s| s.token.clone()).collect())
+            .unwrap_or_default()
+    }
+
     pub fn len(&self) -> usize {
         self.by_digest.read().map(|m| m.len()).unwrap_or(0)
     }
@@ -152,5 +160,6 @@ mod tests {
         assert_eq!(table.lookup(t2.expose()), None);
         assert_eq!(table.lookup(t3.expose()), Some(grant("soundwave", 1)));
         assert_eq!(table.len(), 1);
+        assert_eq!(table.secrets(), vec![t3]);
     }
 }

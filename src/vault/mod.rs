@@ -172,6 +172,7 @@ mod tests {
             llm: Vec::new(),
             budget: Default::default(),
             runaway: Default::default(),
+            run_as: None,
         }
     }
 
