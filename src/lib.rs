@@ -15,6 +15,7 @@ pub mod pricing;
 pub mod proxy;
 pub mod quarantine_cmd;
 pub mod runaway;
+pub mod sd_notify;
 pub mod supervisor;
 pub mod usage_report;
 pub mod vault;

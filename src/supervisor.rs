@@ -30,6 +30,7 @@ use crate::proxy::refusal::Api;
 use crate::proxy::server::{ProxyEvent, ProxyShared, serve};
 use crate::proxy::tokens::{self, Grant};
 use crate::runaway::RunawayAction;
+use crate::sd_notify;
 use crate::vault::Secret;
 
 /// What an agent's process is launched with; two equal plans mean "nothing to
@@ -403,13 +404,24 @@ impl Supervisor {
         let Some(mut events) = self.events.take() else {
             return exit::FAILURE;
         };
+        // Only now: with the signal handlers in place, a reload systemd sends
+        // right after READY=1 cannot kill us with SIGHUP's default action.
+        let notifier = Arc::new(sd_notify::Notifier::from_env());
+        notifier.ready(self.status_counts());
+        let mut heartbeats = sd_notify::start_reporter(
+            notifier.clone(),
+            sd_notify::watchdog_from_env(),
+            self.status_counts(),
+        );
         'serve: loop {
             tokio::select! {
                 _ = sigterm.recv() => break 'serve,
                 _ = sigint.recv() => break 'serve,
                 Some(event) = events.recv() => self.on_proxy_event(event).await,
+                Some(beat) = heartbeats.recv() => beat.answer(self.status_counts()),
                 _ = sighup.recv() => {
                     tracing::info!(fleet = %self.fleet_path.display(), "reloading");
+                    notifier.reloading();
                     // Reading the file and the vault may block (a FIFO, a slow
                     // disk): do it off the loop so a shutdown is never delayed.
                     let path = self.fleet_path.clone();
@@ -424,6 +436,7 @@ impl Supervisor {
                         Ok(Err(errors)) => reject_reload(&errors.to_string()),
                         Err(err) => tracing::error!("reload failed: {err}"),
                     }
+                    notifier.ready(self.status_counts());
                 }
             }
         }
@@ -431,6 +444,9 @@ impl Supervisor {
         tracing::info!(
             "shutting down: stopping all agents (send the signal again to kill them at once)"
         );
+        // The watchdog stops with the loop: a long graceful stop is not a hang.
+        drop(heartbeats);
+        notifier.stopping();
         let recorder = std::mem::take(&mut self.recorder);
         self.shutdown(&mut sigterm, &mut sigint).await;
         recorder.finish().await;
@@ -572,6 +588,16 @@ impl Supervisor {
             unchanged = diff.unchanged.len(),
             "reload applied"
         );
+    }
+
+    /// What systemd's `STATUS=` shows: agents by state, quarantined ones included.
+    fn status_counts(&self) -> sd_notify::StatusCounts {
+        let states: Vec<AgentState> = self
+            .agents
+            .values()
+            .map(|r| r.handle.status().state)
+            .collect();
+        sd_notify::StatusCounts::tally(&states, self.held.len())
     }
 
     /// Tells the alerter about each restart, so a crash loop raises one alert.
