@@ -7,8 +7,8 @@
 //! nothing about agents: the counts it reports come from the supervisor loop,
 //! which answers heartbeats — that answer is what proves the loop responsive
 //! and earns a `WATCHDOG=1`. Everything is a no-op when `NOTIFY_SOCKET` is
-//! unset (a foreground run). Must never block the loop: sends are
-//! non-blocking and a failure is logged, never fatal. Agents never see these
+//! unset (a foreground run). Must not stall the loop: a send waits at most
+//! `SEND_WAIT` and a failure is logged, never fatal. Agents never see these
 //! variables: their environment is cleared (see `agent::launch`).
 
 use std::ffi::OsStr;
@@ -16,8 +16,8 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +28,12 @@ use crate::agent::AgentState;
 /// How often `STATUS=` may change at most: a crash-looping fleet must not
 /// flood the journal's view of the unit.
 pub const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a send may wait for room in the manager's queue. A unix datagram
+/// queue holds few messages (`net.unix.max_dgram_qlen`, often 10) shared by
+/// every service: dropping at once could lose a `READY=1` while systemd is
+/// busy, and waiting forever would stall the loop if it were wedged.
+pub const SEND_WAIT: Duration = Duration::from_millis(500);
 
 /// Where `$NOTIFY_SOCKET` points.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +181,10 @@ pub struct Notifier {
     /// The first failed send is a warning, the rest are debug: a vanished
     /// socket must not fill the log once a second.
     warned: AtomicBool,
+    /// The `STATUS=` systemd last received, whoever sent it (the loop around
+    /// a reload, the reporter in between), so an update is sent only when
+    /// what systemd shows differs.
+    shown_status: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -211,7 +221,7 @@ impl Notifier {
         }
         .map_err(|e| format!("`NOTIFY_SOCKET` `{shown}` is not a usable socket address: {e}"))?;
         let socket = UnixDatagram::unbound()
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(|s| s.set_write_timeout(Some(SEND_WAIT)).map(|()| s))
             .map_err(|e| format!("cannot open a socket to send to `{shown}`: {e}"))?;
         Ok(Self {
             target: Some(Target {
@@ -220,6 +230,7 @@ impl Notifier {
                 shown,
             }),
             warned: AtomicBool::new(false),
+            shown_status: Mutex::new(None),
         })
     }
 
@@ -227,16 +238,24 @@ impl Notifier {
         self.target.is_some()
     }
 
-    /// Sends one datagram; never blocks and never fails the caller.
+    /// Sends one datagram; waits at most `SEND_WAIT`, never fails the caller.
     pub fn send(&self, messages: &[Message]) {
         let Some(target) = &self.target else {
             return;
         };
         let datagram = encode(messages);
-        if let Err(err) = target
+        let sent = target
             .socket
-            .send_to_addr(datagram.as_bytes(), &target.addr)
+            .send_to_addr(datagram.as_bytes(), &target.addr);
+        if sent.is_ok()
+            && let Some(text) = messages.iter().rev().find_map(|m| match m {
+                Message::Status(text) => Some(text.clone()),
+                _ => None,
+            })
         {
+            *self.shown_status() = Some(text);
+        }
+        if let Err(err) = sent {
             if self.warned.swap(true, Ordering::Relaxed) {
                 tracing::debug!("cannot notify systemd at `{}`: {err}", target.shown);
             } else {
@@ -245,6 +264,22 @@ impl Notifier {
                     target.shown
                 );
             }
+        }
+    }
+
+    fn shown_status(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // Only ever holds a finished assignment: a panic elsewhere cannot
+        // leave it half-written.
+        self.shown_status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Shows `counts` unless systemd already shows exactly that.
+    pub fn status(&self, counts: StatusCounts) {
+        let line = counts.line();
+        if self.shown_status().as_deref() != Some(line.as_str()) {
+            self.send(&[Message::Status(line)]);
         }
     }
 
@@ -293,11 +328,10 @@ impl Heartbeat {
 pub fn start_reporter(
     notifier: Arc<Notifier>,
     watchdog: Option<Duration>,
-    sent_status: StatusCounts,
 ) -> mpsc::Receiver<Heartbeat> {
     let (tx, rx) = mpsc::channel(1);
     if notifier.enabled() {
-        tokio::spawn(report(notifier, tx, watchdog, sent_status));
+        tokio::spawn(report(notifier, tx, watchdog));
     }
     rx
 }
@@ -336,12 +370,7 @@ async fn ask(tx: &mpsc::Sender<Heartbeat>, limit: Duration) -> Beat {
 /// Every `STATUS_EVERY`: report the counts if they changed. Every half
 /// watchdog timeout: ping, but only if the loop answered in time — a
 /// missed ping is how systemd learns the loop hangs.
-async fn report(
-    notifier: Arc<Notifier>,
-    tx: mpsc::Sender<Heartbeat>,
-    watchdog: Option<Duration>,
-    mut sent: StatusCounts,
-) {
+async fn report(notifier: Arc<Notifier>, tx: mpsc::Sender<Heartbeat>, watchdog: Option<Duration>) {
     let mut status_tick = tokio::time::interval(STATUS_EVERY);
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Clamped both ways: `interval` refuses zero, and without a watchdog the
@@ -355,11 +384,8 @@ async fn report(
     loop {
         tokio::select! {
             _ = status_tick.tick() => match ask(&tx, STATUS_EVERY).await {
-                Beat::Answered(counts) if counts != sent => {
-                    notifier.send(&[Message::Status(counts.line())]);
-                    sent = counts;
-                }
-                Beat::Answered(_) | Beat::Late => {}
+                Beat::Answered(counts) => notifier.status(counts),
+                Beat::Late => {}
                 Beat::Gone => return,
             },
             _ = ping_tick.tick(), if watchdog.is_some() => match ask(&tx, ping_every).await {
@@ -421,7 +447,12 @@ mod tests {
     #[test]
     fn watchdog_timeouts() {
         let s = Duration::from_secs;
-        let cases: &[(Option<&str>, Option<&str>, Result<Option<Duration>, ()>)] = &[
+        type Case<'a> = (
+            Option<&'a str>,
+            Option<&'a str>,
+            Result<Option<Duration>, ()>,
+        );
+        let cases: &[Case] = &[
             (None, None, Ok(None)),
             (None, Some("42"), Ok(None)),
             (Some("30000000"), None, Ok(Some(s(30)))),
@@ -534,6 +565,49 @@ mod tests {
     }
 
     #[test]
+    fn status_is_sent_only_when_what_systemd_shows_differs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify");
+        let listener = UnixDatagram::bind(&path).expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let notifier = Notifier::connect(path.as_os_str()).expect("connect");
+        let drain = || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = listener.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            got
+        };
+        let one = StatusCounts {
+            agents: 1,
+            running: 1,
+            ..StatusCounts::default()
+        };
+        notifier.ready(one);
+        notifier.status(one);
+        assert_eq!(
+            drain(),
+            vec!["READY=1\nSTATUS=1 agent: 1 running, 0 in backoff, 0 quarantined"]
+        );
+        // A reload shows its own status; the same counts afterwards must
+        // replace it, or `systemctl status` would say "reloading" forever.
+        notifier.reloading();
+        notifier.status(one);
+        let got = drain();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].starts_with("RELOADING=1\nMONOTONIC_USEC="),
+            "{got:?}"
+        );
+        assert!(got[0].ends_with("\nSTATUS=reloading fleet.yaml"), "{got:?}");
+        assert_eq!(
+            got[1],
+            "STATUS=1 agent: 1 running, 0 in backoff, 0 quarantined"
+        );
+    }
+
+    #[test]
     fn a_missing_socket_is_not_fatal() {
         let dir = tempfile::tempdir().expect("tempdir");
         let notifier = Notifier::connect(dir.path().join("gone").as_os_str()).expect("connect");
@@ -550,7 +624,7 @@ mod tests {
         listener.set_nonblocking(true).expect("nonblocking");
         let notifier = Arc::new(Notifier::connect(path.as_os_str()).expect("connect"));
         let watchdog = Duration::from_millis(100);
-        let mut beats = start_reporter(notifier, Some(watchdog), StatusCounts::default());
+        let mut beats = start_reporter(notifier, Some(watchdog));
         let drain = |listener: &UnixDatagram| {
             let mut got = Vec::new();
             let mut buf = [0u8; 4096];
@@ -604,7 +678,7 @@ mod tests {
             );
         }
         assert!(!unanswered.is_empty(), "the reporter kept asking");
-        // The status changed from the initial (empty) counts once, and only once.
+        // The counts never changed: shown once, not once a second.
         assert_eq!(
             statuses,
             vec!["STATUS=1 agent: 1 running, 0 in backoff, 0 quarantined".to_owned()]

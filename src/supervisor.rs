@@ -408,11 +408,8 @@ impl Supervisor {
         // right after READY=1 cannot kill us with SIGHUP's default action.
         let notifier = Arc::new(sd_notify::Notifier::from_env());
         notifier.ready(self.status_counts());
-        let mut heartbeats = sd_notify::start_reporter(
-            notifier.clone(),
-            sd_notify::watchdog_from_env(),
-            self.status_counts(),
-        );
+        let mut heartbeats =
+            sd_notify::start_reporter(notifier.clone(), sd_notify::watchdog_from_env());
         'serve: loop {
             tokio::select! {
                 _ = sigterm.recv() => break 'serve,
