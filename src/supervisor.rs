@@ -181,8 +181,18 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
                 None
             }
         };
+        // Before any agent starts: a SIGTERM while the fleet is starting (a
+        // quick `systemctl stop`) must stop it gracefully, not kill us with the
+        // default action and leave the agents behind.
+        let signals = match Signals::install() {
+            Ok(signals) => signals,
+            Err(err) => {
+                eprintln!("error: cannot install signal handlers\ncaused by: {err}");
+                return exit::FAILURE;
+            }
+        };
         match Supervisor::start(fleet_path, resolved, recorder).await {
-            Ok(supervisor) => supervisor.run().await,
+            Ok(supervisor) => supervisor.run(signals).await,
             Err(err) => {
                 eprintln!("error: cannot start the fleet");
                 for cause in err.chain() {
@@ -196,6 +206,24 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
     // keep the process alive after the fleet has stopped.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
+}
+
+/// The signals `supervisor run` handles; tokio queues one that arrives
+/// before the loop listens.
+struct Signals {
+    sigterm: Signal,
+    sigint: Signal,
+    sighup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            sigterm: signal(SignalKind::terminate())?,
+            sigint: signal(SignalKind::interrupt())?,
+            sighup: signal(SignalKind::hangup())?,
+        })
+    }
 }
 
 struct Supervisor {
@@ -388,24 +416,18 @@ impl Supervisor {
         (launch_id, AgentLaunch { spec, secret_env })
     }
 
-    async fn run(mut self) -> u8 {
-        let (mut sigterm, mut sigint, mut sighup) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-            (Err(err), _, _) | (_, Err(err), _) | (_, _, Err(err)) => {
-                eprintln!("error: cannot install signal handlers\ncaused by: {err}");
-                return exit::FAILURE;
-            }
-        };
+    async fn run(mut self, signals: Signals) -> u8 {
+        let Signals {
+            mut sigterm,
+            mut sigint,
+            mut sighup,
+        } = signals;
 
         let Some(mut events) = self.events.take() else {
             return exit::FAILURE;
         };
-        // Only now: with the signal handlers in place, a reload systemd sends
-        // right after READY=1 cannot kill us with SIGHUP's default action.
+        // The signal handlers are in place: a reload systemd sends right
+        // after READY=1 cannot kill us with SIGHUP's default action.
         let notifier = Arc::new(sd_notify::Notifier::from_env());
         notifier.ready(self.status_counts());
         let mut heartbeats =
