@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod quarantine_cmd;
 pub mod redact;
 pub mod runaway;
+pub mod sd_notify;
 pub mod supervisor;
 pub mod usage_report;
 pub mod vault;

@@ -36,6 +36,7 @@ use crate::proxy::server::{ProxyEvent, ProxyShared, serve};
 use crate::proxy::tokens::{self, Grant};
 use crate::redact::Redactor;
 use crate::runaway::RunawayAction;
+use crate::sd_notify;
 use crate::vault::Secret;
 
 /// What an agent's process is launched with; two equal plans mean "nothing to
@@ -527,6 +528,12 @@ impl Supervisor {
             mut sigint,
             mut sighup,
         } = signals;
+        // The signal handlers are in place: a reload systemd sends right
+        // after READY=1 cannot kill us with SIGHUP's default action.
+        let notifier = Arc::new(sd_notify::Notifier::from_env());
+        notifier.ready(self.status_counts());
+        let mut heartbeats =
+            sd_notify::start_reporter(notifier.clone(), sd_notify::watchdog_from_env());
         // A reload or a control command is raced with the stop signals so a
         // shutdown is never delayed by it; both are cancel-safe (see `reload`).
         'serve: loop {
@@ -534,21 +541,31 @@ impl Supervisor {
                 _ = sigterm.recv() => break 'serve,
                 _ = sigint.recv() => break 'serve,
                 Some(event) = events.recv() => self.on_proxy_event(event).await,
+                Some(beat) = heartbeats.recv() => beat.answer(self.status_counts()),
                 Some(reply) = recv_status_request(&mut self.status_requests) => {
                     let _ = reply.send(self.status_rows());
                 }
                 _ = sighup.recv() => {
+                    notifier.reloading();
                     tokio::select! {
                         _ = self.reload() => {}
                         _ = sigterm.recv() => break 'serve,
                         _ = sigint.recv() => break 'serve,
                     }
+                    notifier.ready(self.status_counts());
                 }
                 Some((command, reply)) = control.recv() => {
+                    let reloading = matches!(command, Command::Reload);
+                    if reloading {
+                        notifier.reloading();
+                    }
                     tokio::select! {
                         () = self.on_control(command, reply) => {}
                         _ = sigterm.recv() => break 'serve,
                         _ = sigint.recv() => break 'serve,
+                    }
+                    if reloading {
+                        notifier.ready(self.status_counts());
                     }
                 }
             }
@@ -562,6 +579,9 @@ impl Supervisor {
         tracing::info!(
             "shutting down: stopping all agents (send the signal again to kill them at once)"
         );
+        // The watchdog stops with the loop: a long graceful stop is not a hang.
+        drop(heartbeats);
+        notifier.stopping();
         let recorder = std::mem::take(&mut self.recorder);
         self.shutdown(&mut sigterm, &mut sigint).await;
         recorder.finish().await;
@@ -959,6 +979,16 @@ impl Supervisor {
             }));
         }
         rows
+    }
+
+    /// What systemd's `STATUS=` shows: agents by state, quarantined ones included.
+    fn status_counts(&self) -> sd_notify::StatusCounts {
+        let states: Vec<AgentState> = self
+            .agents
+            .values()
+            .map(|r| r.handle.status().state)
+            .collect();
+        sd_notify::StatusCounts::tally(&states, self.held.len())
     }
 
     /// Tells the alerter about each restart, so a crash loop raises one alert.
