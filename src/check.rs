@@ -24,19 +24,27 @@ pub fn check_command(fleet: &Path) -> u8 {
 }
 
 /// Loads the fleet and resolves every secret it names. Returns the one-line
-/// summary (`fleet.yaml: ok — 3 agents, 4 secrets resolved`) or every problem,
-/// secret problems located at the `secrets:` entry that named them.
+/// summary (`fleet.yaml: ok — 3 agents, 4 secrets resolved`), followed by a
+/// `warning: ` line per warning (e.g. from the budget overlay), or every
+/// problem, secret problems located at the `secrets:` entry that named them.
 pub fn check(path: &Path) -> Result<String, ConfigErrors> {
-    let (fleet, secrets) = load_resolved(path)?;
+    let located = fleet::load_located(path)?;
+    let warnings: Vec<String> = located
+        .warnings
+        .iter()
+        .map(|w| format!("\nwarning: {w}"))
+        .collect();
+    let (fleet, secrets) = resolve_located(path, located)?;
     let resolved: usize = secrets
         .values()
         .map(|s| s.env.len() + s.llm_keys.iter().flatten().count())
         .sum();
     Ok(format!(
-        "{}: ok — {}, {} resolved",
+        "{}: ok — {}, {} resolved{}",
         path.display(),
         count(fleet.agents.len(), "agent"),
-        count(resolved, "secret")
+        count(resolved, "secret"),
+        warnings.concat()
     ))
 }
 
@@ -56,7 +64,13 @@ pub type ResolvedSecrets = BTreeMap<String, AgentSecrets>;
 /// is what `check` verifies and what `run` starts from (and re-does on every
 /// reload), so the two can never disagree about whether a fleet is valid.
 pub fn load_resolved(path: &Path) -> Result<(Fleet, ResolvedSecrets), ConfigErrors> {
-    let located = fleet::load_located(path)?;
+    resolve_located(path, fleet::load_located(path)?)
+}
+
+fn resolve_located(
+    path: &Path,
+    located: fleet::Located,
+) -> Result<(Fleet, ResolvedSecrets), ConfigErrors> {
     let fleet = located.fleet;
     let store = vault::open(&fleet.vault);
     let mut errors = Vec::new();

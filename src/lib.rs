@@ -16,5 +16,6 @@ pub mod proxy;
 pub mod quarantine_cmd;
 pub mod runaway;
 pub mod supervisor;
+pub mod tune;
 pub mod usage_report;
 pub mod vault;

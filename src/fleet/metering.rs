@@ -303,50 +303,58 @@ pub(super) fn resolve_llm(
     out
 }
 
-/// `defaults.budget` overlaid per field by the agent's own.
+/// The agent's own `budget`, else the budget overlay's (written by `tune
+/// --apply`), else `defaults.budget`, per field: what a person wrote for this
+/// agent wins over what was measured, and both over the fleet-wide default.
+/// Problems with a value from the overlay are reported in the overlay file.
 pub(super) fn resolve_budget(
     cx: &mut Cx,
     agent: &str,
     defaults: Option<&RawBudget>,
+    overlay: Option<&RawBudget>,
     own: Option<&RawBudget>,
     llm: &[LlmSpec],
     providers: &BTreeMap<String, ProviderSpec>,
 ) -> BudgetSpec {
     let a = Some(agent);
-    let pick_count = |field: fn(&RawBudget) -> &Option<At<super::schema::Count>>| {
-        own.and_then(|b| field(b).clone())
-            .or_else(|| defaults.and_then(|b| field(b).clone()))
-    };
+    // (value, whether it came from the overlay)
+    fn pick<T: Clone>(
+        layers: [(Option<&RawBudget>, bool); 3],
+        field: fn(&RawBudget) -> &Option<At<T>>,
+    ) -> Option<(At<T>, bool)> {
+        layers
+            .into_iter()
+            .find_map(|(layer, from_overlay)| Some((field(layer?).clone()?, from_overlay)))
+    }
+    let layers = [(own, false), (overlay, true), (defaults, false)];
     let mut spec = BudgetSpec::default();
     for (value, name, slot) in [
         (
-            pick_count(|b| &b.monthly_tokens),
+            pick(layers, |b| &b.monthly_tokens),
             "monthly_tokens",
             &mut spec.monthly_tokens,
         ),
         (
-            pick_count(|b| &b.tokens_per_minute),
+            pick(layers, |b| &b.tokens_per_minute),
             "tokens_per_minute",
             &mut spec.tokens_per_minute,
         ),
         (
-            pick_count(|b| &b.requests_per_minute),
+            pick(layers, |b| &b.requests_per_minute),
             "requests_per_minute",
             &mut spec.requests_per_minute,
         ),
     ] {
-        if let Some(v) = value {
+        if let Some((v, from_overlay)) = value {
             if v.value.0 == 0 {
-                cx.push(v.pos, a, format!("`budget.{name}` is 0, which would refuse every request; remove it for no limit"));
+                cx.push_from(from_overlay, v.pos, a, format!("`budget.{name}` is 0, which would refuse every request; remove it for no limit"));
             } else {
                 *slot = Some(v.value.0);
             }
         }
     }
-    let usd = own
-        .and_then(|b| b.monthly_usd.clone())
-        .or_else(|| defaults.and_then(|b| b.monthly_usd.clone()));
-    if let Some(usd) = usd {
+    spec.alert_at_percent = pick(layers, |b| &b.alert_at).map(|(p, _)| p.value.0);
+    if let Some((usd, from_overlay)) = pick(layers, |b| &b.monthly_usd) {
         spec.monthly_micro_usd = Some(usd.value.0);
         let unpriced: Vec<String> = llm
             .iter()
@@ -358,7 +366,8 @@ pub(super) fn resolve_budget(
             .map(|l| format!("`{}`", l.provider))
             .collect();
         if !unpriced.is_empty() {
-            cx.push(
+            cx.push_from(
+                from_overlay,
                 usd.pos,
                 a,
                 format!(
