@@ -516,6 +516,128 @@ providers:
         );
     }
 
+    fn parse_with_overlay(
+        source: &str,
+        overlay: &str,
+    ) -> Result<super::super::load::Located, Vec<String>> {
+        super::super::load::parse_fleet_with_overlay(
+            Path::new("fleet.yaml"),
+            Path::new("/srv/fleet"),
+            source,
+            Some((Path::new("fleet.budgets.yaml"), overlay)),
+            &LoadEnv::default(),
+        )
+        .map_err(|e| e.errors.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn the_overlay_sits_between_the_agents_budget_and_the_defaults() {
+        let fleet = "version: 1
+providers:
+  claude: { kind: anthropic, prices: { m: { input: 3, output: 15 } } }
+defaults:
+  budget: { monthly_tokens: 1M, tokens_per_minute: 10k, requests_per_minute: 60, alert_at: 90% }
+agents:
+  a:
+    command: [x]
+    llm: [ { provider: claude, key: k } ]
+    budget: { monthly_tokens: 5M }
+  b:
+    command: [y]
+";
+        let overlay = "# generated
+agents:
+  a:
+    budget:
+      monthly_tokens: 42k
+      monthly_usd: 130
+      tokens_per_minute: 2.5k
+  b:
+    budget: { monthly_tokens: 1.3M, alert_at: 50 }
+  gone:
+    budget: { monthly_tokens: 1k }
+";
+        let located = parse_with_overlay(fleet, overlay).unwrap();
+        let a = located.fleet.agents["a"].budget;
+        assert_eq!(a.monthly_tokens, Some(5_000_000), "fleet.yaml wins");
+        assert_eq!(
+            a.monthly_micro_usd,
+            Some(130_000_000),
+            "overlay over nothing"
+        );
+        assert_eq!(a.tokens_per_minute, Some(2_500), "overlay over defaults");
+        assert_eq!(
+            a.requests_per_minute,
+            Some(60),
+            "defaults where neither says"
+        );
+        assert_eq!(a.alert_at_percent, Some(90));
+        let b = located.fleet.agents["b"].budget;
+        assert_eq!(b.monthly_tokens, Some(1_300_000));
+        assert_eq!(b.alert_at_percent, Some(50));
+        let warnings: Vec<String> = located.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            [
+                "fleet.budgets.yaml:10:3: agent \"gone\": not an agent of `fleet.yaml`; its budget here is ignored (`supervisor tune --apply` rewrites this file without it)"
+            ]
+        );
+        // Without the overlay, the same fleet falls back to the defaults.
+        assert_eq!(
+            parse(fleet).unwrap().agents["b"].budget.monthly_tokens,
+            Some(1_000_000)
+        );
+    }
+
+    #[test]
+    fn overlay_problems_are_located_in_the_overlay() {
+        let fleet = "version: 1
+providers:
+  bare: { kind: openai }
+agents:
+  a:
+    command: [x]
+    llm: [ { provider: bare, key: k } ]
+";
+        let errors = parse_with_overlay(
+            fleet,
+            "agents:\n  a:\n    budget: { monthly_tokens: 0, monthly_usd: 5, alert_at: 120% }\n    env: {}\n",
+        )
+        .unwrap_err();
+        let want = [
+            "fleet.budgets.yaml:3:60: `agents.a.budget.alert_at`: invalid percentage `120%`: use a whole percentage from 1% to 100%, like `80%`",
+            "fleet.budgets.yaml:4:5: `agents.a`: unknown field `env`, expected `budget`",
+        ];
+        for w in want {
+            assert!(
+                errors.iter().any(|e| e == w),
+                "missing {w:?} in {errors:#?}"
+            );
+        }
+        assert!(
+            errors.iter().any(|e| e
+                .starts_with("fleet.budgets.yaml:3:31: agent \"a\": `budget.monthly_tokens` is 0")),
+            "{errors:#?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.starts_with(
+                "fleet.budgets.yaml:3:47: agent \"a\": `budget.monthly_usd` needs prices"
+            )),
+            "{errors:#?}"
+        );
+        let errors = parse_with_overlay(fleet, "agents: [a]\n").unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("fleet.budgets.yaml:1:9: `agents`:"),
+            "{errors:#?}"
+        );
+        assert!(
+            parse_with_overlay(fleet, "").is_ok(),
+            "an empty overlay is no overlay"
+        );
+        assert!(parse_with_overlay(fleet, "agents: {}\n").is_ok());
+    }
+
     #[test]
     fn usd_ceiling_needs_prices_and_upstream_must_be_an_origin() {
         let errors = parse(
