@@ -500,7 +500,7 @@ pub fn table(analyses: &[Analysis]) -> String {
 /// A count as fleet.yaml reads it back exactly: `42k`, `1.3M`, `150`.
 pub fn count_text(n: u64) -> String {
     for (scale, suffix) in [(1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")] {
-        if n >= scale && n % (scale / 10) == 0 {
+        if n >= scale && n.is_multiple_of(scale / 10) {
             let whole = n / scale;
             let tenth = (n % scale) / (scale / 10);
             return if tenth == 0 {
@@ -907,7 +907,8 @@ mod tests {
     fn flags_at_their_thresholds() {
         let now = NOV_14_NOON;
         // One day of traffic today: p95 = the day's total; 16 days left.
-        let cases: &[(&str, u64, Option<u64>, Option<u64>, Vec<Flag>)] = &[
+        type Case = (&'static str, u64, Option<u64>, Option<u64>, Vec<Flag>);
+        let cases: &[Case] = &[
             // month end = 1,000 × 17 = 17,000
             (
                 "exactly 80%",

@@ -573,8 +573,10 @@ fn build(
                         cx,
                         key,
                         body,
-                        &defaults,
-                        overlay,
+                        Inherited {
+                            defaults: &defaults,
+                            overlay,
+                        },
                         &providers,
                         base_dir,
                         &mut sources,
@@ -827,16 +829,24 @@ fn merge_stop(raw: Option<&RawStop>, base: &StopSpec) -> StopSpec {
     }
 }
 
+/// What an agent takes from outside its own entry: `defaults`, and its
+/// budget in the overlay.
+#[derive(Clone, Copy)]
+struct Inherited<'a> {
+    defaults: &'a RawDefaults,
+    overlay: &'a BTreeMap<String, (Pos, RawBudget)>,
+}
+
 fn build_agent(
     cx: &mut Cx,
     key: &Node,
     body: &Node,
-    defaults: &RawDefaults,
-    overlay: &BTreeMap<String, (Pos, RawBudget)>,
+    inherited: Inherited<'_>,
     providers: &BTreeMap<String, ProviderSpec>,
     base_dir: &Path,
     sources: &mut SourceMap,
 ) -> Option<AgentSpec> {
+    let Inherited { defaults, overlay } = inherited;
     let Some(name) = key.as_text() else {
         cx.push(
             key.pos,
