@@ -54,6 +54,7 @@ pub fn check(path: &Path) -> Result<Checked, ConfigErrors> {
         .map(|p| p.to_string())
         .collect();
     warnings.extend(crate::redact::short_secret_warnings(fleet, &secrets));
+    warnings.extend(located.warnings.iter().map(|w| w.to_string()));
     Ok(Checked {
         summary: format!(
             "{}: ok — {}, {} resolved",

@@ -103,6 +103,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Recommend each agent's monthly ceilings and token rate from the ledger's last 30 days.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Tune {
+        /// Print a JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Write the recommendations to the budget overlay beside the fleet file
+        /// (`fleet.budgets.yaml`) and reload a running supervisor.
+        #[arg(long)]
+        apply: bool,
+        /// Room added above what was used, as a percentage.
+        #[arg(long, value_name = "PERCENT", default_value = "25%", value_parser = crate::tune::parse_headroom)]
+        headroom: u32,
+    },
     /// List quarantined agents with the reason and the evidence that tripped them.
     #[command(after_help = EXIT_CODES_HELP)]
     Quarantine {
@@ -138,6 +152,11 @@ pub fn main() -> ExitCode {
         Command::Start { agent } => agent_command(&cli.fleet, Control::Start { agent }),
         Command::Stop { agent } => agent_command(&cli.fleet, Control::Stop { agent }),
         Command::Restart { agent } => agent_command(&cli.fleet, Control::Restart { agent }),
+        Command::Tune {
+            json,
+            apply,
+            headroom,
+        } => crate::tune::tune_command(&cli.fleet, json, apply, headroom),
         Command::Usage { month, json } => {
             crate::usage_report::usage_command(&cli.fleet, month, json)
         }

@@ -20,5 +20,6 @@ pub mod redact;
 pub mod runaway;
 pub mod sd_notify;
 pub mod supervisor;
+pub mod tune;
 pub mod usage_report;
 pub mod vault;

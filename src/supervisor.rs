@@ -1077,6 +1077,18 @@ impl Supervisor {
                 });
             }
             ProxyEvent::RateLimited { agent } => self.alerter.rate_limited(&agent),
+            ProxyEvent::BudgetThreshold {
+                agent,
+                month,
+                crossed,
+            } => self.alerter.send(AlertEvent::BudgetThreshold {
+                agent,
+                month,
+                kind: crossed.kind,
+                percent: crossed.percent,
+                used: crossed.used,
+                ceiling: crossed.ceiling,
+            }),
         }
     }
 

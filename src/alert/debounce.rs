@@ -20,6 +20,8 @@ pub struct Debouncer {
     storm: StormSpec,
     /// The last month each agent's ceiling alert was sent for.
     ceilings: HashMap<String, Month>,
+    /// The last month each agent's soft budget (`alert_at`) alert was sent for.
+    thresholds: HashMap<String, Month>,
     restarts: HashMap<String, Recent>,
     refusals: HashMap<String, Recent>,
 }
@@ -67,6 +69,7 @@ impl Debouncer {
             crash_loop,
             storm,
             ceilings: HashMap::new(),
+            thresholds: HashMap::new(),
             restarts: HashMap::new(),
             refusals: HashMap::new(),
         }
@@ -120,12 +123,10 @@ impl Debouncer {
         match event {
             AlertEvent::Quarantined { .. } | AlertEvent::RunawayDetected { .. } => true,
             AlertEvent::CeilingReached { agent, month, .. } => {
-                if self.ceilings.get(agent) == Some(month) {
-                    false
-                } else {
-                    self.ceilings.insert(agent.clone(), *month);
-                    true
-                }
+                once_a_month(&mut self.ceilings, agent, *month)
+            }
+            AlertEvent::BudgetThreshold { agent, month, .. } => {
+                once_a_month(&mut self.thresholds, agent, *month)
             }
             AlertEvent::CrashLooping { agent, .. } => self
                 .restarts
@@ -138,6 +139,16 @@ impl Debouncer {
                 .or_default()
                 .claim(now, self.storm.quiet),
         }
+    }
+}
+
+/// True the first time `agent` reports `month` (a different month counts anew).
+fn once_a_month(sent: &mut HashMap<String, Month>, agent: &str, month: Month) -> bool {
+    if sent.get(agent) == Some(&month) {
+        false
+    } else {
+        sent.insert(agent.to_owned(), month);
+        true
     }
 }
 
@@ -309,6 +320,14 @@ mod tests {
             month: month(m),
             message: "m".into(),
         };
+        let threshold = |agent: &str, m| AlertEvent::BudgetThreshold {
+            agent: agent.into(),
+            month: month(m),
+            kind: crate::budget::CeilingKind::Tokens,
+            percent: 80,
+            used: 8,
+            ceiling: 10,
+        };
         let quarantined = AlertEvent::Quarantined {
             agent: "a".into(),
             reason: "r".into(),
@@ -335,6 +354,15 @@ mod tests {
                 true,
                 "back to the older month (clock set back)",
             ),
+            (
+                &threshold("a", 3),
+                0,
+                true,
+                "soft alert apart from the ceiling's",
+            ),
+            (&threshold("a", 3), 1, false, "soft alert once a month"),
+            (&threshold("b", 3), 1, true, "soft alert of another agent"),
+            (&threshold("a", 4), 2, true, "soft alert in a new month"),
             (&quarantined, 0, true, "quarantine"),
             (&quarantined, 0, true, "every quarantine"),
             (&storm, 0, true, "first storm"),

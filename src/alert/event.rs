@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
-use crate::budget::Month;
+use crate::budget::{CeilingKind, Month, group_thousands};
 use crate::redact::Redactor;
 
 /// Version of the payload's shape, for receivers that parse it.
@@ -39,6 +39,17 @@ pub enum AlertEvent {
         month: Month,
         message: String,
     },
+    /// The agent's settled usage this month reached `percent`% (its
+    /// `budget.alert_at`) of a monthly ceiling: a warning before refusals start.
+    /// `used` and `ceiling` are tokens, or micro-USD for [`CeilingKind::Usd`].
+    BudgetThreshold {
+        agent: String,
+        month: Month,
+        kind: CeilingKind,
+        percent: u32,
+        used: u64,
+        ceiling: u64,
+    },
     /// The agent restarted `restarts` times within `window`.
     CrashLooping {
         agent: String,
@@ -60,6 +71,7 @@ impl AlertEvent {
             Self::Quarantined { .. } => "agent_quarantined",
             Self::RunawayDetected { .. } => "runaway_detected",
             Self::CeilingReached { .. } => "ceiling_reached",
+            Self::BudgetThreshold { .. } => "budget_threshold",
             Self::CrashLooping { .. } => "crash_looping",
             Self::RateLimitStorm { .. } => "rate_limit_storm",
         }
@@ -70,6 +82,7 @@ impl AlertEvent {
             Self::Quarantined { agent, .. }
             | Self::RunawayDetected { agent, .. }
             | Self::CeilingReached { agent, .. }
+            | Self::BudgetThreshold { agent, .. }
             | Self::CrashLooping { agent, .. }
             | Self::RateLimitStorm { agent, .. } => agent,
         }
@@ -109,7 +122,9 @@ impl AlertEvent {
                 month,
                 message: mask(message),
             },
-            other @ (Self::CrashLooping { .. } | Self::RateLimitStorm { .. }) => other,
+            other @ (Self::BudgetThreshold { .. }
+            | Self::CrashLooping { .. }
+            | Self::RateLimitStorm { .. }) => other,
         }
     }
 
@@ -126,6 +141,30 @@ impl AlertEvent {
                 "agent `{agent}` reached its monthly ceiling for {month}; its LLM requests are refused until {} or a higher ceiling",
                 month.next()
             ),
+            Self::BudgetThreshold {
+                agent,
+                month,
+                kind,
+                percent,
+                used,
+                ceiling,
+            } => {
+                let (used, ceiling, field) = match kind {
+                    CeilingKind::Tokens => (
+                        format!("{} tokens", group_thousands(*used)),
+                        format!("{} tokens", group_thousands(*ceiling)),
+                        "monthly_tokens",
+                    ),
+                    CeilingKind::Usd => (
+                        format!("${:.2}", *used as f64 / 1e6),
+                        format!("${:.2}", *ceiling as f64 / 1e6),
+                        "monthly_usd",
+                    ),
+                };
+                format!(
+                    "agent `{agent}` used {used} of its `budget.{field}` of {ceiling} for {month}, past its `alert_at` of {percent}%; requests are refused once the ceiling is reached"
+                )
+            }
             Self::CrashLooping {
                 agent,
                 restarts,
@@ -192,6 +231,23 @@ pub fn payload(event: &AlertEvent, fleet: &str, time: SystemTime) -> Value {
         AlertEvent::CeilingReached { month, message, .. } => {
             json!({ "month": month.to_string(), "message": message })
         }
+        AlertEvent::BudgetThreshold {
+            month,
+            kind,
+            percent,
+            used,
+            ceiling,
+            ..
+        } => match kind {
+            CeilingKind::Tokens => json!({
+                "month": month.to_string(), "ceiling_field": "budget.monthly_tokens",
+                "percent": percent, "used_tokens": used, "ceiling_tokens": ceiling,
+            }),
+            CeilingKind::Usd => json!({
+                "month": month.to_string(), "ceiling_field": "budget.monthly_usd",
+                "percent": percent, "used_usd": *used as f64 / 1e6, "ceiling_usd": *ceiling as f64 / 1e6,
+            }),
+        },
         AlertEvent::CrashLooping {
             restarts, window, ..
         } => json!({ "restarts": restarts, "window_secs": window.as_secs() }),
@@ -307,6 +363,52 @@ mod tests {
                     "time": "2026-03-14T15:09:26Z",
                     "month": "2026-12",
                     "message": "agent \"sparkles\" reached its monthly ceiling: $150.00 of $150.00 used",
+                }),
+            ),
+            (
+                AlertEvent::BudgetThreshold {
+                    agent: "sparkles".into(),
+                    month: month(2026, 12),
+                    kind: CeilingKind::Tokens,
+                    percent: 80,
+                    used: 32_000_000,
+                    ceiling: 40_000_000,
+                },
+                json!({
+                    "text": "[demo] agent `sparkles` used 32,000,000 tokens of its `budget.monthly_tokens` of 40,000,000 tokens for 2026-12, past its `alert_at` of 80%; requests are refused once the ceiling is reached",
+                    "version": 1,
+                    "event": "budget_threshold",
+                    "agent": "sparkles",
+                    "fleet": "demo",
+                    "time": "2026-03-14T15:09:26Z",
+                    "month": "2026-12",
+                    "ceiling_field": "budget.monthly_tokens",
+                    "percent": 80,
+                    "used_tokens": 32_000_000,
+                    "ceiling_tokens": 40_000_000,
+                }),
+            ),
+            (
+                AlertEvent::BudgetThreshold {
+                    agent: "s".into(),
+                    month: month(2026, 12),
+                    kind: CeilingKind::Usd,
+                    percent: 50,
+                    used: 75_500_000,
+                    ceiling: 150_000_000,
+                },
+                json!({
+                    "text": "[demo] agent `s` used $75.50 of its `budget.monthly_usd` of $150.00 for 2026-12, past its `alert_at` of 50%; requests are refused once the ceiling is reached",
+                    "version": 1,
+                    "event": "budget_threshold",
+                    "agent": "s",
+                    "fleet": "demo",
+                    "time": "2026-03-14T15:09:26Z",
+                    "month": "2026-12",
+                    "ceiling_field": "budget.monthly_usd",
+                    "percent": 50,
+                    "used_usd": 75.5,
+                    "ceiling_usd": 150.0,
                 }),
             ),
             (

@@ -19,6 +19,7 @@
 pub mod ceiling;
 pub mod month;
 pub mod rate;
+pub mod threshold;
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -19,8 +19,8 @@ use super::model::{
 };
 use super::node::{self, At, Node, NodeError, Pos, Value};
 use super::schema::{
-    Backend, Dur, Policy, RawAdmin, RawAgent, RawAlerts, RawDefaults, RawEnv, RawProxy, RawRestart,
-    RawStop, RawVault,
+    Backend, Dur, Policy, RawAdmin, RawAgent, RawAlerts, RawBudget, RawDefaults, RawEnv,
+    RawOverlay, RawProxy, RawRestart, RawStop, RawVault,
 };
 use crate::vault::SecretName;
 
@@ -115,6 +115,27 @@ impl SourceMap {
 pub struct Located {
     pub fleet: Fleet,
     pub sources: SourceMap,
+    /// Problems that do not make the fleet invalid (e.g. the budget overlay
+    /// names an agent the fleet no longer has).
+    pub warnings: Vec<ConfigError>,
+}
+
+/// The budget overlay beside a fleet file, written by `supervisor tune
+/// --apply`: `<stem>.budgets.yaml`, so `fleet.yaml` has `fleet.budgets.yaml`.
+pub fn overlay_path(fleet_file: &Path) -> PathBuf {
+    let stem = fleet_file
+        .file_stem()
+        .map_or_else(|| "fleet".into(), |s| s.to_string_lossy().into_owned());
+    fleet_file.with_file_name(format!("{stem}.budgets.yaml"))
+}
+
+/// The overlay's text, or `None` when there is no overlay file.
+fn read_overlay(fleet_file: &Path) -> Result<Option<(PathBuf, String)>, ConfigErrors> {
+    let path = overlay_path(fleet_file);
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        _ => read_source(&path).map(|text| Some((path, text))),
+    }
 }
 
 /// Reads, parses and validates the fleet file at `path`. Every problem is
@@ -124,10 +145,34 @@ pub fn load(path: &Path) -> Result<Fleet, ConfigErrors> {
 }
 
 /// [`load`], keeping the source locations (for `check`'s secret errors).
+///
+/// The budget overlay beside it ([`overlay_path`]), when there is one, is
+/// merged under the agents' own budgets; its warnings are logged and kept in
+/// [`Located::warnings`].
 pub fn load_located(path: &Path) -> Result<Located, ConfigErrors> {
+    let overlay = read_overlay(path)?;
+    load_with_overlay(
+        path,
+        overlay.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
+    )
+}
+
+/// Whether the fleet at `path` loads with `overlay_text` as its budget
+/// overlay, before that text is written (`tune --apply`).
+pub fn check_overlay_text(path: &Path, overlay_text: &str) -> Result<Located, ConfigErrors> {
+    let overlay = overlay_path(path);
+    load_with_overlay(path, Some((&overlay, overlay_text)))
+}
+
+fn load_with_overlay(path: &Path, overlay: Option<(&Path, &str)>) -> Result<Located, ConfigErrors> {
     let source = read_source(path)?;
     let base_dir = fleet_dir(path).map_err(|e| ConfigErrors::unreadable(path, e))?;
-    parse_fleet(path, &base_dir, &source, &LoadEnv::from_process())
+    let located =
+        parse_fleet_with_overlay(path, &base_dir, &source, overlay, &LoadEnv::from_process())?;
+    for warning in &located.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(located)
 }
 
 /// The directory holding the fleet file, absolute so that a later change of
@@ -198,6 +243,17 @@ pub fn parse_fleet(
     source: &str,
     env: &LoadEnv,
 ) -> Result<Located, ConfigErrors> {
+    parse_fleet_with_overlay(file, base_dir, source, None, env)
+}
+
+/// [`parse_fleet`] with a budget overlay: `(its file name for messages, its text)`.
+pub fn parse_fleet_with_overlay(
+    file: &Path,
+    base_dir: &Path,
+    source: &str,
+    overlay: Option<(&Path, &str)>,
+    env: &LoadEnv,
+) -> Result<Located, ConfigErrors> {
     let mut root = node::parse(source).map_err(|e| {
         ConfigErrors::invalid(
             file,
@@ -211,21 +267,109 @@ pub fn parse_fleet(
     })?;
     let mut cx = Cx {
         file,
+        overlay: overlay.map(|(path, _)| path),
         errors: Vec::new(),
     };
     for dup in node::dedup_keys(&mut root) {
         cx.duplicate(&dup);
     }
-    let fleet = build(&mut cx, &root, base_dir, env);
+    let budgets = match overlay {
+        Some((_, text)) => parse_overlay(&mut cx, text),
+        None => BTreeMap::new(),
+    };
+    let fleet = build(&mut cx, &root, base_dir, env, &budgets);
     match fleet {
-        Some(located) if cx.errors.is_empty() => Ok(located),
+        Some(mut located) if cx.errors.is_empty() => {
+            if let Some((overlay_file, _)) = overlay {
+                for (name, (pos, _)) in &budgets {
+                    if !located.sources.agents.contains_key(name) {
+                        located.warnings.push(error_at(
+                            overlay_file,
+                            *pos,
+                            Some(name),
+                            format!(
+                                "not an agent of `{}`; its budget here is ignored (`supervisor tune --apply` rewrites this file without it)",
+                                file.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+            Ok(located)
+        }
         _ => Err(ConfigErrors::invalid(file, cx.errors)),
     }
+}
+
+/// The overlay's budgets by agent name, with where each name is written.
+/// Its problems are errors located in the overlay file.
+fn parse_overlay(cx: &mut Cx, text: &str) -> BTreeMap<String, (Pos, RawBudget)> {
+    let mut root = match node::parse(text) {
+        Ok(root) => root,
+        Err(e) => {
+            cx.push_from(true, e.pos, None, format!("invalid YAML: {}", e.message));
+            return BTreeMap::new();
+        }
+    };
+    for dup in node::dedup_keys(&mut root) {
+        let key = dup
+            .path
+            .iter()
+            .map(String::as_str)
+            .chain([dup.key.as_str()])
+            .collect::<Vec<_>>()
+            .join(".");
+        cx.push_from(
+            true,
+            dup.pos,
+            None,
+            format!(
+                "duplicate key `{key}`, first defined at line {}",
+                dup.first.line
+            ),
+        );
+    }
+    if matches!(root.value, Value::Null) {
+        return BTreeMap::new();
+    }
+    if !matches!(root.value, Value::Map(_)) {
+        cx.push_from(
+            true,
+            root.pos,
+            None,
+            format!(
+                "expected a mapping like `agents: {{ name: {{ budget: {{...}} }} }}`, found {}",
+                root.kind_name()
+            ),
+        );
+        return BTreeMap::new();
+    }
+    let raw = match node::from_node_all::<RawOverlay>(&root) {
+        Ok(raw) => raw,
+        Err(partial) => {
+            for err in &partial.errors {
+                cx.push_from(true, err.pos.unwrap_or(root.pos), None, err.describe());
+            }
+            partial.rest.unwrap_or_default()
+        }
+    };
+    raw.agents
+        .into_iter()
+        .flatten()
+        .map(|(name, agent)| {
+            (
+                name.value,
+                (name.pos, agent.value.budget.unwrap_or_default()),
+            )
+        })
+        .collect()
 }
 
 /// Collects errors while the fleet is built.
 pub(super) struct Cx<'a> {
     file: &'a Path,
+    /// The budget overlay's file, for problems with values read from it.
+    overlay: Option<&'a Path>,
     errors: Vec<ConfigError>,
 }
 
@@ -233,6 +377,21 @@ impl Cx<'_> {
     pub(super) fn push(&mut self, pos: Pos, agent: Option<&str>, message: impl Into<String>) {
         self.errors
             .push(error_at(self.file, pos, agent, message.into()));
+    }
+
+    /// [`push`](Self::push), located in the overlay file when `from_overlay`.
+    pub(super) fn push_from(
+        &mut self,
+        from_overlay: bool,
+        pos: Pos,
+        agent: Option<&str>,
+        message: impl Into<String>,
+    ) {
+        let file = match (from_overlay, self.overlay) {
+            (true, Some(overlay)) => overlay,
+            _ => self.file,
+        };
+        self.errors.push(error_at(file, pos, agent, message.into()));
     }
 
     /// A deserialization error under `section` (e.g. `vault`, or `None` for an
@@ -294,7 +453,13 @@ fn section<T: serde::de::DeserializeOwned>(cx: &mut Cx, name: &str, node: &Node)
     }
 }
 
-fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Located> {
+fn build(
+    cx: &mut Cx,
+    root: &Node,
+    base_dir: &Path,
+    env: &LoadEnv,
+    overlay: &BTreeMap<String, (Pos, RawBudget)>,
+) -> Option<Located> {
     let entries = match &root.value {
         Value::Map(entries) => entries,
         Value::Null => {
@@ -431,7 +596,10 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
                         cx,
                         key,
                         body,
-                        &defaults,
+                        Inherited {
+                            defaults: &defaults,
+                            overlay,
+                        },
                         &providers,
                         base_dir,
                         &env.accounts,
@@ -470,7 +638,11 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
         alerts,
         agents: specs,
     };
-    (agents_ok && defaults_ok && providers_ok).then_some(Located { fleet, sources })
+    (agents_ok && defaults_ok && providers_ok).then_some(Located {
+        fleet,
+        sources,
+        warnings: Vec::new(),
+    })
 }
 
 fn resolve_state_dir(
@@ -682,17 +854,26 @@ fn merge_stop(raw: Option<&RawStop>, base: &StopSpec) -> StopSpec {
     }
 }
 
+/// What an agent takes from outside its own entry: `defaults`, and its
+/// budget in the overlay.
+#[derive(Clone, Copy)]
+struct Inherited<'a> {
+    defaults: &'a RawDefaults,
+    overlay: &'a BTreeMap<String, (Pos, RawBudget)>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn build_agent(
     cx: &mut Cx,
     key: &Node,
     body: &Node,
-    defaults: &RawDefaults,
+    inherited: Inherited<'_>,
     providers: &BTreeMap<String, ProviderSpec>,
     base_dir: &Path,
     accounts: &Accounts,
     sources: &mut SourceMap,
 ) -> Option<AgentSpec> {
+    let Inherited { defaults, overlay } = inherited;
     let Some(name) = key.as_text() else {
         cx.push(
             key.pos,
@@ -854,6 +1035,7 @@ fn build_agent(
         cx,
         name,
         defaults.budget.as_ref(),
+        overlay.get(name).map(|(_, budget)| budget),
         raw.budget.as_ref(),
         &llm,
         providers,

@@ -303,50 +303,58 @@ pub(super) fn resolve_llm(
     out
 }
 
-/// `defaults.budget` overlaid per field by the agent's own.
+/// The agent's own `budget`, else the budget overlay's (written by `tune
+/// --apply`), else `defaults.budget`, per field: what a person wrote for this
+/// agent wins over what was measured, and both over the fleet-wide default.
+/// Problems with a value from the overlay are reported in the overlay file.
 pub(super) fn resolve_budget(
     cx: &mut Cx,
     agent: &str,
     defaults: Option<&RawBudget>,
+    overlay: Option<&RawBudget>,
     own: Option<&RawBudget>,
     llm: &[LlmSpec],
     providers: &BTreeMap<String, ProviderSpec>,
 ) -> BudgetSpec {
     let a = Some(agent);
-    let pick_count = |field: fn(&RawBudget) -> &Option<At<super::schema::Count>>| {
-        own.and_then(|b| field(b).clone())
-            .or_else(|| defaults.and_then(|b| field(b).clone()))
-    };
+    // (value, whether it came from the overlay)
+    fn pick<T: Clone>(
+        layers: [(Option<&RawBudget>, bool); 3],
+        field: fn(&RawBudget) -> &Option<At<T>>,
+    ) -> Option<(At<T>, bool)> {
+        layers
+            .into_iter()
+            .find_map(|(layer, from_overlay)| Some((field(layer?).clone()?, from_overlay)))
+    }
+    let layers = [(own, false), (overlay, true), (defaults, false)];
     let mut spec = BudgetSpec::default();
     for (value, name, slot) in [
         (
-            pick_count(|b| &b.monthly_tokens),
+            pick(layers, |b| &b.monthly_tokens),
             "monthly_tokens",
             &mut spec.monthly_tokens,
         ),
         (
-            pick_count(|b| &b.tokens_per_minute),
+            pick(layers, |b| &b.tokens_per_minute),
             "tokens_per_minute",
             &mut spec.tokens_per_minute,
         ),
         (
-            pick_count(|b| &b.requests_per_minute),
+            pick(layers, |b| &b.requests_per_minute),
             "requests_per_minute",
             &mut spec.requests_per_minute,
         ),
     ] {
-        if let Some(v) = value {
+        if let Some((v, from_overlay)) = value {
             if v.value.0 == 0 {
-                cx.push(v.pos, a, format!("`budget.{name}` is 0, which would refuse every request; remove it for no limit"));
+                cx.push_from(from_overlay, v.pos, a, format!("`budget.{name}` is 0, which would refuse every request; remove it for no limit"));
             } else {
                 *slot = Some(v.value.0);
             }
         }
     }
-    let usd = own
-        .and_then(|b| b.monthly_usd.clone())
-        .or_else(|| defaults.and_then(|b| b.monthly_usd.clone()));
-    if let Some(usd) = usd {
+    spec.alert_at_percent = pick(layers, |b| &b.alert_at).map(|(p, _)| p.value.0);
+    if let Some((usd, from_overlay)) = pick(layers, |b| &b.monthly_usd) {
         spec.monthly_micro_usd = Some(usd.value.0);
         let unpriced: Vec<String> = llm
             .iter()
@@ -358,7 +366,8 @@ pub(super) fn resolve_budget(
             .map(|l| format!("`{}`", l.provider))
             .collect();
         if !unpriced.is_empty() {
-            cx.push(
+            cx.push_from(
+                from_overlay,
                 usd.pos,
                 a,
                 format!(
@@ -505,6 +514,128 @@ providers:
             contains("sets `OPENAI_API_KEY`, which `env` or `secrets` also sets"),
             "{errors:#?}"
         );
+    }
+
+    fn parse_with_overlay(
+        source: &str,
+        overlay: &str,
+    ) -> Result<super::super::load::Located, Vec<String>> {
+        super::super::load::parse_fleet_with_overlay(
+            Path::new("fleet.yaml"),
+            Path::new("/srv/fleet"),
+            source,
+            Some((Path::new("fleet.budgets.yaml"), overlay)),
+            &LoadEnv::default(),
+        )
+        .map_err(|e| e.errors.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn the_overlay_sits_between_the_agents_budget_and_the_defaults() {
+        let fleet = "version: 1
+providers:
+  claude: { kind: anthropic, prices: { m: { input: 3, output: 15 } } }
+defaults:
+  budget: { monthly_tokens: 1M, tokens_per_minute: 10k, requests_per_minute: 60, alert_at: 90% }
+agents:
+  a:
+    command: [x]
+    llm: [ { provider: claude, key: k } ]
+    budget: { monthly_tokens: 5M }
+  b:
+    command: [y]
+";
+        let overlay = "# generated
+agents:
+  a:
+    budget:
+      monthly_tokens: 42k
+      monthly_usd: 130
+      tokens_per_minute: 2.5k
+  b:
+    budget: { monthly_tokens: 1.3M, alert_at: 50 }
+  gone:
+    budget: { monthly_tokens: 1k }
+";
+        let located = parse_with_overlay(fleet, overlay).unwrap();
+        let a = located.fleet.agents["a"].budget;
+        assert_eq!(a.monthly_tokens, Some(5_000_000), "fleet.yaml wins");
+        assert_eq!(
+            a.monthly_micro_usd,
+            Some(130_000_000),
+            "overlay over nothing"
+        );
+        assert_eq!(a.tokens_per_minute, Some(2_500), "overlay over defaults");
+        assert_eq!(
+            a.requests_per_minute,
+            Some(60),
+            "defaults where neither says"
+        );
+        assert_eq!(a.alert_at_percent, Some(90));
+        let b = located.fleet.agents["b"].budget;
+        assert_eq!(b.monthly_tokens, Some(1_300_000));
+        assert_eq!(b.alert_at_percent, Some(50));
+        let warnings: Vec<String> = located.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            [
+                "fleet.budgets.yaml:10:3: agent \"gone\": not an agent of `fleet.yaml`; its budget here is ignored (`supervisor tune --apply` rewrites this file without it)"
+            ]
+        );
+        // Without the overlay, the same fleet falls back to the defaults.
+        assert_eq!(
+            parse(fleet).unwrap().agents["b"].budget.monthly_tokens,
+            Some(1_000_000)
+        );
+    }
+
+    #[test]
+    fn overlay_problems_are_located_in_the_overlay() {
+        let fleet = "version: 1
+providers:
+  bare: { kind: openai }
+agents:
+  a:
+    command: [x]
+    llm: [ { provider: bare, key: k } ]
+";
+        let errors = parse_with_overlay(
+            fleet,
+            "agents:\n  a:\n    budget: { monthly_tokens: 0, monthly_usd: 5, alert_at: 120% }\n    env: {}\n",
+        )
+        .unwrap_err();
+        let want = [
+            "fleet.budgets.yaml:3:60: `agents.a.budget.alert_at`: invalid percentage `120%`: use a whole percentage from 1% to 100%, like `80%`",
+            "fleet.budgets.yaml:4:5: `agents.a`: unknown field `env`, expected `budget`",
+        ];
+        for w in want {
+            assert!(
+                errors.iter().any(|e| e == w),
+                "missing {w:?} in {errors:#?}"
+            );
+        }
+        assert!(
+            errors.iter().any(|e| e
+                .starts_with("fleet.budgets.yaml:3:31: agent \"a\": `budget.monthly_tokens` is 0")),
+            "{errors:#?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.starts_with(
+                "fleet.budgets.yaml:3:47: agent \"a\": `budget.monthly_usd` needs prices"
+            )),
+            "{errors:#?}"
+        );
+        let errors = parse_with_overlay(fleet, "agents: [a]\n").unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("fleet.budgets.yaml:1:9: `agents`:"),
+            "{errors:#?}"
+        );
+        assert!(
+            parse_with_overlay(fleet, "").is_ok(),
+            "an empty overlay is no overlay"
+        );
+        assert!(parse_with_overlay(fleet, "agents: {}\n").is_ok());
     }
 
     #[test]

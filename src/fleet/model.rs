@@ -194,6 +194,9 @@ pub struct BudgetSpec {
     pub monthly_tokens: Option<u64>,
     pub tokens_per_minute: Option<u64>,
     pub requests_per_minute: Option<u64>,
+    /// `alert_at`: a soft alert, once per month, when usage crosses this
+    /// percentage (1..=100) of a monthly ceiling.
+    pub alert_at_percent: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -161,7 +161,7 @@ pub struct RawLlmEnv {
     pub base_url: Option<At<String>>,
 }
 
-/// `budget: { monthly_usd, monthly_tokens, tokens_per_minute, requests_per_minute }`.
+/// `budget: { monthly_usd, monthly_tokens, tokens_per_minute, requests_per_minute, alert_at }`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBudget {
@@ -169,6 +169,39 @@ pub struct RawBudget {
     pub monthly_tokens: Option<At<Count>>,
     pub tokens_per_minute: Option<At<Count>>,
     pub requests_per_minute: Option<At<Count>>,
+    pub alert_at: Option<At<Percent>>,
+}
+
+/// The budget overlay written by `supervisor tune --apply` beside the fleet
+/// file: `agents: { name: { budget: {...} } }` and nothing else.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverlay {
+    pub agents: Option<BTreeMap<At<String>, At<RawOverlayAgent>>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverlayAgent {
+    pub budget: Option<RawBudget>,
+}
+
+/// A whole percentage from 1 to 100, written `80%` or `80`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percent(pub u32);
+
+impl FromStr for Percent {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let digits = text.trim().trim_end_matches('%').trim_end();
+        match digits.parse::<u32>() {
+            Ok(n) if (1..=100).contains(&n) => Ok(Percent(n)),
+            _ => Err(format!(
+                "invalid percentage `{text}`: use a whole percentage from 1% to 100%, like `80%`"
+            )),
+        }
+    }
 }
 
 /// `runaway: { failing_retries, no_progress_repeats, action }`, merged per field.
@@ -322,6 +355,7 @@ from_text!(AccountName, "a user or group name, or a numeric id");
 from_text!(Count, "a count, like `60k` or `40M`");
 from_text!(Usd, "an amount in dollars, like `150`");
 from_text!(ByteSize, "a size, like `32MiB`");
+from_text!(Percent, "a percentage, like `80%`");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

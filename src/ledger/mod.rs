@@ -394,6 +394,53 @@ pub fn month_usage(state_dir: &Path, month: Month) -> Result<Vec<AgentMonthUsage
     Ok(out)
 }
 
+/// One request's charge, as `tune` reads the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSample {
+    pub agent: String,
+    /// Unix milliseconds.
+    pub started_at_ms: i64,
+    /// Tokens counted against the ceilings (the reservation while unsettled).
+    pub tokens: u64,
+    pub micro_usd: u64,
+}
+
+/// Every request started at or after `since_ms` that counts as usage
+/// (released ones do not; unsettled ones count at their reservation), oldest
+/// first. Empty when there is no ledger yet.
+pub fn usage_samples(state_dir: &Path, since_ms: i64) -> Result<Vec<UsageSample>> {
+    let path = state_dir.join(LEDGER_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open the ledger `{}`", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mut stmt = conn.prepare(
+        "SELECT agent, started_at_ms,
+                CASE WHEN settled = 1 THEN charged_tokens ELSE reserved_tokens END,
+                CASE WHEN settled = 1 THEN charged_micro_usd ELSE reserved_micro_usd END
+         FROM requests WHERE started_at_ms >= ?1 AND outcome != 'released'
+         ORDER BY started_at_ms",
+    )?;
+    let rows = stmt.query_map(params![since_ms], |r| {
+        Ok(UsageSample {
+            agent: r.get(0)?,
+            started_at_ms: r.get(1)?,
+            tokens: from_sql(r.get(2)?),
+            micro_usd: from_sql(r.get(3)?),
+        })
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row?);
+    }
+    Ok(out)
+}
+
 /// An agent stopped as a runaway, kept down until released.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QuarantineRecord {

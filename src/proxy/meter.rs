@@ -8,9 +8,11 @@
 //! an `.await`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use crate::budget::threshold::{self, ThresholdCrossed};
 use crate::budget::{AgentBudget, BudgetLimits, Ceilings, Month, RateLimits};
 use crate::fleet::{BudgetSpec, ProviderSpec};
 use crate::ledger::AgentMonthUsage;
@@ -38,6 +40,10 @@ pub struct AgentMeter {
     detector: Mutex<Detector>,
     /// Counters for `/metrics`; atomics, so the request path takes no lock.
     pub metrics: AgentMetrics,
+    /// `budget.alert_at` in percent; 0 = none.
+    alert_at: AtomicU32,
+    /// The month a soft budget alert was last raised for, so each month raises one.
+    alerted: Mutex<Option<Month>>,
 }
 
 impl std::fmt::Debug for AgentMeter {
@@ -73,6 +79,7 @@ impl AgentMeter {
         recorded: Option<&AgentMonthUsage>,
     ) -> Self {
         let now = Instant::now();
+        let alert_at = budget.alert_at_percent.unwrap_or(0);
         let budget = match recorded {
             Some(u) => AgentBudget::from_totals(
                 name,
@@ -91,6 +98,8 @@ impl AgentMeter {
             quarantine: RwLock::new(None),
             detector: Mutex::new(Detector::new(runaway)),
             metrics: AgentMetrics::default(),
+            alert_at: AtomicU32::new(alert_at),
+            alerted: Mutex::new(None),
         }
     }
 
@@ -106,6 +115,8 @@ impl AgentMeter {
     /// place: requests in flight keep what they started with.
     pub fn update(&self, budget: &BudgetSpec, runaway: RunawayConfig, routes: Vec<Route>) {
         self.budget.set_limits(limits(budget), Instant::now());
+        self.alert_at
+            .store(budget.alert_at_percent.unwrap_or(0), Ordering::Relaxed);
         if let Ok(mut d) = self.detector.lock()
             && d.config() != &runaway
         {
@@ -128,6 +139,27 @@ impl AgentMeter {
         if let Ok(mut d) = self.detector.lock() {
             d.observe_response(conversation, summary);
         }
+    }
+
+    /// After a settlement charged to `month`: the crossing to alert about, the
+    /// first time this month's settled usage reaches `alert_at` of a ceiling.
+    /// At most one per month per meter; the alerter debounces again by agent.
+    pub fn budget_threshold(&self, month: Month) -> Option<ThresholdCrossed> {
+        let percent = self.alert_at.load(Ordering::Relaxed);
+        if percent == 0 {
+            return None;
+        }
+        let mut alerted = self.alerted.lock().ok()?;
+        if *alerted >= Some(month) {
+            return None;
+        }
+        let snapshot = self.budget.usage(month);
+        if snapshot.month != month {
+            return None; // a late settlement of an earlier month
+        }
+        let crossed = threshold::crossed(&snapshot, percent)?;
+        *alerted = Some(month);
+        Some(crossed)
     }
 
     pub fn quarantine_reason(&self) -> Option<String> {
@@ -181,5 +213,70 @@ impl Meters {
             .read()
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::{Amount, CeilingKind};
+
+    #[test]
+    fn a_soft_alert_is_raised_once_a_month_when_usage_crosses_alert_at() {
+        let nov = Month::new(2026, 11).unwrap();
+        let spec = BudgetSpec {
+            monthly_tokens: Some(1_000),
+            alert_at_percent: Some(50),
+            ..BudgetSpec::default()
+        };
+        let meter = AgentMeter::new("a", &spec, RunawayConfig::default(), vec![], nov, None);
+        let spend = |tokens| {
+            let r = meter.budget.reserve(nov, Amount::new(tokens, 0)).unwrap();
+            r.settle(Amount::new(tokens, 0));
+            meter.budget_threshold(nov)
+        };
+        assert_eq!(spend(499), None, "49.9%");
+        assert_eq!(
+            spend(1),
+            Some(ThresholdCrossed {
+                kind: CeilingKind::Tokens,
+                percent: 50,
+                used: 500,
+                ceiling: 1_000
+            })
+        );
+        assert_eq!(spend(100), None, "once this month");
+        let dec = nov.next();
+        let r = meter.budget.reserve(dec, Amount::new(600, 0)).unwrap();
+        r.settle(Amount::new(600, 0));
+        assert_eq!(
+            meter.budget_threshold(nov),
+            None,
+            "a late settlement of an earlier month"
+        );
+        assert!(
+            meter.budget_threshold(dec).is_some(),
+            "a new month alerts anew"
+        );
+
+        let quiet = AgentMeter::new(
+            "b",
+            &BudgetSpec {
+                alert_at_percent: None,
+                ..spec
+            },
+            RunawayConfig::default(),
+            vec![],
+            nov,
+            None,
+        );
+        let r = quiet.budget.reserve(nov, Amount::new(900, 0)).unwrap();
+        r.settle(Amount::new(900, 0));
+        assert_eq!(quiet.budget_threshold(nov), None, "no `alert_at`, no alert");
+        quiet.update(&spec, RunawayConfig::default(), vec![]);
+        assert!(
+            quiet.budget_threshold(nov).is_some(),
+            "a reload sets `alert_at`"
+        );
     }
 }

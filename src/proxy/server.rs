@@ -41,6 +41,7 @@ use super::usage::{
     ApiKind, Metered, Outcome as TapOutcome, TapOptions, TapReport, Usage, UsageTap,
     ensure_openai_stream_usage, parse_answer,
 };
+use crate::budget::threshold::ThresholdCrossed;
 use crate::budget::{Amount, Month, RateTicket, Reservation};
 use crate::fleet::{ProviderKind, ProxySpec};
 use crate::ledger::{self, Ledger, Outcome, Settlement};
@@ -66,6 +67,13 @@ pub enum ProxyEvent {
     CeilingReached { agent: String, message: String },
     /// A request was refused by a rate bucket.
     RateLimited { agent: String },
+    /// The agent's settled usage this month crossed its `budget.alert_at`
+    /// share of a ceiling (sent once per agent per month).
+    BudgetThreshold {
+        agent: String,
+        month: Month,
+        crossed: ThresholdCrossed,
+    },
 }
 
 pub type ProxyBody = BoxBody<Bytes, Infallible>;
@@ -693,6 +701,7 @@ async fn handle_metered(
         started,
         streamed: estimate.stream,
         conversation,
+        events: shared.events.clone(),
         _in_flight: shared.pumps.clone(),
     };
 
@@ -806,6 +815,8 @@ struct Pending {
     started: Instant,
     streamed: bool,
     conversation: Option<ConversationKey>,
+    /// Where a crossed `budget.alert_at` is reported.
+    events: mpsc::UnboundedSender<ProxyEvent>,
     /// Counts this request as in flight until it is settled (see `drain`).
     _in_flight: Arc<()>,
 }
@@ -894,6 +905,13 @@ impl Pending {
         }
         metrics.add_cost(settled.charged.micro_usd);
         metrics.observe_duration(self.started.elapsed());
+        if let Some(crossed) = self.meter.budget_threshold(settled.month) {
+            let _ = self.events.send(ProxyEvent::BudgetThreshold {
+                agent: self.meter.name().to_owned(),
+                month: settled.month,
+                crossed,
+            });
+        }
         self.ledger.settle(
             self.ledger_id,
             Settlement {
