@@ -234,7 +234,10 @@ agents:
         format!("{overlay}  retired:\n    budget: {{ monthly_tokens: 1k }}\n"),
     )
     .unwrap();
-    let checked = stdout(&cli(&fleet, &["check"]));
+    // Warnings go to stderr, like every diagnostic; the summary to stdout.
+    let out = cli(&fleet, &["check"]);
+    assert!(out.status.success());
+    let checked = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         checked.contains("warning: ") && checked.contains("agent \"retired\": not an agent of"),
         "{checked}"
