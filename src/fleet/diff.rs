@@ -210,6 +210,7 @@ mod tests {
             providers: BTreeMap::new(),
             alerts: Default::default(),
             agents: BTreeMap::new(),
+            rotation: BTreeMap::new(),
         }
     }
 
