@@ -14,6 +14,7 @@ pub mod orphans;
 pub mod pricing;
 pub mod proxy;
 pub mod quarantine_cmd;
+pub mod rotation;
 pub mod runaway;
 pub mod supervisor;
 pub mod usage_report;

@@ -117,7 +117,7 @@ pub fn quarantine_command(fleet_path: &Path, json: bool) -> u8 {
 
 /// The pid of the supervisor that holds `state_dir`'s lock, if one runs: the
 /// lock file names its holder, and a lock we cannot take proves it is held.
-fn running_supervisor(state_dir: &Path) -> Option<i32> {
+pub(crate) fn running_supervisor(state_dir: &Path) -> Option<i32> {
     use nix::fcntl::{Flock, FlockArg};
     let path = state_dir.join(crate::orphans::LOCK_FILE);
     let file = std::fs::File::open(&path).ok()?;

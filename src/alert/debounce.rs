@@ -118,7 +118,9 @@ impl Debouncer {
     /// the ones this debouncer detects.
     pub fn admit(&mut self, event: &AlertEvent, now: Instant) -> bool {
         match event {
-            AlertEvent::Quarantined { .. } | AlertEvent::RunawayDetected { .. } => true,
+            AlertEvent::Quarantined { .. }
+            | AlertEvent::RunawayDetected { .. }
+            | AlertEvent::RotationFailed { .. } => true,
             AlertEvent::CeilingReached { agent, month, .. } => {
                 if self.ceilings.get(agent) == Some(month) {
                     false

@@ -50,6 +50,12 @@ pub enum AlertEvent {
         refused: u32,
         window: Duration,
     },
+    /// Rotating one of the agent's secrets failed; the old version keeps working.
+    RotationFailed {
+        agent: String,
+        secret: String,
+        message: String,
+    },
 }
 
 impl AlertEvent {
@@ -61,6 +67,7 @@ impl AlertEvent {
             Self::CeilingReached { .. } => "ceiling_reached",
             Self::CrashLooping { .. } => "crash_looping",
             Self::RateLimitStorm { .. } => "rate_limit_storm",
+            Self::RotationFailed { .. } => "rotation_failed",
         }
     }
 
@@ -70,7 +77,8 @@ impl AlertEvent {
             | Self::RunawayDetected { agent, .. }
             | Self::CeilingReached { agent, .. }
             | Self::CrashLooping { agent, .. }
-            | Self::RateLimitStorm { agent, .. } => agent,
+            | Self::RateLimitStorm { agent, .. }
+            | Self::RotationFailed { agent, .. } => agent,
         }
     }
 
@@ -103,6 +111,9 @@ impl AlertEvent {
                 "agent `{agent}` is in a rate-limit storm: {refused} requests refused within {}; it may be retrying in a tight loop, or its rate limits are too low",
                 humantime::format_duration(*window)
             ),
+            Self::RotationFailed { agent, secret, .. } => format!(
+                "rotating secret `{secret}` of agent `{agent}` failed; its current version keeps working"
+            ),
         }
     }
 
@@ -115,7 +126,7 @@ impl AlertEvent {
             | Self::RunawayDetected {
                 evidence_summary, ..
             } => evidence_summary,
-            Self::CeilingReached { message, .. } => message,
+            Self::CeilingReached { message, .. } | Self::RotationFailed { message, .. } => message,
             _ => return None,
         };
         (!text.trim().is_empty()).then_some(text.as_str())
@@ -159,6 +170,9 @@ pub fn payload(event: &AlertEvent, fleet: &str, time: SystemTime) -> Value {
         AlertEvent::RateLimitStorm {
             refused, window, ..
         } => json!({ "refused": refused, "window_secs": window.as_secs() }),
+        AlertEvent::RotationFailed {
+            secret, message, ..
+        } => json!({ "secret": secret, "message": message }),
     };
     if let (Some(body), Value::Object(fields)) = (body.as_object_mut(), fields) {
         body.extend(fields);
