@@ -9,12 +9,15 @@
 
 pub mod cmd;
 pub mod hooks;
+pub mod schedule;
 pub mod store;
 pub mod watch;
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::control::protocol::SecretVersion;
 
 /// How an agent receives one of its secrets, which decides what a new
 /// version costs: a proxied key swaps in place, the others restart the agent.
@@ -57,23 +60,6 @@ pub struct VaultVersion {
     pub first_seen_ms: i64,
 }
 
-/// What `supervisor status` shows for one secret of one agent: never the value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SecretVersion {
-    pub name: String,
-    pub slot: String,
-    pub used_as: SecretUse,
-    /// The version the vault holds now.
-    pub fingerprint: String,
-    /// Seconds since that version was first seen.
-    pub age_secs: u64,
-    /// The version the agent's running process got, when it holds one.
-    pub running_fingerprint: Option<String>,
-    /// The running process still holds an older version than the vault's
-    /// (its restart is queued, or failed).
-    pub stale: bool,
-}
-
 /// Joins the vault's versions with what the running process was launched
 /// with (`slot` → fingerprint; `None` when the agent is not running).
 pub fn secret_versions(
@@ -81,6 +67,7 @@ pub fn secret_versions(
     launched: Option<&std::collections::BTreeMap<String, String>>,
     now_ms: i64,
 ) -> Vec<SecretVersion> {
+    // The transfer type of `supervisor status`.
     vault
         .iter()
         .map(|v| {
@@ -93,7 +80,7 @@ pub fn secret_versions(
             SecretVersion {
                 name: v.secret.clone(),
                 slot: v.slot.clone(),
-                used_as: v.used_as,
+                used_as: v.used_as.as_str().to_owned(),
                 fingerprint: v.fingerprint.clone(),
                 age_secs: u64::try_from(now_ms.saturating_sub(v.first_seen_ms) / 1000)
                     .unwrap_or(0),
