@@ -353,7 +353,11 @@ impl Supervisor {
         let (proxy_shutdown, _) = watch::channel(false);
         let launches = SharedLaunches::default();
         let (rolling, rolling_rx) = mpsc::unbounded_channel();
-        tokio::spawn(rolling_restarts(rolling_rx, launches.clone(), proxy.clone()));
+        tokio::spawn(rolling_restarts(
+            rolling_rx,
+            launches.clone(),
+            proxy.clone(),
+        ));
         let (internal, internal_rx) = mpsc::unbounded_channel();
         if let fleet::VaultConfig::Dir { path } = &fleet.vault {
             let (changed, mut changes) = mpsc::unbounded_channel();
@@ -463,7 +467,10 @@ impl Supervisor {
             Vec::new();
         for (name, spec) in &resolved.fleet.agents {
             let secrets = resolved.secrets.get(name).cloned().unwrap_or_default();
-            found.push((name.clone(), rotation::cmd::current_versions(spec, &secrets)));
+            found.push((
+                name.clone(),
+                rotation::cmd::current_versions(spec, &secrets),
+            ));
         }
         let rows: Vec<(String, String, String)> = found
             .iter()
@@ -510,7 +517,10 @@ impl Supervisor {
 
     /// Which version of each secret `agent` runs with, for `supervisor status`.
     pub(crate) fn secret_versions(&self, agent: &str) -> Vec<rotation::SecretVersion> {
-        let vault = self.vault_versions.get(agent).map_or(&[][..], Vec::as_slice);
+        let vault = self
+            .vault_versions
+            .get(agent)
+            .map_or(&[][..], Vec::as_slice);
         let l = lock(&self.running_launches);
         let given = self
             .agents
@@ -822,7 +832,9 @@ impl Supervisor {
                 running.launch = launch_id;
                 let handle = running.handle.clone();
                 if rotated {
-                    lock(&self.running_launches).wanted.insert(name.clone(), launch_id);
+                    lock(&self.running_launches)
+                        .wanted
+                        .insert(name.clone(), launch_id);
                     let _ = self.rolling.send(RollingRestart {
                         name: name.clone(),
                         handle,

@@ -438,7 +438,10 @@ fn build(cx: &mut Cx, root: &Node, base_dir: &Path, env: &LoadEnv) -> Option<Loc
     }
 
     // Writing a new version needs a writable store: only `dir` is one.
-    if let Some(backend) = vault.as_ref().filter(|v| !matches!(v, VaultConfig::Dir { .. })) {
+    if let Some(backend) = vault
+        .as_ref()
+        .filter(|v| !matches!(v, VaultConfig::Dir { .. }))
+    {
         let name = match backend {
             VaultConfig::SystemdCreds => "systemd-creds",
             _ => "env",
@@ -734,7 +737,11 @@ fn add_policy(
             return None;
         }
         if args.iter().any(|a| a.contains('\0')) {
-            cx.push(written.pos, agent, format!("`{field}.{what}` contains a NUL character"));
+            cx.push(
+                written.pos,
+                agent,
+                format!("`{field}.{what}` contains a NUL character"),
+            );
             return None;
         }
         Some(args)
@@ -748,7 +755,10 @@ fn add_policy(
             format!("`{field}.rotate_every` needs an `issuer`, a command that prints the new value on stdout"),
         );
     }
-    let grace = raw.grace.as_ref().map_or(Duration::from_secs(3600), |g| g.value.0);
+    let grace = raw
+        .grace
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |g| g.value.0);
     if let Some(previous) = out.get(secret) {
         cx.push(
             raw.name.pos,

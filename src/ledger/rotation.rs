@@ -36,12 +36,8 @@ CREATE INDEX IF NOT EXISTS rotations_by_secret ON rotations (agent, secret, at_m
 fn open(state_dir: &Path) -> Result<Connection> {
     let path = state_dir.join(LEDGER_FILE);
     let conn = open_connection(&path)?;
-    conn.execute_batch(SCHEMA).with_context(|| {
-        format!(
-            "cannot create the rotation tables in `{}`",
-            path.display()
-        )
-    })?;
+    conn.execute_batch(SCHEMA)
+        .with_context(|| format!("cannot create the rotation tables in `{}`", path.display()))?;
     Ok(conn)
 }
 
@@ -97,7 +93,11 @@ pub fn observe_versions(
 }
 
 /// The most recent version of `agent`'s `secret` seen: `(fingerprint, first_seen_ms)`.
-pub fn latest_version(state_dir: &Path, agent: &str, secret: &str) -> Result<Option<(String, i64)>> {
+pub fn latest_version(
+    state_dir: &Path,
+    agent: &str,
+    secret: &str,
+) -> Result<Option<(String, i64)>> {
     if !state_dir.join(LEDGER_FILE).exists() {
         return Ok(None);
     }
@@ -234,11 +234,20 @@ mod tests {
     fn versions_keep_their_first_sighting() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(latest_version(dir.path(), "a", "k").unwrap(), None);
-        assert_eq!(observe_version(dir.path(), "a", "k", "fp1", 100).unwrap(), 100);
-        assert_eq!(observe_version(dir.path(), "a", "k", "fp1", 200).unwrap(), 100);
+        assert_eq!(
+            observe_version(dir.path(), "a", "k", "fp1", 100).unwrap(),
+            100
+        );
+        assert_eq!(
+            observe_version(dir.path(), "a", "k", "fp1", 200).unwrap(),
+            100
+        );
         let got = observe_versions(
             dir.path(),
-            &[("a".into(), "k".into(), "fp2".into()), ("b".into(), "k".into(), "fp1".into())],
+            &[
+                ("a".into(), "k".into(), "fp2".into()),
+                ("b".into(), "k".into(), "fp1".into()),
+            ],
             300,
         )
         .unwrap();

@@ -62,7 +62,9 @@ pub fn rotate_command(fleet_path: &Path, agent: &str, secret: Option<&str>) -> u
         Ok(loaded) => loaded,
         Err(errors) => {
             eprint!("{}", errors.report());
-            eprintln!("hint: nothing was picked up; fix the problems above and run `supervisor rotate {agent}` again");
+            eprintln!(
+                "hint: nothing was picked up; fix the problems above and run `supervisor rotate {agent}` again"
+            );
             return exit::FAILURE;
         }
     };
@@ -97,7 +99,10 @@ pub fn rotate_command(fleet_path: &Path, agent: &str, secret: Option<&str>) -> u
             .flatten();
         match seen {
             Some((old, _)) if old == *fingerprint => {
-                println!("`{name}` ({slot}, {}): unchanged, version {fingerprint}", used_as.as_str())
+                println!(
+                    "`{name}` ({slot}, {}): unchanged, version {fingerprint}",
+                    used_as.as_str()
+                )
             }
             Some((old, _)) => println!(
                 "`{name}` ({slot}, {}): new version {old} -> {fingerprint}; {}",
@@ -135,7 +140,8 @@ pub fn rotate_command(fleet_path: &Path, agent: &str, secret: Option<&str>) -> u
 }
 
 fn when(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 

@@ -31,8 +31,39 @@ fn command(argv: &[String], cwd: &Path, agent: &str, secret: &str) -> Result<Com
         .env("SUPERVISOR_AGENT", agent)
         .env("SUPERVISOR_SECRET", secret)
         .stderr(Stdio::null())
+        // Its own group, so a timeout also stops what a `sh -c` started.
+        .process_group(0)
         .kill_on_drop(true);
     Ok(cmd)
+}
+
+/// Spawns `cmd` registered with the orphan reaper (which would otherwise
+/// take its exit status), and a guard that kills its whole group when the
+/// hook is given up (timeout) or done.
+fn spawn(
+    mut cmd: Command,
+) -> std::io::Result<(
+    tokio::process::Child,
+    Option<crate::agent::reaper::Owned>,
+    GroupGuard,
+)> {
+    let (child, owned) = crate::agent::reaper::spawn_owned(|| cmd.spawn(), |c| c.id())?;
+    let group = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()));
+    Ok((child, owned, group))
+}
+
+/// Kills what is left of a hook's process group when dropped.
+struct GroupGuard(Option<i32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 fn ended(status: std::process::ExitStatus) -> String {
@@ -46,13 +77,17 @@ fn ended(status: std::process::ExitStatus) -> String {
 
 /// Runs `issuer` and returns the new value: stdout, surrounding whitespace
 /// trimmed. Fails when it fails, times out, or prints nothing usable.
-pub async fn issue(argv: &[String], cwd: &Path, agent: &str, secret: &str) -> Result<Secret, String> {
+pub async fn issue(
+    argv: &[String],
+    cwd: &Path,
+    agent: &str,
+    secret: &str,
+) -> Result<Secret, String> {
     let shown = argv.first().map(String::as_str).unwrap_or_default();
     let mut cmd = command(argv, cwd, agent, secret)?;
     cmd.stdin(Stdio::null()).stdout(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run the issuer `{shown}`: {e}"))?;
+    let (mut child, _owned, _group) =
+        spawn(cmd).map_err(|e| format!("cannot run the issuer `{shown}`: {e}"))?;
     let Some(mut stdout) = child.stdout.take() else {
         return Err(format!("cannot read the issuer `{shown}`'s output"));
     };
@@ -66,14 +101,12 @@ pub async fn issue(argv: &[String], cwd: &Path, agent: &str, secret: &str) -> Re
         let status = child.wait().await;
         (read, status, out)
     };
-    let (read, status, mut out) = tokio::time::timeout(HOOK_TIMEOUT, run)
-        .await
-        .map_err(|_| {
-            format!(
-                "the issuer `{shown}` did not finish within {}",
-                humantime::format_duration(HOOK_TIMEOUT)
-            )
-        })?;
+    let (read, status, mut out) = tokio::time::timeout(HOOK_TIMEOUT, run).await.map_err(|_| {
+        format!(
+            "the issuer `{shown}` did not finish within {}",
+            humantime::format_duration(HOOK_TIMEOUT)
+        )
+    })?;
     let problem = match (read, status) {
         (Err(e), _) => Some(format!("cannot read the issuer `{shown}`'s output: {e}")),
         (_, Err(e)) => Some(format!("cannot wait for the issuer `{shown}`: {e}")),
@@ -93,12 +126,16 @@ pub async fn issue(argv: &[String], cwd: &Path, agent: &str, secret: &str) -> Re
         Ok(text) => text,
         Err(err) => {
             err.into_bytes().zeroize();
-            return Err(format!("the issuer `{shown}` printed something that is not UTF-8 text"));
+            return Err(format!(
+                "the issuer `{shown}` printed something that is not UTF-8 text"
+            ));
         }
     };
     let trimmed = value.trim();
     let checked = if trimmed.is_empty() {
-        Err(format!("the issuer `{shown}` printed nothing; it must print the new value on stdout"))
+        Err(format!(
+            "the issuer `{shown}` printed nothing; it must print the new value on stdout"
+        ))
     } else if trimmed.contains('\0') || trimmed.contains('\n') {
         Err(format!(
             "the issuer `{shown}` printed more than one line; it must print only the new value"
@@ -122,9 +159,8 @@ pub async fn revoke(
     let shown = argv.first().map(String::as_str).unwrap_or_default();
     let mut cmd = command(argv, cwd, agent, secret)?;
     cmd.stdin(Stdio::piped()).stdout(Stdio::null());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run the revoke command `{shown}`: {e}"))?;
+    let (mut child, _owned, _group) =
+        spawn(cmd).map_err(|e| format!("cannot run the revoke command `{shown}`: {e}"))?;
     let input = serde_json::json!({
         "secret": secret,
         "agent": agent,
@@ -163,9 +199,14 @@ mod tests {
     #[tokio::test]
     async fn issuer_output_is_the_new_value() {
         let dir = tempfile::tempdir().unwrap();
-        let got = issue(&sh("echo \"  sk-$SUPERVISOR_AGENT-$SUPERVISOR_SECRET  \""), dir.path(), "a", "k")
-            .await
-            .unwrap();
+        let got = issue(
+            &sh("echo \"  sk-$SUPERVISOR_AGENT-$SUPERVISOR_SECRET  \""),
+            dir.path(),
+            "a",
+            "k",
+        )
+        .await
+        .unwrap();
         assert_eq!(got.expose(), "sk-a-k");
     }
 
@@ -173,10 +214,22 @@ mod tests {
     async fn issuer_failures_name_no_output() {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
-            (sh("echo sk-leak; exit 3"), "the issuer `sh` exited with code 3"),
-            (sh("true"), "the issuer `sh` printed nothing; it must print the new value on stdout"),
-            (sh("printf 'a\\nb\\n'"), "the issuer `sh` printed more than one line; it must print only the new value"),
-            (vec!["/nonexistent/issuer".into()], "cannot run the issuer `/nonexistent/issuer`: No such file or directory (os error 2)"),
+            (
+                sh("echo sk-leak; exit 3"),
+                "the issuer `sh` exited with code 3",
+            ),
+            (
+                sh("true"),
+                "the issuer `sh` printed nothing; it must print the new value on stdout",
+            ),
+            (
+                sh("printf 'a\\nb\\n'"),
+                "the issuer `sh` printed more than one line; it must print only the new value",
+            ),
+            (
+                vec!["/nonexistent/issuer".into()],
+                "cannot run the issuer `/nonexistent/issuer`: No such file or directory (os error 2)",
+            ),
         ];
         for (argv, want) in cases {
             let err = issue(&argv, dir.path(), "a", "k").await.unwrap_err();
@@ -190,14 +243,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("got.json");
         let script = format!("cat > {}", out.display());
-        revoke(&sh(&script), dir.path(), "a", "k", "abc123").await.unwrap();
+        revoke(&sh(&script), dir.path(), "a", "k", "abc123")
+            .await
+            .unwrap();
         let got: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
         assert_eq!(
             got,
             serde_json::json!({"secret": "k", "agent": "a", "fingerprint": "abc123"})
         );
-        let err = revoke(&sh("exit 4"), dir.path(), "a", "k", "abc").await.unwrap_err();
+        let err = revoke(&sh("exit 4"), dir.path(), "a", "k", "abc")
+            .await
+            .unwrap_err();
         assert_eq!(err, "the revoke command `sh` exited with code 4");
     }
 }

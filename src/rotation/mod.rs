@@ -82,8 +82,7 @@ pub fn secret_versions(
                 slot: v.slot.clone(),
                 used_as: v.used_as.as_str().to_owned(),
                 fingerprint: v.fingerprint.clone(),
-                age_secs: u64::try_from(now_ms.saturating_sub(v.first_seen_ms) / 1000)
-                    .unwrap_or(0),
+                age_secs: u64::try_from(now_ms.saturating_sub(v.first_seen_ms) / 1000).unwrap_or(0),
                 running_fingerprint: running,
                 stale,
             }

@@ -84,7 +84,12 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Returns whether an attempt was made and failed.
-async fn rotate_if_due<S, F>(job: &Job, retry_after: Option<i64>, alerter: &Alerter, swap: S) -> bool
+async fn rotate_if_due<S, F>(
+    job: &Job,
+    retry_after: Option<i64>,
+    alerter: &Alerter,
+    swap: S,
+) -> bool
 where
     S: FnOnce() -> F,
     F: Future<Output = bool>,
@@ -115,7 +120,9 @@ where
             message,
         };
         async move {
-            if let Err(err) = blocking(move || rotation_ledger::record_rotation(&state_dir, &row)).await {
+            if let Err(err) =
+                blocking(move || rotation_ledger::record_rotation(&state_dir, &row)).await
+            {
                 tracing::error!("cannot record a rotation in the ledger: {err}");
             }
         }
@@ -132,7 +139,8 @@ where
 
     let store = DirStore::new(job.vault_root.clone());
     let (a, name) = (agent.clone(), job.secret.clone());
-    let old = match blocking(move || store.get_secret(&a, &name).map_err(anyhow::Error::from)).await {
+    let old = match blocking(move || store.get_secret(&a, &name).map_err(anyhow::Error::from)).await
+    {
         Ok(old) => old.fingerprint(),
         Err(err) => {
             fail(None, format!("cannot read the current version: {err}")).await;
@@ -171,7 +179,13 @@ where
         return false;
     }
     tracing::info!(agent = %agent, secret = %secret, old = %old, new = %new_fp, "rotated: the new version is live");
-    record(RotationOutcome::Rotated, Some(old.clone()), Some(new_fp.clone()), String::new()).await;
+    record(
+        RotationOutcome::Rotated,
+        Some(old.clone()),
+        Some(new_fp.clone()),
+        String::new(),
+    )
+    .await;
     let Some(revoke) = &job.policy.revoke else {
         return false;
     };
@@ -179,16 +193,30 @@ where
     match hooks::revoke(revoke, &job.fleet_dir, &agent, &secret, &old).await {
         Ok(()) => {
             tracing::info!(agent = %agent, secret = %secret, old = %old, "the old version is revoked");
-            record(RotationOutcome::Revoked, Some(old), Some(new_fp), String::new()).await;
+            record(
+                RotationOutcome::Revoked,
+                Some(old),
+                Some(new_fp),
+                String::new(),
+            )
+            .await;
         }
         Err(message) => {
             tracing::error!(agent = %agent, secret = %secret, "revoking the old version failed: {message}");
             alerter.send(AlertEvent::RotationFailed {
                 agent: agent.clone(),
                 secret: secret.clone(),
-                message: format!("the new version is live, but revoking the old one ({old}) failed: {message}"),
+                message: format!(
+                    "the new version is live, but revoking the old one ({old}) failed: {message}"
+                ),
             });
-            record(RotationOutcome::RevokeFailed, Some(old), Some(new_fp), message).await;
+            record(
+                RotationOutcome::RevokeFailed,
+                Some(old),
+                Some(new_fp),
+                message,
+            )
+            .await;
         }
     }
     false

@@ -15,7 +15,12 @@ use anyhow::{Context, Result, bail};
 use crate::vault::{Secret, SecretName};
 
 /// Replaces `<root>/<agent>/<name>` with `value`; returns the path written.
-pub fn write_version(root: &Path, agent: &str, name: &SecretName, value: &Secret) -> Result<PathBuf> {
+pub fn write_version(
+    root: &Path,
+    agent: &str,
+    name: &SecretName,
+    value: &Secret,
+) -> Result<PathBuf> {
     if !crate::fleet::valid_agent_name(agent) {
         bail!("invalid agent name `{agent}`");
     }
@@ -40,7 +45,11 @@ pub fn write_version(root: &Path, agent: &str, name: &SecretName, value: &Secret
             .and_then(|()| file.sync_all())
             .with_context(|| format!("cannot write `{}`", tmp.display()))?;
         std::fs::rename(&tmp, &target).with_context(|| {
-            format!("cannot rename `{}` to `{}`", tmp.display(), target.display())
+            format!(
+                "cannot rename `{}` to `{}`",
+                tmp.display(),
+                target.display()
+            )
         })?;
         File::open(&folder)
             .and_then(|dir| dir.sync_all())
@@ -73,14 +82,18 @@ mod tests {
         std::fs::set_permissions(folder.join("key"), std::fs::Permissions::from_mode(0o600))
             .unwrap();
 
-        let path = write_version(root.path(), "a", &name, &Secret::new("new-value".into())).unwrap();
+        let path =
+            write_version(root.path(), "a", &name, &Secret::new("new-value".into())).unwrap();
         assert_eq!(path, folder.join("key"));
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let store = DirStore::new(root.path().to_owned());
         assert_eq!(store.get_secret("a", &name).unwrap().expose(), "new-value");
         // Only the secret itself is left in the folder.
-        let names: Vec<_> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, ["key"]);
     }
 

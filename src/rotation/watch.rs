@@ -42,7 +42,14 @@ fn snapshot(root: &Path) -> Snapshot {
             if let Ok(m) = std::fs::metadata(&path).or_else(|_| file.metadata()) {
                 out.insert(
                     path,
-                    (m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()),
+                    (
+                        m.ino(),
+                        m.size(),
+                        m.mtime(),
+                        m.mtime_nsec(),
+                        m.ctime(),
+                        m.ctime_nsec(),
+                    ),
                 );
             }
         }
