@@ -463,20 +463,23 @@ impl Supervisor {
     /// Records the vault's current version of every secret in the ledger and
     /// keeps them (with first-seen times) for `status`.
     async fn observe_versions(&mut self, resolved: &ResolvedFleet) {
-        let mut found: Vec<(String, Vec<(String, String, rotation::SecretUse, String)>)> =
-            Vec::new();
-        for (name, spec) in &resolved.fleet.agents {
-            let secrets = resolved.secrets.get(name).cloned().unwrap_or_default();
-            found.push((
-                name.clone(),
-                rotation::cmd::current_versions(spec, &secrets),
-            ));
-        }
+        let found: Vec<(String, Vec<rotation::cmd::CurrentVersion>)> = resolved
+            .fleet
+            .agents
+            .iter()
+            .map(|(name, spec)| {
+                let secrets = resolved.secrets.get(name).cloned().unwrap_or_default();
+                (
+                    name.clone(),
+                    rotation::cmd::current_versions(spec, &secrets),
+                )
+            })
+            .collect();
         let rows: Vec<(String, String, String)> = found
             .iter()
             .flat_map(|(agent, vs)| {
                 vs.iter()
-                    .map(move |(secret, _, _, fp)| (agent.clone(), secret.clone(), fp.clone()))
+                    .map(move |v| (agent.clone(), v.secret.clone(), v.fingerprint.clone()))
             })
             .collect();
         let state_dir = resolved.fleet.state_dir.clone();
@@ -502,11 +505,11 @@ impl Supervisor {
             .map(|(agent, vs)| {
                 let vs = vs
                     .into_iter()
-                    .map(|(secret, slot, used_as, fingerprint)| VaultVersion {
-                        secret,
-                        slot,
-                        used_as,
-                        fingerprint,
+                    .map(|v| VaultVersion {
+                        secret: v.secret,
+                        slot: v.slot,
+                        used_as: v.used_as,
+                        fingerprint: v.fingerprint,
                         first_seen_ms: first_seen.next().unwrap_or(now),
                     })
                     .collect();

@@ -1028,6 +1028,94 @@ mod tests {
     }
 
     #[test]
+    fn secrets_take_a_name_or_a_rotation_policy() {
+        let fleet = load_ok(
+            "version: 1
+providers: { claude: { kind: anthropic } }
+agents:
+  a:
+    command: [a]
+    secrets:
+      TOKEN: { name: tok, rotate_every: 90d, issuer: [./issue.sh, tok], revoke: [./revoke.sh], grace: 2h }
+      PLAIN: plain
+      NAMED: { name: named }
+    llm:
+      - { provider: claude, key: { name: llm_key, rotate_every: 30d, issuer: [./issue-llm.sh] } }
+",
+        );
+        let a = &fleet.agents["a"];
+        assert_eq!(a.secrets["TOKEN"].as_str(), "tok");
+        assert_eq!(a.secrets["PLAIN"].as_str(), "plain");
+        assert_eq!(a.secrets["NAMED"].as_str(), "named");
+        assert_eq!(a.llm[0].key.as_ref().unwrap().as_str(), "llm_key");
+        let policies = &fleet.rotation["a"];
+        let names: Vec<&str> = policies.keys().map(SecretName::as_str).collect();
+        assert_eq!(names, ["llm_key", "tok"]);
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            policies[&SecretName::parse("tok").unwrap()],
+            RotationPolicy {
+                every: day * 90,
+                issuer: vec!["./issue.sh".into(), "tok".into()],
+                revoke: Some(vec!["./revoke.sh".into()]),
+                grace: Duration::from_secs(7200),
+            }
+        );
+        let llm = &policies[&SecretName::parse("llm_key").unwrap()];
+        assert_eq!(
+            (llm.every, llm.revoke.clone(), llm.grace),
+            (day * 30, None, Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn rotation_policy_problems_are_located() {
+        let got = errors(
+            "version: 1
+agents:
+  a:
+    command: [a]
+    secrets:
+      A: { name: a, rotate_every: 90d }
+      B: { name: b, issuer: [x], grace: 1h }
+      C: { name: c, rotate_every: 10s, issuer: [] }
+      D: { name: d, rotate_evry: 90d }
+      E: { name: ../e, rotate_every: 1d, issuer: [x] }
+      F: [not, a, name]
+",
+        );
+        assert_eq!(
+            got,
+            [
+                "fleet.yaml:6:35: agent \"a\": `secrets.A.rotate_every` needs an `issuer`, a command that prints the new value on stdout",
+                "fleet.yaml:7:29: agent \"a\": `secrets.B.issuer` has no effect without `rotate_every`; add `rotate_every: 90d` or remove it",
+                "fleet.yaml:7:41: agent \"a\": `secrets.B.grace` has no effect without `rotate_every`; add `rotate_every: 90d` or remove it",
+                "fleet.yaml:8:35: agent \"a\": `secrets.C.rotate_every` must be at least `1m`",
+                "fleet.yaml:8:48: agent \"a\": `secrets.C.issuer` is empty; give the program and its arguments, like `[./issue-key.sh]`",
+                "fleet.yaml:9:21: agent \"a\": `secrets.D`: unknown field `rotate_evry`, expected one of `name`, `rotate_every`, `issuer`, `revoke`, `grace`",
+                "fleet.yaml:10:18: agent \"a\": `secrets.E`: invalid secret name `../e`: use letters, digits, `_`, `.` and `-` only (no `/`, not `.` or `..`)",
+                "fleet.yaml:11:10: agent \"a\": `secrets.F`: invalid type: sequence, expected a secret name, or a mapping like `{ name: key, rotate_every: 90d, issuer: [...] }`",
+            ]
+        );
+        // Only the `dir` backend can take a new version.
+        let got = errors(
+            "version: 1
+vault: { backend: systemd-creds }
+agents:
+  a:
+    command: [a]
+    secrets: { T: { name: t, rotate_every: 90d, issuer: [x] } }
+",
+        );
+        assert_eq!(
+            got,
+            [
+                "fleet.yaml:6:27: agent \"a\": secret `t` has a rotation policy, but the `systemd-creds` vault backend is read-only; use `vault: { backend: dir }` or rotate it outside the supervisor and remove `rotate_every`"
+            ]
+        );
+    }
+
+    #[test]
     fn minimal_fleet_gets_every_default() {
         let fleet = load_ok("version: 1\nagents:\n  a:\n    command: [python3, a.py]\n");
         assert_eq!(fleet.version, 1);

@@ -14,12 +14,19 @@ use crate::ledger::rotation::{self as rotation_ledger, RotationRecord};
 
 use super::SecretUse;
 
-/// An agent's secrets as resolved now: `(secret, slot, use, fingerprint)`,
-/// `llm:` keys first (slot `llm[i]`), then `secrets:` (slot = variable).
-pub fn current_versions(
-    spec: &AgentSpec,
-    secrets: &AgentSecrets,
-) -> Vec<(String, String, SecretUse, String)> {
+/// One of an agent's secrets as resolved now: its fingerprint, never the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentVersion {
+    pub secret: String,
+    /// The environment variable, or `llm[i]`.
+    pub slot: String,
+    pub used_as: SecretUse,
+    pub fingerprint: String,
+}
+
+/// An agent's secrets as resolved now, `llm:` keys first (slot `llm[i]`),
+/// then `secrets:` (slot = variable).
+pub fn current_versions(spec: &AgentSpec, secrets: &AgentSecrets) -> Vec<CurrentVersion> {
     let mut out = Vec::new();
     for (i, llm) in spec.llm.iter().enumerate() {
         let (Some(name), Some(Some(value))) = (&llm.key, secrets.llm_keys.get(i)) else {
@@ -29,21 +36,21 @@ pub fn current_versions(
             Delivery::Proxy => SecretUse::Proxied,
             Delivery::Direct => SecretUse::Direct,
         };
-        out.push((
-            name.to_string(),
-            format!("llm[{i}]"),
+        out.push(CurrentVersion {
+            secret: name.to_string(),
+            slot: format!("llm[{i}]"),
             used_as,
-            value.fingerprint(),
-        ));
+            fingerprint: value.fingerprint(),
+        });
     }
     for (var, value) in &secrets.env {
         if let Some(name) = spec.secrets.get(var) {
-            out.push((
-                name.to_string(),
-                var.clone(),
-                SecretUse::Env,
-                value.fingerprint(),
-            ));
+            out.push(CurrentVersion {
+                secret: name.to_string(),
+                slot: var.clone(),
+                used_as: SecretUse::Env,
+                fingerprint: value.fingerprint(),
+            });
         }
     }
     out
@@ -79,12 +86,12 @@ pub fn rotate_command(fleet_path: &Path, agent: &str, secret: Option<&str>) -> u
     let versions = current_versions(spec, &resolved.get(agent).cloned().unwrap_or_default());
     let chosen: Vec<_> = versions
         .iter()
-        .filter(|(name, ..)| secret.is_none_or(|s| s == name))
+        .filter(|v| secret.is_none_or(|s| s == v.secret))
         .collect();
     if let Some(secret) = secret
         && chosen.is_empty()
     {
-        let names: Vec<String> = versions.iter().map(|(n, ..)| format!("`{n}`")).collect();
+        let names: Vec<String> = versions.iter().map(|v| format!("`{}`", v.secret)).collect();
         eprintln!("error: agent `{agent}` has no secret `{secret}`");
         if names.is_empty() {
             eprintln!("hint: it declares no secrets");
@@ -93,7 +100,13 @@ pub fn rotate_command(fleet_path: &Path, agent: &str, secret: Option<&str>) -> u
         }
         return exit::FAILURE;
     }
-    for (name, slot, used_as, fingerprint) in chosen {
+    for CurrentVersion {
+        secret: name,
+        slot,
+        used_as,
+        fingerprint,
+    } in chosen
+    {
         let seen = rotation_ledger::latest_version(&fleet.state_dir, agent, name)
             .ok()
             .flatten();
