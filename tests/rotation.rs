@@ -257,3 +257,54 @@ fn rotation_policies_issue_swap_revoke_and_alert_on_failure() {
     let (_, text, _) = cli(&fleet, &["rotate", "--history", "b"]);
     assert!(text.contains("b/token  failed"), "{text}");
 }
+
+#[test]
+fn agents_restarted_for_new_secrets_go_one_at_a_time() {
+    let fleet = FleetDir::new();
+    let agent = |name: &str| {
+        format!(
+            "  {name}:\n    command: [sh, -c, 'trap \"echo stop {name} >> events; sleep 0.5; exit 0\" TERM; echo start {name} $TOKEN >> events; echo $$ > {name}.pid; while true; do sleep 0.1; done']\n    secrets: {{ TOKEN: token }}\n"
+        )
+    };
+    fleet.write_secret("a", "token", "a1");
+    fleet.write_secret("b", "token", "b1");
+    fleet.write_fleet(&format!(
+        "version: 1\nagents:\n{}{}",
+        agent("a"),
+        agent("b")
+    ));
+    let sup = fleet.run(&[]);
+    let events = || {
+        fleet
+            .read("events")
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    wait_for("both agents up", || (events().len() == 2).then_some(()));
+
+    // One write of the vault changes both agents' secrets.
+    replace_secret(&fleet, "a", "token", "a2");
+    replace_secret(&fleet, "b", "token", "b2");
+    sup.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for("both agents restarted", || {
+        (events().len() == 6).then_some(())
+    });
+
+    // Each agent stops and is running again before the next one stops.
+    let after: Vec<String> = events()[2..].to_vec();
+    let first = after[0].strip_prefix("stop ").unwrap().to_owned();
+    let second = if first == "a" { "b" } else { "a" };
+    assert_eq!(
+        after,
+        [
+            format!("stop {first}"),
+            format!("start {first} {first}2"),
+            format!("stop {second}"),
+            format!("start {second} {second}2"),
+        ],
+        "{}",
+        sup.log()
+    );
+}
