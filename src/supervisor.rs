@@ -2,7 +2,10 @@
 //! per-agent state. Loads the fleet, opens the ledger, starts the metering
 //! proxy and every agent, applies reloads as diffs by agent name, and turns
 //! SIGTERM/SIGINT into one graceful shutdown (a second signal escalates to
-//! SIGKILL).
+//! SIGKILL). New secret versions (the vault watcher, `supervisor rotate`, a
+//! due rotation policy) arrive through that same reload: proxied keys swap in
+//! place, agents whose environment holds a changed secret restart one at a
+//! time.
 //!
 //! Owns the map of running agents; nothing else holds it. Must not touch
 //! processes directly — every process operation goes through an
@@ -717,33 +720,29 @@ impl Supervisor {
                 _ = sighup.recv() => ("SIGHUP", None),
                 Some(Internal::Reload { cause, applied }) = internal.recv() => (cause, applied),
             };
-            {
-                {
-                    tracing::info!(fleet = %self.fleet_path.display(), cause, "reloading");
-                    // Reading the file and the vault may block (a FIFO, a slow
-                    // disk): do it off the loop so a shutdown is never delayed.
-                    let path = self.fleet_path.clone();
-                    let mut job = tokio::task::spawn_blocking(move || load_and_resolve(&path));
-                    let loaded = tokio::select! {
-                        joined = &mut job => joined,
-                        _ = sigterm.recv() => break 'serve,
-                        _ = sigint.recv() => break 'serve,
-                    };
-                    let ok = match loaded {
-                        Ok(Ok(resolved)) => self.apply(resolved).await,
-                        Ok(Err(errors)) => {
-                            reject_reload(&errors.to_string());
-                            false
-                        }
-                        Err(err) => {
-                            tracing::error!("reload failed: {err}");
-                            false
-                        }
-                    };
-                    if let Some(applied) = applied {
-                        let _ = applied.send(ok);
-                    }
+            tracing::info!(fleet = %self.fleet_path.display(), cause, "reloading");
+            // Reading the file and the vault may block (a FIFO, a slow
+            // disk): do it off the loop so a shutdown is never delayed.
+            let path = self.fleet_path.clone();
+            let mut job = tokio::task::spawn_blocking(move || load_and_resolve(&path));
+            let loaded = tokio::select! {
+                joined = &mut job => joined,
+                _ = sigterm.recv() => break 'serve,
+                _ = sigint.recv() => break 'serve,
+            };
+            let ok = match loaded {
+                Ok(Ok(resolved)) => self.apply(resolved).await,
+                Ok(Err(errors)) => {
+                    reject_reload(&errors.to_string());
+                    false
                 }
+                Err(err) => {
+                    tracing::error!("reload failed: {err}");
+                    false
+                }
+            };
+            if let Some(applied) = applied {
+                let _ = applied.send(ok);
             }
         }
 
