@@ -130,6 +130,22 @@ pub enum Command {
         /// The agent's name in fleet.yaml.
         agent: String,
     },
+    /// Pick up new secret versions now: proxied LLM keys swap in place, agents whose environment holds a changed secret restart one at a time. `--history` lists past rotations.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Rotate {
+        /// The agent's name in fleet.yaml (with `--history`: only its rotations).
+        #[arg(required_unless_present = "history")]
+        agent: Option<String>,
+        /// Only this secret (its name in the vault); the reload still re-reads them all.
+        #[arg(conflicts_with = "history")]
+        secret: Option<String>,
+        /// List past rotations from the ledger instead.
+        #[arg(long)]
+        history: bool,
+        /// With `--history`: print a JSON array.
+        #[arg(long, requires = "history")]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -157,6 +173,20 @@ pub fn main() -> ExitCode {
             apply,
             headroom,
         } => crate::tune::tune_command(&cli.fleet, json, apply, headroom),
+        Command::Rotate {
+            agent,
+            secret,
+            history,
+            json,
+        } => match (history, agent) {
+            (true, agent) => {
+                crate::rotation::cmd::history_command(&cli.fleet, agent.as_deref(), json)
+            }
+            (false, Some(agent)) => {
+                crate::rotation::cmd::rotate_command(&cli.fleet, &agent, secret.as_deref())
+            }
+            (false, None) => exit::USAGE,
+        },
         Command::Usage { month, json } => {
             crate::usage_report::usage_command(&cli.fleet, month, json)
         }

@@ -17,6 +17,7 @@ pub mod pricing;
 pub mod proxy;
 pub mod quarantine_cmd;
 pub mod redact;
+pub mod rotation;
 pub mod runaway;
 pub mod sd_notify;
 pub mod supervisor;

@@ -35,6 +35,7 @@ use crate::proxy::refusal::Api;
 use crate::proxy::server::{ProxyEvent, ProxyShared, serve};
 use crate::proxy::tokens::{self, Grant};
 use crate::redact::Redactor;
+use crate::rotation::{self, VaultVersion};
 use crate::runaway::RunawayAction;
 use crate::sd_notify;
 use crate::vault::Secret;
@@ -49,6 +50,107 @@ struct LaunchPlan {
     secret_env: Vec<(String, Secret)>,
     /// Real keys handed to the agent (`delivery: direct`), by `llm:` index.
     direct_keys: Vec<Option<Secret>>,
+}
+
+impl LaunchPlan {
+    /// Fingerprints of the secrets the process holds, by slot (variable or
+    /// `llm[i]`), as `rotation::secret_versions` compares them.
+    fn fingerprints(&self) -> BTreeMap<String, String> {
+        let env = self
+            .secret_env
+            .iter()
+            .map(|(var, value)| (var.clone(), value.fingerprint()));
+        let direct = self
+            .direct_keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, key)| Some((format!("llm[{i}]"), key.as_ref()?.fingerprint())));
+        env.chain(direct).collect()
+    }
+}
+
+/// Launches as the rolling restarter and the supervisor share them: which
+/// launch runs, which one is wanted, and what each process was given.
+#[derive(Debug, Default)]
+struct Launches {
+    /// The launch whose process runs (its tokens are live).
+    live: BTreeMap<String, u64>,
+    /// The latest launch planned; a queued restart for an older one is skipped.
+    wanted: BTreeMap<String, u64>,
+    /// Secret fingerprints the running process was launched with.
+    given: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+type SharedLaunches = Arc<std::sync::Mutex<Launches>>;
+
+fn lock(launches: &SharedLaunches) -> std::sync::MutexGuard<'_, Launches> {
+    launches
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A restart caused only by new secret values, run after the ones before it.
+struct RollingRestart {
+    name: String,
+    handle: AgentHandle,
+    launch: AgentLaunch,
+    launch_id: u64,
+    given: BTreeMap<String, String>,
+}
+
+/// Longest wait for a restarted agent to run again before the next one restarts.
+const ROLLING_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Restarts agents whose secrets changed one at a time: each waits until the
+/// one before runs again, so a bad new version stops one agent, not all.
+async fn rolling_restarts(
+    mut queue: mpsc::UnboundedReceiver<RollingRestart>,
+    launches: SharedLaunches,
+    proxy: Arc<ProxyShared>,
+) {
+    while let Some(item) = queue.recv().await {
+        let live = {
+            let l = lock(&launches);
+            if l.wanted.get(&item.name) != Some(&item.launch_id) {
+                // Superseded by a later change, removed or quarantined.
+                continue;
+            }
+            l.live.get(&item.name).copied()
+        };
+        tracing::info!(agent = %item.name, "a secret it holds has a new version: restarting it (one agent at a time)");
+        let mut status = item.handle.subscribe();
+        item.handle.restart(Some(item.launch)).await;
+        if let Some(live) = live {
+            proxy.tokens.revoke_launch(&item.name, live);
+        }
+        let ready = tokio::time::timeout(
+            ROLLING_READY_TIMEOUT,
+            status.wait_for(|s| matches!(s.state, AgentState::Running { .. })),
+        )
+        .await;
+        let mut l = lock(&launches);
+        l.live.insert(item.name.clone(), item.launch_id);
+        match ready {
+            Ok(Ok(_)) => {
+                l.given.insert(item.name.clone(), item.given);
+            }
+            _ => tracing::warn!(
+                agent = %item.name,
+                "did not run again within {}s after restarting with a new secret version; moving on to the next agent",
+                ROLLING_READY_TIMEOUT.as_secs()
+            ),
+        }
+    }
+}
+
+/// What wakes the supervisor's loop besides signals and proxy events.
+enum Internal {
+    /// Reload as on SIGHUP: the vault changed, or a rotation wrote a new
+    /// version (and wants to know whether it was applied).
+    Reload {
+        cause: &'static str,
+        applied: Option<oneshot::Sender<bool>>,
+    },
 }
 
 /// A fleet that passed validation and whose every secret resolved.
@@ -248,6 +350,14 @@ struct Supervisor {
     /// Keeps each agent's pid on disk so a successor can reap what we leave if killed.
     recorder: crate::orphans::Recorder,
     alerter: Alerter,
+    running_launches: SharedLaunches,
+    rolling: mpsc::UnboundedSender<RollingRestart>,
+    internal: mpsc::UnboundedSender<Internal>,
+    internal_rx: Option<mpsc::UnboundedReceiver<Internal>>,
+    /// Each agent's secrets as the vault holds them now, with first-seen times.
+    vault_versions: BTreeMap<String, Vec<VaultVersion>>,
+    /// Rotations in progress and retry times after failures.
+    rotations: Arc<std::sync::Mutex<rotation::schedule::Rotations>>,
     /// Secret values of the fleet in force, and of the one before the last
     /// reload (its processes may still be stopping): both are masked in logs.
     secrets: Vec<Secret>,
@@ -312,6 +422,36 @@ impl Supervisor {
         let (proxy_shutdown, _) = watch::channel(false);
         let (control, control_rx) = ControlHandle::channel();
         let (control_shutdown, _) = watch::channel(false);
+        let launches = SharedLaunches::default();
+        let (rolling, rolling_rx) = mpsc::unbounded_channel();
+        tokio::spawn(rolling_restarts(
+            rolling_rx,
+            launches.clone(),
+            proxy.clone(),
+        ));
+        let (internal, internal_rx) = mpsc::unbounded_channel();
+        if let fleet::VaultConfig::Dir { path } = &fleet.vault {
+            let (changed, mut changes) = mpsc::unbounded_channel();
+            match rotation::watch::spawn(path.clone(), changed) {
+                Ok(()) => {
+                    let internal = internal.clone();
+                    tokio::spawn(async move {
+                        while changes.recv().await.is_some() {
+                            let reload = Internal::Reload {
+                                cause: "the vault changed",
+                                applied: None,
+                            };
+                            if internal.send(reload).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(err) => tracing::warn!(
+                    "cannot watch the vault for new secret versions ({err}); use `supervisor rotate` or SIGHUP"
+                ),
+            }
+        }
         let mut supervisor = Self {
             fleet_path: fleet_path.to_owned(),
             current: fleet.clone(),
@@ -334,6 +474,12 @@ impl Supervisor {
             control_shutdown,
             control_socket: None,
             signals: Some(signals),
+            running_launches: launches,
+            rolling,
+            internal,
+            internal_rx: Some(internal_rx),
+            vault_versions: BTreeMap::new(),
+            rotations: Default::default(),
         };
         supervisor.refresh_redaction();
         crate::logging::set_name_width(fleet.agents.keys().map(String::as_str));
@@ -364,6 +510,7 @@ impl Supervisor {
                 continue;
             }
             let (launch_id, launch) = supervisor.launch(&name, &plan);
+            supervisor.launched(&name, launch_id, &plan);
             let handle = AgentHandle::spawn_redacted(launch, supervisor.proxy.redaction.clone());
             supervisor.recorder.watch(&handle);
             supervisor.watch_restarts(&name, &handle);
@@ -377,7 +524,153 @@ impl Supervisor {
                 },
             );
         }
+        supervisor.observe_versions(&resolved).await;
         Ok(supervisor)
+    }
+
+    /// Notes that `launch_id` of `name` now runs with `plan`'s secrets.
+    fn launched(&self, name: &str, launch_id: u64, plan: &LaunchPlan) {
+        let mut l = lock(&self.running_launches);
+        l.live.insert(name.to_owned(), launch_id);
+        l.wanted.insert(name.to_owned(), launch_id);
+        l.given.insert(name.to_owned(), plan.fingerprints());
+    }
+
+    fn forget_launches(&self, name: &str) {
+        let mut l = lock(&self.running_launches);
+        l.live.remove(name);
+        l.wanted.remove(name);
+        l.given.remove(name);
+    }
+
+    /// Records the vault's current version of every secret in the ledger and
+    /// keeps them (with first-seen times) for `status`.
+    async fn observe_versions(&mut self, resolved: &ResolvedFleet) {
+        let found: Vec<(String, Vec<rotation::cmd::CurrentVersion>)> = resolved
+            .fleet
+            .agents
+            .iter()
+            .map(|(name, spec)| {
+                let secrets = resolved.secrets.get(name).cloned().unwrap_or_default();
+                (
+                    name.clone(),
+                    rotation::cmd::current_versions(spec, &secrets),
+                )
+            })
+            .collect();
+        let rows: Vec<(String, String, String)> = found
+            .iter()
+            .flat_map(|(agent, vs)| {
+                vs.iter()
+                    .map(move |v| (agent.clone(), v.secret.clone(), v.fingerprint.clone()))
+            })
+            .collect();
+        let state_dir = resolved.fleet.state_dir.clone();
+        let now = ledger::unix_millis_now();
+        let seen = tokio::task::spawn_blocking(move || {
+            ledger::rotation::observe_versions(&state_dir, &rows, now)
+        })
+        .await;
+        let seen = match seen {
+            Ok(Ok(seen)) => seen,
+            Ok(Err(err)) => {
+                tracing::warn!("cannot record secret versions in the ledger: {err:#}");
+                Vec::new()
+            }
+            Err(err) => {
+                tracing::warn!("cannot record secret versions in the ledger: {err}");
+                Vec::new()
+            }
+        };
+        let mut first_seen = seen.into_iter();
+        self.vault_versions = found
+            .into_iter()
+            .map(|(agent, vs)| {
+                let vs = vs
+                    .into_iter()
+                    .map(|v| VaultVersion {
+                        secret: v.secret,
+                        slot: v.slot,
+                        used_as: v.used_as,
+                        fingerprint: v.fingerprint,
+                        first_seen_ms: first_seen.next().unwrap_or(now),
+                    })
+                    .collect();
+                (agent, vs)
+            })
+            .collect();
+    }
+
+    /// Which version of each secret `agent` runs with, for `supervisor status`.
+    pub(crate) fn secret_versions(&self, agent: &str) -> Vec<rotation::SecretVersion> {
+        let vault = self
+            .vault_versions
+            .get(agent)
+            .map_or(&[][..], Vec::as_slice);
+        let l = lock(&self.running_launches);
+        let given = self
+            .agents
+            .contains_key(agent)
+            .then(|| l.given.get(agent))
+            .flatten();
+        rotation::secret_versions(vault, given, ledger::unix_millis_now())
+    }
+
+    /// Warns about agents still running with an older version of a secret
+    /// they hold (their restart failed or is still queued).
+    fn warn_stale(&self) {
+        for agent in self.agents.keys() {
+            for v in self.secret_versions(agent).iter().filter(|v| v.stale) {
+                tracing::warn!(
+                    agent = %agent,
+                    "still runs with version {} of secret `{}` (`{}`); the vault has {}: check why its restart did not happen, or `supervisor restart {agent}`",
+                    v.running_fingerprint.as_deref().unwrap_or("?"),
+                    v.name,
+                    v.slot,
+                    v.fingerprint
+                );
+            }
+        }
+    }
+
+    /// Starts a rotation for every policy that is due (each checks the ledger).
+    fn check_rotations(&self) {
+        let fleet::VaultConfig::Dir { path } = &self.current.vault else {
+            return;
+        };
+        for (agent, policies) in &self.current.rotation {
+            for (secret, policy) in policies {
+                let job = rotation::schedule::Job {
+                    agent: agent.clone(),
+                    secret: secret.clone(),
+                    policy: policy.clone(),
+                    vault_root: path.clone(),
+                    fleet_dir: self.current.base_dir.clone(),
+                    state_dir: self.current.state_dir.clone(),
+                };
+                if !rotation::schedule::claim(&self.rotations, &job) {
+                    continue;
+                }
+                let reload = self.internal.clone();
+                let swap = move || {
+                    let reload = reload.clone();
+                    async move {
+                        let (applied, answer) = oneshot::channel();
+                        let sent = reload.send(Internal::Reload {
+                            cause: "a secret was rotated",
+                            applied: Some(applied),
+                        });
+                        sent.is_ok() && answer.await.unwrap_or(false)
+                    }
+                };
+                tokio::spawn(rotation::schedule::run(
+                    job,
+                    self.rotations.clone(),
+                    self.alerter.clone(),
+                    swap,
+                ));
+            }
+        }
     }
 
     fn install_meter(
@@ -536,6 +829,11 @@ impl Supervisor {
             sd_notify::start_reporter(notifier.clone(), sd_notify::watchdog_from_env());
         // A reload or a control command is raced with the stop signals so a
         // shutdown is never delayed by it; both are cancel-safe (see `reload`).
+        let Some(mut internal) = self.internal_rx.take() else {
+            return exit::FAILURE;
+        };
+        let mut rotation_tick = tokio::time::interval(rotation::schedule::CHECK_EVERY);
+        rotation_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'serve: loop {
             tokio::select! {
                 _ = sigterm.recv() => break 'serve,
@@ -545,6 +843,10 @@ impl Supervisor {
                 Some(reply) = recv_status_request(&mut self.status_requests) => {
                     let _ = reply.send(self.status_rows());
                 }
+                _ = rotation_tick.tick() => {
+                    self.check_rotations();
+                    self.warn_stale();
+                }
                 _ = sighup.recv() => {
                     notifier.reloading();
                     tokio::select! {
@@ -553,6 +855,21 @@ impl Supervisor {
                         _ = sigint.recv() => break 'serve,
                     }
                     notifier.ready(self.status_counts());
+                }
+                // The vault changed, or a rotation wrote a new version (and
+                // wants to know whether the reload took it).
+                Some(Internal::Reload { cause, applied }) = internal.recv() => {
+                    tracing::info!(cause, "new secret versions");
+                    notifier.reloading();
+                    let answer = tokio::select! {
+                        answer = self.reload() => answer,
+                        _ = sigterm.recv() => break 'serve,
+                        _ = sigint.recv() => break 'serve,
+                    };
+                    notifier.ready(self.status_counts());
+                    if let Some(applied) = applied {
+                        let _ = applied.send(matches!(answer, Response::Reloaded { .. }));
+                    }
                 }
                 Some((command, reply)) = control.recv() => {
                     let reloading = matches!(command, Command::Reload);
@@ -660,6 +977,7 @@ impl Supervisor {
         for name in &diff.removed {
             if let Some(running) = self.agents.remove(name) {
                 tracing::info!(agent = %name, "reload: agent removed, stopping it");
+                self.forget_launches(name);
                 self.proxy.tokens.revoke_agent(name);
                 self.proxy.meters.remove(name);
                 let handle = running.handle.clone();
@@ -678,14 +996,39 @@ impl Supervisor {
                 running.plan = plan;
                 continue;
             }
+            // Only secret values changed: a rotation. Those restarts queue
+            // up and run one at a time.
+            let rotated = running.get(name).is_some_and(|old| old.spec == plan.spec);
             let (launch_id, launch) = self.launch(name, &plan);
+            let given = plan.fingerprints();
             if let Some(running) = self.agents.get_mut(name) {
-                tracing::info!(agent = %name, "reload: agent changed, restarting it");
-                self.proxy.tokens.revoke_launch(name, running.launch);
                 running.plan = plan;
                 running.launch = launch_id;
                 let handle = running.handle.clone();
-                tokio::spawn(async move { handle.restart(Some(launch)).await });
+                if rotated {
+                    lock(&self.running_launches)
+                        .wanted
+                        .insert(name.clone(), launch_id);
+                    let _ = self.rolling.send(RollingRestart {
+                        name: name.clone(),
+                        handle,
+                        launch,
+                        launch_id,
+                        given,
+                    });
+                } else {
+                    tracing::info!(agent = %name, "reload: agent changed, restarting it");
+                    let live = {
+                        let mut l = lock(&self.running_launches);
+                        l.wanted.insert(name.clone(), launch_id);
+                        l.given.insert(name.clone(), given);
+                        l.live.insert(name.clone(), launch_id)
+                    };
+                    if let Some(live) = live {
+                        self.proxy.tokens.revoke_launch(name, live);
+                    }
+                    tokio::spawn(async move { handle.restart(Some(launch)).await });
+                }
             }
         }
         for name in &diff.added {
@@ -694,6 +1037,7 @@ impl Supervisor {
             };
             tracing::info!(agent = %name, "reload: agent added, starting it");
             let (launch_id, launch) = self.launch(name, &plan);
+            self.launched(name, launch_id, &plan);
             // A name removed earlier may still be in its grace period: reuse
             // its actor, whose verbs run in order, so the old process is gone
             // before the new one starts.
@@ -738,6 +1082,7 @@ impl Supervisor {
             }
         }
         self.alerter.reconfigure(resolved.fleet.alerts.clone());
+        self.observe_versions(&resolved).await;
         self.current = resolved.fleet;
         tracing::info!(
             added = diff.added.len(),
@@ -959,6 +1304,7 @@ impl Supervisor {
                 rate: meter.as_ref().map(|m| m.budget.rate_snapshot(now)),
                 month,
                 now,
+                secrets: self.secret_versions(name),
             }));
         }
         for (name, handle) in &self.retired {
@@ -976,6 +1322,7 @@ impl Supervisor {
                 rate: None,
                 month,
                 now,
+                secrets: self.secret_versions(name),
             }));
         }
         rows
@@ -1048,6 +1395,7 @@ impl Supervisor {
                     }
                 }
                 if let Some(running) = self.agents.remove(&agent) {
+                    self.forget_launches(&agent);
                     self.proxy.tokens.revoke_agent(&agent);
                     let handle = running.handle.clone();
                     tokio::spawn(async move { handle.stop().await });

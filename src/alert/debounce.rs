@@ -121,7 +121,9 @@ impl Debouncer {
     /// the ones this debouncer detects.
     pub fn admit(&mut self, event: &AlertEvent, now: Instant) -> bool {
         match event {
-            AlertEvent::Quarantined { .. } | AlertEvent::RunawayDetected { .. } => true,
+            AlertEvent::Quarantined { .. }
+            | AlertEvent::RunawayDetected { .. }
+            | AlertEvent::RotationFailed { .. } => true,
             AlertEvent::CeilingReached { agent, month, .. } => {
                 once_a_month(&mut self.ceilings, agent, *month)
             }

@@ -62,6 +62,12 @@ pub enum AlertEvent {
         refused: u32,
         window: Duration,
     },
+    /// Rotating one of the agent's secrets failed; the old version keeps working.
+    RotationFailed {
+        agent: String,
+        secret: String,
+        message: String,
+    },
 }
 
 impl AlertEvent {
@@ -74,6 +80,7 @@ impl AlertEvent {
             Self::BudgetThreshold { .. } => "budget_threshold",
             Self::CrashLooping { .. } => "crash_looping",
             Self::RateLimitStorm { .. } => "rate_limit_storm",
+            Self::RotationFailed { .. } => "rotation_failed",
         }
     }
 
@@ -84,7 +91,8 @@ impl AlertEvent {
             | Self::CeilingReached { agent, .. }
             | Self::BudgetThreshold { agent, .. }
             | Self::CrashLooping { agent, .. }
-            | Self::RateLimitStorm { agent, .. } => agent,
+            | Self::RateLimitStorm { agent, .. }
+            | Self::RotationFailed { agent, .. } => agent,
         }
     }
 
@@ -120,6 +128,15 @@ impl AlertEvent {
             } => Self::CeilingReached {
                 agent,
                 month,
+                message: mask(message),
+            },
+            Self::RotationFailed {
+                agent,
+                secret,
+                message,
+            } => Self::RotationFailed {
+                agent,
+                secret,
                 message: mask(message),
             },
             other @ (Self::BudgetThreshold { .. }
@@ -181,6 +198,9 @@ impl AlertEvent {
                 "agent `{agent}` is in a rate-limit storm: {refused} requests refused within {}; it may be retrying in a tight loop, or its rate limits are too low",
                 humantime::format_duration(*window)
             ),
+            Self::RotationFailed { agent, secret, .. } => format!(
+                "rotating secret `{secret}` of agent `{agent}` failed; its current version keeps working"
+            ),
         }
     }
 
@@ -193,7 +213,7 @@ impl AlertEvent {
             | Self::RunawayDetected {
                 evidence_summary, ..
             } => evidence_summary,
-            Self::CeilingReached { message, .. } => message,
+            Self::CeilingReached { message, .. } | Self::RotationFailed { message, .. } => message,
             _ => return None,
         };
         (!text.trim().is_empty()).then_some(text.as_str())
@@ -254,6 +274,9 @@ pub fn payload(event: &AlertEvent, fleet: &str, time: SystemTime) -> Value {
         AlertEvent::RateLimitStorm {
             refused, window, ..
         } => json!({ "refused": refused, "window_secs": window.as_secs() }),
+        AlertEvent::RotationFailed {
+            secret, message, ..
+        } => json!({ "secret": secret, "message": message }),
     };
     if let (Some(body), Value::Object(fields)) = (body.as_object_mut(), fields) {
         body.extend(fields);

@@ -45,6 +45,29 @@ pub struct AgentStatusRow {
     pub tokens_available: Option<i64>,
     pub requests_available: Option<i64>,
     pub quarantine_reason: Option<String>,
+    /// Which version of each secret the agent runs with (never a value).
+    #[serde(default)]
+    pub secrets: Vec<SecretVersion>,
+}
+
+/// One secret of an agent in `supervisor status`: fingerprints, never values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretVersion {
+    /// The secret's name in the vault.
+    pub name: String,
+    /// Where it goes: the environment variable, or `llm[i]`.
+    pub slot: String,
+    /// `proxied` (swaps in place), `direct` or `env` (the process holds it).
+    pub used_as: String,
+    /// The version the vault holds now (first 12 hex digits of its SHA-256).
+    pub fingerprint: String,
+    /// Seconds since that version was first seen.
+    pub age_secs: u64,
+    /// The version the running process was launched with, when it holds one.
+    pub running_fingerprint: Option<String>,
+    /// The running process holds an older version than the vault's (its
+    /// restart is queued, or failed).
+    pub stale: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -22,6 +22,8 @@ pub struct RowInput<'a> {
     pub rate: Option<RateSnapshot>,
     pub month: Month,
     pub now: Instant,
+    /// Which version of each secret the agent runs with (fingerprints, never values).
+    pub secrets: Vec<crate::control::protocol::SecretVersion>,
 }
 
 /// True when a monthly ceiling is used up: the proxy refuses every request
@@ -89,6 +91,7 @@ pub fn row(input: RowInput<'_>) -> AgentStatusRow {
         tokens_available: input.rate.and_then(|r| r.tokens_available),
         requests_available: input.rate.and_then(|r| r.requests_available),
         quarantine_reason: input.quarantine.map(str::to_owned),
+        secrets: input.secrets,
     }
 }
 
@@ -326,6 +329,7 @@ mod tests {
             }),
             month: "2026-04".parse().unwrap(),
             now,
+            secrets: Vec::new(),
         });
         let want = AgentStatusRow {
             agent: "sparkles".into(),
@@ -342,6 +346,7 @@ mod tests {
             tokens_available: Some(-20),
             requests_available: None,
             quarantine_reason: None,
+            secrets: Vec::new(),
         };
         assert_eq!(row, want);
     }
@@ -356,6 +361,7 @@ mod tests {
             rate: None,
             month: "2026-04".parse().unwrap(),
             now: Instant::now(),
+            secrets: Vec::new(),
         });
         assert_eq!(row.state, "quarantined");
         assert_eq!(row.pid, None);
@@ -401,6 +407,7 @@ mod tests {
                 tokens_available: Some(59_000),
                 requests_available: Some(-1),
                 quarantine_reason: None,
+                secrets: Vec::new(),
             },
             AgentStatusRow {
                 agent: "b".into(),
@@ -417,6 +424,7 @@ mod tests {
                 tokens_available: None,
                 requests_available: None,
                 quarantine_reason: None,
+                secrets: Vec::new(),
             },
         ];
         let want = "\

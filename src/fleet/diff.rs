@@ -223,6 +223,7 @@ mod tests {
             providers: BTreeMap::new(),
             alerts: Default::default(),
             agents: BTreeMap::new(),
+            rotation: BTreeMap::new(),
         }
     }
 

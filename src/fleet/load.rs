@@ -15,12 +15,13 @@ use super::alerts;
 use super::error::{ConfigError, ConfigErrors};
 use super::metering;
 use super::model::{
-    AgentSpec, Fleet, ProviderSpec, RestartPolicy, RestartSpec, StopSpec, VaultConfig,
+    AgentSpec, Fleet, ProviderSpec, RestartPolicy, RestartSpec, RotationPolicy, StopSpec,
+    VaultConfig,
 };
 use super::node::{self, At, Node, NodeError, Pos, Value};
 use super::schema::{
-    Backend, Dur, Policy, RawAdmin, RawAgent, RawAlerts, RawBudget, RawDefaults, RawEnv,
-    RawOverlay, RawProxy, RawRestart, RawStop, RawVault,
+    Argv, Backend, Dur, Policy, RawAdmin, RawAgent, RawAlerts, RawBudget, RawDefaults, RawEnv,
+    RawOverlay, RawProxy, RawRestart, RawSecretPolicy, RawSecretRef, RawStop, RawVault,
 };
 use crate::vault::SecretName;
 
@@ -585,6 +586,7 @@ fn build(
     let alerts = alerts::resolve_alerts(cx, alerts_raw, base_dir);
 
     let mut sources = SourceMap::default();
+    let mut rotation_at = BTreeMap::new();
     let mut specs = BTreeMap::new();
     let mut agents_ok = true;
     if let Some(agents_node) = agents {
@@ -604,6 +606,7 @@ fn build(
                         base_dir,
                         &env.accounts,
                         &mut sources,
+                        &mut rotation_at,
                     ) {
                         Some(spec) => {
                             specs.insert(spec.name.clone(), spec);
@@ -626,7 +629,36 @@ fn build(
         }
     }
 
+    // Writing a new version needs a writable store: only `dir` is one.
+    if let Some(backend) = vault
+        .as_ref()
+        .filter(|v| !matches!(v, VaultConfig::Dir { .. }))
+    {
+        let name = match backend {
+            VaultConfig::SystemdCreds => "systemd-creds",
+            _ => "env",
+        };
+        for (agent, policies) in &rotation_at {
+            for (secret, (_, pos)) in policies {
+                cx.push(
+                    *pos,
+                    Some(agent),
+                    format!(
+                        "secret `{secret}` has a rotation policy, but the `{name}` vault backend is read-only; use `vault: {{ backend: dir }}` or rotate it outside the supervisor and remove `rotate_every`"
+                    ),
+                );
+            }
+        }
+    }
+    let rotation = rotation_at
+        .into_iter()
+        .map(|(agent, policies)| {
+            let policies = policies.into_iter().map(|(s, (p, _))| (s, p)).collect();
+            (agent, policies)
+        })
+        .collect();
     let fleet = Fleet {
+        rotation,
         file: cx.file.to_owned(),
         base_dir: base_dir.to_owned(),
         version: version?,
@@ -862,6 +894,103 @@ struct Inherited<'a> {
     overlay: &'a BTreeMap<String, (Pos, RawBudget)>,
 }
 
+/// Rotation policies of one agent, by secret name, with where each is written.
+type AgentPolicies = BTreeMap<SecretName, (RotationPolicy, Pos)>;
+
+/// Validates the object form of a secret reference into a policy; only one
+/// with `rotate_every` is a policy, the other fields need it.
+fn add_policy(
+    cx: &mut Cx,
+    agent: Option<&str>,
+    field: &str,
+    secret: &SecretName,
+    raw: &RawSecretPolicy,
+    out: &mut AgentPolicies,
+) {
+    let Some(every) = &raw.rotate_every else {
+        for (written, what) in [
+            (raw.issuer.as_ref().map(|a| a.pos), "issuer"),
+            (raw.revoke.as_ref().map(|a| a.pos), "revoke"),
+            (raw.grace.as_ref().map(|a| a.pos), "grace"),
+        ] {
+            if let Some(pos) = written {
+                cx.push(
+                    pos,
+                    agent,
+                    format!("`{field}.{what}` has no effect without `rotate_every`; add `rotate_every: 90d` or remove it"),
+                );
+            }
+        }
+        return;
+    };
+    if every.value.0 < Duration::from_secs(60) {
+        cx.push(
+            every.pos,
+            agent,
+            format!("`{field}.rotate_every` must be at least `1m`"),
+        );
+    }
+    let argv = |cx: &mut Cx, what: &str, written: &Option<At<Argv>>| -> Option<Vec<String>> {
+        let written = written.as_ref()?;
+        let args: Vec<String> = written.value.0.iter().map(|a| a.value.clone()).collect();
+        if args.first().is_none_or(|p| p.trim().is_empty()) {
+            cx.push(
+                written.pos,
+                agent,
+                format!("`{field}.{what}` is empty; give the program and its arguments, like `[./issue-key.sh]`"),
+            );
+            return None;
+        }
+        if args.iter().any(|a| a.contains('\0')) {
+            cx.push(
+                written.pos,
+                agent,
+                format!("`{field}.{what}` contains a NUL character"),
+            );
+            return None;
+        }
+        Some(args)
+    };
+    let issuer = argv(cx, "issuer", &raw.issuer);
+    let revoke = argv(cx, "revoke", &raw.revoke);
+    if raw.issuer.is_none() {
+        cx.push(
+            every.pos,
+            agent,
+            format!("`{field}.rotate_every` needs an `issuer`, a command that prints the new value on stdout"),
+        );
+    }
+    let grace = raw
+        .grace
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |g| g.value.0);
+    if let Some(previous) = out.get(secret) {
+        cx.push(
+            raw.name.pos,
+            agent,
+            format!(
+                "`{field}`: secret `{secret}` already has a rotation policy at line {}; give it once",
+                previous.1.line
+            ),
+        );
+        return;
+    }
+    if let Some(issuer) = issuer {
+        out.insert(
+            secret.clone(),
+            (
+                RotationPolicy {
+                    every: every.value.0,
+                    issuer,
+                    revoke,
+                    grace,
+                },
+                raw.name.pos,
+            ),
+        );
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn build_agent(
     cx: &mut Cx,
@@ -872,6 +1001,7 @@ fn build_agent(
     base_dir: &Path,
     accounts: &Accounts,
     sources: &mut SourceMap,
+    rotation: &mut BTreeMap<String, AgentPolicies>,
 ) -> Option<AgentSpec> {
     let Inherited { defaults, overlay } = inherited;
     let Some(name) = key.as_text() else {
@@ -970,10 +1100,12 @@ fn build_agent(
 
     // secrets
     let mut secrets = BTreeMap::new();
-    for (var, secret) in raw.secrets.iter().flatten() {
+    let mut policies = BTreeMap::new();
+    for (var, written) in raw.secrets.iter().flatten() {
+        let (secret_text, secret_pos) = written.value.name(written.pos);
         sources
             .secrets
-            .insert((name.to_owned(), var.value.clone()), secret.pos);
+            .insert((name.to_owned(), var.value.clone()), secret_pos);
         if !valid_env_name(&var.value) {
             cx.push(
                 var.pos,
@@ -1002,12 +1134,30 @@ fn build_agent(
                 ),
             );
         }
-        match SecretName::parse(&secret.value) {
+        match SecretName::parse(secret_text) {
             Ok(secret_name) => {
+                if let RawSecretRef::Policy(raw_policy) = &written.value {
+                    let field = format!("secrets.{}", var.value);
+                    add_policy(cx, agent, &field, &secret_name, raw_policy, &mut policies);
+                }
                 secrets.insert(var.value.clone(), secret_name);
             }
-            Err(err) => cx.push(secret.pos, agent, format!("`secrets.{}`: {err}", var.value)),
+            Err(err) => cx.push(secret_pos, agent, format!("`secrets.{}`: {err}", var.value)),
         }
+    }
+    for (i, entry) in raw.llm.iter().flatten().enumerate() {
+        if let Some(At {
+            value: RawSecretRef::Policy(raw_policy),
+            ..
+        }) = &entry.value.key
+            && let Ok(secret_name) = SecretName::parse(&raw_policy.name.value)
+        {
+            let field = format!("llm[{i}].key");
+            add_policy(cx, agent, &field, &secret_name, raw_policy, &mut policies);
+        }
+    }
+    if !policies.is_empty() {
+        rotation.insert(name.to_owned(), policies);
     }
 
     // restart and stop: agent field, else defaults field, else built-in
@@ -1117,6 +1267,94 @@ mod tests {
             Ok(located) => located.fleet,
             Err(e) => panic!("{}", e.report()),
         }
+    }
+
+    #[test]
+    fn secrets_take_a_name_or_a_rotation_policy() {
+        let fleet = load_ok(
+            "version: 1
+providers: { claude: { kind: anthropic } }
+agents:
+  a:
+    command: [a]
+    secrets:
+      TOKEN: { name: tok, rotate_every: 90d, issuer: [./issue.sh, tok], revoke: [./revoke.sh], grace: 2h }
+      PLAIN: plain
+      NAMED: { name: named }
+    llm:
+      - { provider: claude, key: { name: llm_key, rotate_every: 30d, issuer: [./issue-llm.sh] } }
+",
+        );
+        let a = &fleet.agents["a"];
+        assert_eq!(a.secrets["TOKEN"].as_str(), "tok");
+        assert_eq!(a.secrets["PLAIN"].as_str(), "plain");
+        assert_eq!(a.secrets["NAMED"].as_str(), "named");
+        assert_eq!(a.llm[0].key.as_ref().unwrap().as_str(), "llm_key");
+        let policies = &fleet.rotation["a"];
+        let names: Vec<&str> = policies.keys().map(SecretName::as_str).collect();
+        assert_eq!(names, ["llm_key", "tok"]);
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            policies[&SecretName::parse("tok").unwrap()],
+            RotationPolicy {
+                every: day * 90,
+                issuer: vec!["./issue.sh".into(), "tok".into()],
+                revoke: Some(vec!["./revoke.sh".into()]),
+                grace: Duration::from_secs(7200),
+            }
+        );
+        let llm = &policies[&SecretName::parse("llm_key").unwrap()];
+        assert_eq!(
+            (llm.every, llm.revoke.clone(), llm.grace),
+            (day * 30, None, Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn rotation_policy_problems_are_located() {
+        let got = errors(
+            "version: 1
+agents:
+  a:
+    command: [a]
+    secrets:
+      A: { name: a, rotate_every: 90d }
+      B: { name: b, issuer: [x], grace: 1h }
+      C: { name: c, rotate_every: 10s, issuer: [] }
+      D: { name: d, rotate_evry: 90d }
+      E: { name: ../e, rotate_every: 1d, issuer: [x] }
+      F: [not, a, name]
+",
+        );
+        assert_eq!(
+            got,
+            [
+                "fleet.yaml:6:35: agent \"a\": `secrets.A.rotate_every` needs an `issuer`, a command that prints the new value on stdout",
+                "fleet.yaml:7:29: agent \"a\": `secrets.B.issuer` has no effect without `rotate_every`; add `rotate_every: 90d` or remove it",
+                "fleet.yaml:7:41: agent \"a\": `secrets.B.grace` has no effect without `rotate_every`; add `rotate_every: 90d` or remove it",
+                "fleet.yaml:8:35: agent \"a\": `secrets.C.rotate_every` must be at least `1m`",
+                "fleet.yaml:8:48: agent \"a\": `secrets.C.issuer` is empty; give the program and its arguments, like `[./issue-key.sh]`",
+                "fleet.yaml:9:21: agent \"a\": `secrets.D`: unknown field `rotate_evry`, expected one of `name`, `rotate_every`, `issuer`, `revoke`, `grace`",
+                "fleet.yaml:10:18: agent \"a\": `secrets.E`: invalid secret name `../e`: use letters, digits, `_`, `.` and `-` only (no `/`, not `.` or `..`)",
+                "fleet.yaml:11:10: agent \"a\": `secrets.F`: invalid type: sequence, expected a secret name, or a mapping like `{ name: key, rotate_every: 90d, issuer: [...] }`",
+            ]
+        );
+        // Only the `dir` backend can take a new version.
+        let got = errors(
+            "version: 1
+vault: { backend: systemd-creds }
+agents:
+  a:
+    command: [a]
+    secrets: { T: { name: t, rotate_every: 90d, issuer: [x] } }
+",
+        );
+        assert_eq!(
+            got,
+            [
+                "fleet.yaml:6:27: agent \"a\": secret `t` has a rotation policy, but the `systemd-creds` vault backend is read-only; use `vault: { backend: dir }` or rotate it outside the supervisor and remove `rotate_every`"
+            ]
+        );
     }
 
     #[test]

@@ -227,13 +227,13 @@ pub(super) fn resolve_llm(
         let api = provider.api();
         let simulated = matches!(provider.kind, ProviderKind::Simulated { .. });
         let key = match &raw.key {
-            Some(k) => match SecretName::parse(&k.value) {
+            Some(k) => match SecretName::parse(k.value.name(k.pos).0) {
                 Ok(name) => {
-                    key_positions.push(k.pos);
+                    key_positions.push(k.value.name(k.pos).1);
                     Some(name)
                 }
                 Err(err) => {
-                    cx.push(k.pos, a, format!("`llm[{i}].key`: {err}"));
+                    cx.push(k.value.name(k.pos).1, a, format!("`llm[{i}].key`: {err}"));
                     None
                 }
             },

@@ -32,6 +32,23 @@ pub struct Fleet {
     pub providers: BTreeMap<String, ProviderSpec>,
     pub alerts: AlertsSpec,
     pub agents: BTreeMap<String, AgentSpec>,
+    /// Rotation policies, by agent and secret name (only secrets written in
+    /// the object form with `rotate_every`).
+    pub rotation: BTreeMap<String, BTreeMap<SecretName, RotationPolicy>>,
+}
+
+/// When and how the supervisor renews one secret by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationPolicy {
+    /// Age after which a new version is issued (`rotate_every`).
+    pub every: Duration,
+    /// Prints the new value on stdout; run in the fleet directory.
+    pub issuer: Vec<String>,
+    /// Gets `{"secret", "agent", "fingerprint"}` of the old version on stdin
+    /// once `grace` has passed since the swap.
+    pub revoke: Option<Vec<String>>,
+    /// How long the old version stays valid after the new one is live (default 1h).
+    pub grace: Duration,
 }
 
 /// The metering proxy's listener and limits.

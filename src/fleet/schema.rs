@@ -141,9 +141,59 @@ pub struct RawPrice {
 #[serde(deny_unknown_fields)]
 pub struct RawLlm {
     pub provider: At<String>,
-    pub key: Option<At<String>>,
+    pub key: Option<At<RawSecretRef>>,
     pub delivery: Option<At<DeliveryName>>,
     pub env: Option<RawLlmEnv>,
+}
+
+/// A secret as `secrets:` values and `llm[].key` name it: a plain name, or
+/// `{ name, rotate_every, issuer, revoke, grace }`.
+#[derive(Debug, Clone)]
+pub enum RawSecretRef {
+    Name(String),
+    Policy(RawSecretPolicy),
+}
+
+impl RawSecretRef {
+    /// The secret's name, with where it is written (`at` for the plain form).
+    pub fn name(&self, at: super::node::Pos) -> (&str, super::node::Pos) {
+        match self {
+            Self::Name(name) => (name, at),
+            Self::Policy(p) => (&p.name.value, p.name.pos),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecretPolicy {
+    pub name: At<String>,
+    pub rotate_every: Option<At<Dur>>,
+    pub issuer: Option<At<Argv>>,
+    pub revoke: Option<At<Argv>>,
+    pub grace: Option<At<Dur>>,
+}
+
+impl<'de> Deserialize<'de> for RawSecretRef {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RefVisitor;
+        impl<'de> Visitor<'de> for RefVisitor {
+            type Value = RawSecretRef;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a secret name, or a mapping like `{ name: key, rotate_every: 90d, issuer: [...] }`",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSecretRef, E> {
+                Ok(RawSecretRef::Name(v.to_owned()))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawSecretRef, A::Error> {
+                RawSecretPolicy::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawSecretRef::Policy)
+            }
+        }
+        deserializer.deserialize_any(RefVisitor)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -363,7 +413,7 @@ pub struct RawAgent {
     pub command: At<Argv>,
     pub cwd: Option<At<String>>,
     pub env: Option<RawEnv>,
-    pub secrets: Option<RawEnv>,
+    pub secrets: Option<BTreeMap<At<String>, At<RawSecretRef>>>,
     pub restart: Option<RawRestart>,
     pub stop: Option<RawStop>,
     pub llm: Option<Vec<At<RawLlm>>>,

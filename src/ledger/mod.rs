@@ -24,6 +24,8 @@ use tokio::sync::oneshot;
 
 pub use crate::budget::Month;
 
+pub mod rotation;
+
 /// Milliseconds since the Unix epoch; 0 if the clock is before 1970.
 pub fn unix_millis_now() -> i64 {
     std::time::SystemTime::now()

@@ -259,6 +259,7 @@ mod tests {
             tokens_available: None,
             requests_available: None,
             quarantine_reason: None,
+            secrets: Vec::new(),
         }
     }
 
