@@ -115,7 +115,8 @@ agents:
 
     fleet.write_secret("a", "token", NEW);
     sup.signal(Signal::SIGHUP);
-    sup.wait_log("reload: agent changed, restarting it");
+    // Only a secret's value changed: a rotation, which restarts the agent.
+    sup.wait_log("a secret it holds has a new version");
     // The old process says goodbye with the old value, the new one prints the new.
     sup.wait_log("a | bye [REDACTED]");
     wait_for("the restarted agent", || {

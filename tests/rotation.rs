@@ -299,7 +299,7 @@ fn agents_restarted_for_new_secrets_go_one_at_a_time() {
     // Each agent is stopped and started again before the next one is stopped
     // (the supervisor's own account: an agent's first output may come later).
     let log = sup.log();
-    let since_reload = &log[log.find("cause=\"SIGHUP\"").unwrap()..];
+    let since_reload = &log[log.find("INFO reloading").unwrap()..];
     let steps: Vec<String> = since_reload
         .lines()
         .filter_map(|line| {
