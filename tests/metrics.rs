@@ -501,7 +501,9 @@ fn admin_listener_warns_when_not_on_loopback_and_is_absent_by_default() {
 /// A runaway written with plain urllib: its tool always fails, it appends
 /// the failure and retries, until the proxy refuses it.
 const LOOPER: &str = r#"
-import json, os, urllib.error, urllib.request
+import json, os, signal, urllib.error, urllib.request
+# Record the refusal before exiting, even if the supervisor's stop comes first.
+signal.signal(signal.SIGTERM, lambda *_: None)
 base, key = os.environ["ANTHROPIC_BASE_URL"], os.environ["ANTHROPIC_API_KEY"]
 tools = [{"name": "fetch_notes", "description": "fetch notes",
           "input_schema": {"type": "object", "properties": {"folder": {"type": "string"}}}}]
@@ -551,7 +553,9 @@ agents:
     let addr = admin_addr(&sup);
     sup.wait_log("looper: quarantined: runaway");
     assert_eq!(
-        wait_for("the looper's refusal", || fleet.read("looper.refused")),
+        wait_for("the looper's refusal", || fleet
+            .read("looper.refused")
+            .filter(|s| !s.is_empty())),
         "403"
     );
     let scrape = wait_for("the looper to show as quarantined", || {
