@@ -623,19 +623,15 @@ async fn handle_metered(
             return refuse(api, RefusalKind::CeilingReached, refusal.to_string());
         }
     };
-    let ledger_id = match shared
-        .ledger
-        .reserve(ledger::Reservation {
-            agent: agent.clone(),
-            provider: route.provider.name.clone(),
-            model: estimate.model.clone(),
-            month,
-            started_at_ms: ledger::unix_millis_now(),
-            reserved_tokens: worst.tokens,
-            reserved_micro_usd: worst.micro_usd,
-        })
-        .await
-    {
+    let ledger_id = match shared.ledger.reserve(ledger::Reservation {
+        agent: agent.clone(),
+        provider: route.provider.name.clone(),
+        model: estimate.model.clone(),
+        month,
+        started_at_ms: ledger::unix_millis_now(),
+        reserved_tokens: worst.tokens,
+        reserved_micro_usd: worst.micro_usd,
+    }) {
         Ok(id) => id,
         Err(err) => {
             reservation.release();
