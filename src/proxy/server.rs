@@ -12,19 +12,20 @@
 //! 8. settle ceilings, rate buckets and ledger to the real usage.
 //!
 //! The order matters: nothing reaches upstream without a reservation, and a
-//! refusal never costs money. Settlement happens in the task that pumps the
-//! answer, so it runs whether the client reads to the end, hangs, or leaves.
+//! refusal never costs money. Settlement happens in the answer's body
+//! (`answer`), so it runs whether the client reads to the end, leaves, or
+//! stops reading (`client_io` fails its writes, which drops the body).
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -32,6 +33,8 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use super::answer::{AnswerBody, Reader, Source};
+use super::client_io::WriteStallLimit;
 use super::estimate::{EstimateConfig, estimate_request};
 use super::meter::{AgentMeter, Meters, Route};
 use super::refusal::{Api, Refusal, RefusalKind};
@@ -39,7 +42,7 @@ use super::simulated;
 use super::tokens::TokenTable;
 use super::usage::{
     ApiKind, Metered, Outcome as TapOutcome, TapOptions, TapReport, Usage, UsageTap,
-    ensure_openai_stream_usage, parse_answer,
+    ensure_openai_stream_usage,
 };
 use crate::budget::{Amount, Month, RateTicket, Reservation};
 use crate::fleet::{ProviderKind, ProxySpec};
@@ -66,13 +69,12 @@ pub enum ProxyEvent {
     RateLimited { agent: String },
 }
 
-pub type ProxyBody = BoxBody<Bytes, Infallible>;
+/// An answer's body. Its error aborts the client's connection, so a broken
+/// answer is never mistaken for a complete one.
+pub type ProxyBody = BoxBody<Bytes, io::Error>;
 
 /// How long a client may take to send its request body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest non-streamed answer kept whole for usage parsing (it is still
-/// forwarded as it arrives); past this the answer is charged at its reservation.
-const MAX_JSON_ANSWER: usize = 16 << 20;
 
 /// Everything the request path shares. Built once by the supervisor.
 pub struct ProxyShared {
@@ -82,8 +84,8 @@ pub struct ProxyShared {
     client: reqwest::Client,
     settings: ProxySpec,
     events: mpsc::UnboundedSender<ProxyEvent>,
-    /// One clone per answer being pumped, so shutdown can wait for settlements.
-    pumps: Arc<()>,
+    /// One clone per request not yet settled, so shutdown can wait for settlements.
+    in_flight: Arc<()>,
     /// Models already logged as unpriced, so each is logged once.
     unpriced: Mutex<std::collections::HashSet<(String, String)>>,
 }
@@ -102,8 +104,13 @@ impl ProxyShared {
     ) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(settings.upstream_timeout)
+            // No `read_timeout`: it arms a timer per request and polls it per
+            // chunk; the answer body keeps its own idle limit, armed only
+            // while it actually waits. Keep-alive pooling with no cap on idle
+            // connections per host, and no Nagle delay on small requests.
             .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(usize::MAX)
+            .tcp_nodelay(true)
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the upstream HTTP client: {e}"))?;
         Ok(Self {
@@ -113,16 +120,16 @@ impl ProxyShared {
             client,
             settings,
             events,
-            pumps: Arc::new(()),
+            in_flight: Arc::new(()),
             unpriced: Mutex::new(Default::default()),
         })
     }
 
-    /// Waits (at most `limit`) for answers still being pumped to settle, so
+    /// Waits (at most `limit`) for answers still in flight to settle, so
     /// a clean shutdown records exact usage rather than reservations.
     pub async fn drain(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while Arc::strong_count(&self.pumps) > 1 && Instant::now() < deadline {
+        while Arc::strong_count(&self.in_flight) > 1 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -148,6 +155,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let stream = WriteStallLimit::new(stream, shared.settings.upstream_timeout);
                 let shared = shared.clone();
                 let service = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
@@ -179,7 +187,7 @@ pub async fn serve(
 
 fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
     let body = serde_json::to_vec(&refusal.body).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+    let mut response = Response::new(whole(Bytes::from(body)));
     *response.status_mut() =
         StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
@@ -194,6 +202,13 @@ fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
         }
     }
     response
+}
+
+/// A body already in hand.
+fn whole(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes)
+        .map_err(|never: Infallible| match never {})
+        .boxed()
 }
 
 fn refuse(api: Api, kind: RefusalKind, message: impl Into<String>) -> Response<ProxyBody> {
@@ -394,18 +409,30 @@ async fn forward_unmetered(
         route,
         body,
     );
-    match request.send().await {
-        Ok(answer) => {
-            let status = answer.status().as_u16();
-            let headers = answer.headers().clone();
-            let body = answer.bytes().await.unwrap_or_default();
-            let mut response = Response::new(Full::new(body).boxed());
+    let exchange = async {
+        let answer = request.send().await?;
+        let status = answer.status().as_u16();
+        let headers = answer.headers().clone();
+        let body = answer.bytes().await?;
+        Ok::<_, reqwest::Error>((status, headers, body))
+    };
+    match tokio::time::timeout(shared.settings.upstream_timeout, exchange).await {
+        Ok(Ok((status, headers, body))) => {
+            let mut response = Response::new(whole(body));
             *response.status_mut() =
                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             copy_response_headers(&headers, response.headers_mut());
             response
         }
-        Err(err) => upstream_failure(api, &route.provider.name, &err),
+        Ok(Err(err)) => upstream_failure(api, &route.provider.name, &err),
+        Err(_) => refuse(
+            api,
+            RefusalKind::UpstreamTimeout,
+            format!(
+                "upstream provider `{}` did not answer in time",
+                route.provider.name
+            ),
+        ),
     }
 }
 
@@ -654,7 +681,7 @@ async fn handle_metered(
         started,
         streamed: estimate.stream,
         conversation,
-        _in_flight: shared.pumps.clone(),
+        _in_flight: shared.in_flight.clone(),
     };
 
     // 6. forward
@@ -674,7 +701,7 @@ async fn handle_metered(
             (
                 answer.status,
                 headers,
-                Source::Simulated(answer.chunks, *latency),
+                Source::Simulated(super::answer::simulated(answer.chunks, *latency)),
             )
         }
         ProviderKind::Anthropic { upstream } | ProviderKind::OpenAi { upstream } => {
@@ -693,7 +720,11 @@ async fn handle_metered(
                 Ok(Ok(answer)) => {
                     let mut headers = HeaderMap::new();
                     copy_response_headers(answer.headers(), &mut headers);
-                    (answer.status().as_u16(), headers, Source::Upstream(answer))
+                    (
+                        answer.status().as_u16(),
+                        headers,
+                        Source::Upstream(reqwest::Body::from(answer)),
+                    )
                 }
                 Ok(Err(err)) => {
                     pending.release();
@@ -714,49 +745,55 @@ async fn handle_metered(
         }
     };
 
-    // 7–8. stream back through the tap; the pump settles when the answer ends.
+    // 7–8. stream back through the tap; the body settles when the answer ends.
     let is_sse = headers
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let (tx, rx) = mpsc::channel::<Bytes>(32);
-    let tap = is_sse.then(|| {
-        UsageTap::new(
+    let content_length = source_length(&source);
+    let reader = if is_sse {
+        Reader::Sse(Box::new(UsageTap::new(
             kind,
             TapOptions {
                 drop_injected_usage: injected,
                 ..TapOptions::default()
             },
-        )
-    });
-    tokio::spawn(pump(
+        )))
+    } else {
+        Reader::json(kind, content_length)
+    };
+    // A JSON answer passes byte for byte, so its length can be announced:
+    // hyper then sends head and body in one write, without chunk framing.
+    let content_length = content_length.filter(|_| !is_sse);
+    let body = AnswerBody::new(
         source,
-        tx,
-        tap,
-        kind,
-        status,
+        reader,
         pending,
+        status,
+        content_length,
         shared.settings.upstream_timeout,
-    ));
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
-    });
-    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    );
+    let mut response = Response::new(BodyExt::boxed(body));
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     *response.headers_mut() = headers;
+    if let Some(n) = content_length {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
     response
 }
 
-/// Where an answer's bytes come from.
-enum Source {
-    Upstream(reqwest::Response),
-    Simulated(Vec<String>, Duration),
+/// The exact length of an answer, when upstream announced it.
+fn source_length(source: &Source) -> Option<u64> {
+    match source {
+        Source::Upstream(body) => hyper::body::Body::size_hint(body).exact(),
+        Source::Simulated(_) => None,
+    }
 }
 
 /// What a request holds until its answer is settled.
-struct Pending {
+pub(super) struct Pending {
     meter: Arc<AgentMeter>,
     ledger: Arc<Ledger>,
     reservation: Reservation,
@@ -786,9 +823,52 @@ impl Pending {
         );
     }
 
+    /// A forwarded request holding `worst` (no prices: tokens only), for
+    /// tests of what settles it.
+    #[cfg(test)]
+    pub(super) fn for_tests(meter: Arc<AgentMeter>, ledger: Arc<Ledger>, worst: u64) -> Self {
+        let ticket = meter
+            .budget
+            .admit_rate(Instant::now(), worst)
+            .expect("no rate limit in tests");
+        let month = Month::current();
+        let reservation = meter
+            .budget
+            .reserve(month, Amount::new(worst, 0))
+            .expect("no ceiling in tests");
+        let ledger_id = ledger
+            .reserve(ledger::Reservation {
+                agent: meter.name().to_owned(),
+                provider: "fake".into(),
+                model: "claude-sonnet-4-5".into(),
+                month,
+                started_at_ms: ledger::unix_millis_now(),
+                reserved_tokens: worst,
+                reserved_micro_usd: 0,
+            })
+            .expect("journal writable");
+        Self {
+            meter,
+            ledger,
+            reservation,
+            ticket,
+            ledger_id,
+            prices: None,
+            started: Instant::now(),
+            streamed: false,
+            conversation: None,
+            _in_flight: Arc::new(()),
+        }
+    }
+
+    pub(super) fn agent(&self) -> &str {
+        self.meter.name()
+    }
+
     /// Charges the answer: exact usage when it completed (or was refused by
     /// upstream), conservatively otherwise (never below the reservation).
-    fn settle(self, status: u16, report: &TapReport) {
+    /// The one place a forwarded request is settled.
+    pub(super) fn settle(self, status: u16, report: &TapReport) {
         if let Some(conversation) = self.conversation {
             self.meter
                 .observe_response(conversation, &response_summary(status, report));
@@ -876,132 +956,4 @@ fn response_summary(status: u16, report: &TapReport) -> ResponseSummary {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Moves the answer from its source to the client, feeding the tap, then
-/// settles. A client that stops reading for `idle` is dropped (its answer
-/// is charged as cut), so no reservation is held forever.
-async fn pump(
-    source: Source,
-    tx: mpsc::Sender<Bytes>,
-    mut tap: Option<UsageTap>,
-    kind: ApiKind,
-    status: u16,
-    pending: Pending,
-    idle: Duration,
-) {
-    let mut whole = Vec::new();
-    let mut too_big = false;
-    let mut ended = false;
-    let mut client_gone = false;
-
-    let mut forward =
-        |chunk: Bytes, tap: &mut Option<UsageTap>, whole: &mut Vec<u8>| -> Option<Bytes> {
-            match tap {
-                Some(tap) => match tap.push(&chunk) {
-                    super::usage::Forward::Unchanged => Some(chunk),
-                    super::usage::Forward::Bytes([]) => None,
-                    super::usage::Forward::Bytes(b) => Some(Bytes::copy_from_slice(b)),
-                },
-                None => {
-                    if whole.len() + chunk.len() <= MAX_JSON_ANSWER {
-                        whole.extend_from_slice(&chunk);
-                    } else {
-                        too_big = true;
-                    }
-                    Some(chunk)
-                }
-            }
-        };
-
-    match source {
-        Source::Upstream(answer) => {
-            let mut stream = answer.bytes_stream();
-            loop {
-                let next = tokio::time::timeout(idle, stream.next()).await;
-                let chunk = match next {
-                    Ok(Some(Ok(chunk))) => chunk,
-                    Ok(Some(Err(err))) => {
-                        tracing::warn!(agent = %pending.meter.name(), "upstream answer broke off: {err}");
-                        break;
-                    }
-                    Ok(None) => {
-                        ended = true;
-                        break;
-                    }
-                    Err(_) => {
-                        tracing::warn!(agent = %pending.meter.name(), "upstream answer stalled for {idle:?}; cutting it");
-                        break;
-                    }
-                };
-                if let Some(out) = forward(chunk, &mut tap, &mut whole)
-                    && !send(&tx, out, idle).await
-                {
-                    client_gone = true;
-                    break;
-                }
-            }
-        }
-        Source::Simulated(chunks, latency) => {
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
-            let pause = latency / (chunks.len().max(1) as u32 * 4);
-            for chunk in chunks {
-                if let Some(out) = forward(Bytes::from(chunk), &mut tap, &mut whole)
-                    && !send(&tx, out, idle).await
-                {
-                    client_gone = true;
-                    break;
-                }
-                if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
-                }
-            }
-            ended = !client_gone;
-        }
-    }
-
-    let report = match tap {
-        Some(mut tap) => {
-            if ended {
-                let rest = Bytes::copy_from_slice(tap.end());
-                if !rest.is_empty() {
-                    let _ = send(&tx, rest, idle).await;
-                }
-            }
-            tap.report()
-        }
-        None if ended && !too_big => match parse_answer(kind, &whole) {
-            Ok(report) => report,
-            Err(err) => {
-                tracing::warn!(agent = %pending.meter.name(), "{err}");
-                cut_report()
-            }
-        },
-        None => cut_report(),
-    };
-    if client_gone {
-        tracing::info!(agent = %pending.meter.name(), "client left before the answer ended");
-    }
-    drop(tx);
-    pending.settle(status, &report);
-}
-
-fn cut_report() -> TapReport {
-    TapReport {
-        outcome: TapOutcome::Cut,
-        usage: Metered::Unknown,
-        model: None,
-        stop_reason: None,
-        error: None,
-        tool_calls: Vec::new(),
-        dropped_usage_chunk: false,
-        oversized_events: 0,
-        unreadable_events: 0,
-    }
-}
-
-async fn send(tx: &mpsc::Sender<Bytes>, chunk: Bytes, idle: Duration) -> bool {
-    matches!(tokio::time::timeout(idle, tx.send(chunk)).await, Ok(Ok(())))
 }
