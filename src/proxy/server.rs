@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use super::answer::{AnswerBody, Reader, Source};
 use super::client_io::WriteStallLimit;
 use super::estimate::{EstimateConfig, estimate_request};
-use super::meter::{AgentMeter, Meters, Route};
+use super::meter::{AgentMeter, Credential, Meters, Target};
 use super::refusal::{Api, Refusal, RefusalKind};
 use super::simulated;
 use super::tokens::TokenTable;
@@ -256,13 +256,9 @@ async fn handle(
             "unknown or expired API key: only the token of the agent's current launch is accepted",
         );
     };
-    let (Some(meter), Some(route)) = (
-        shared.meters.get(&grant.agent),
-        shared
-            .meters
-            .get(&grant.agent)
-            .and_then(|m| m.route(grant.entry)),
-    ) else {
+    let meter = shared.meters.get(&grant.agent);
+    let route = meter.as_ref().and_then(|m| m.route(grant.entry));
+    let (Some(meter), Some(route)) = (meter, route) else {
         return refuse(
             shape,
             RefusalKind::Unauthenticated,
@@ -317,100 +313,117 @@ fn is_free(api: Api, method: &Method, path: &str) -> bool {
 /// Headers never copied between the agent and upstream: hop-by-hop ones,
 /// the agent's credentials (replaced by the real key), and encodings the
 /// tap could not read.
-fn skip_request_header(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "host"
-            | "content-length"
-            | "connection"
-            | "keep-alive"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "authorization"
-            | "x-api-key"
-            | "accept-encoding"
-    )
-}
+const SKIPPED_REQUEST_HEADERS: [&str; 13] = [
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "authorization",
+    "x-api-key",
+    "accept-encoding",
+];
 
-fn skip_response_header(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "content-length"
-            | "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
+/// Hop-by-hop headers of an answer; `content-length` is set again when the
+/// answer passes unchanged.
+const SKIPPED_RESPONSE_HEADERS: [&str; 8] = [
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
+/// The request to send upstream: the agent's method, path, query and
+/// headers (less the skipped ones), to the route's origin, with the real key.
+/// Moves the agent's headers rather than copying them one by one.
 fn upstream_request(
-    shared: &ProxyShared,
+    target: &Target,
     method: Method,
-    upstream: &str,
-    path_and_query: &str,
-    headers: &HeaderMap,
-    route: &Route,
+    uri: &hyper::Uri,
+    mut headers: HeaderMap,
     body: Bytes,
-) -> reqwest::RequestBuilder {
-    let mut builder = shared
-        .client
-        .request(method, format!("{upstream}{path_and_query}"));
-    for (name, value) in headers {
-        if !skip_request_header(name) {
-            builder = builder.header(name, value);
+) -> Result<reqwest::Request, Box<Response<ProxyBody>>> {
+    let api = target.provider.api();
+    let mut url = match &target.upstream {
+        Some(Ok(origin)) => origin.clone(),
+        Some(Err(message)) => {
+            return Err(Box::new(refuse(
+                api,
+                RefusalKind::UpstreamUnreachable,
+                format!(
+                    "{message}; fix `providers.{}.upstream`",
+                    target.provider.name
+                ),
+            )));
+        }
+        None => {
+            return Err(Box::new(refuse(
+                api,
+                RefusalKind::NotFound,
+                "the simulated provider only answers model calls",
+            )));
+        }
+    };
+    url.set_path(uri.path());
+    url.set_query(uri.query());
+    for name in SKIPPED_REQUEST_HEADERS {
+        headers.remove(name);
+    }
+    match &target.credential {
+        Credential::Header(name, value) => {
+            headers.insert(name.clone(), value.clone());
+        }
+        Credential::None => {}
+        Credential::Invalid => {
+            return Err(Box::new(refuse(
+                api,
+                RefusalKind::Internal,
+                format!(
+                    "the key of provider `{}` cannot be sent in an HTTP header; check the secret for control characters",
+                    target.provider.name
+                ),
+            )));
         }
     }
-    if let Some(key) = &route.key {
-        builder = match route.provider.api() {
-            Api::Anthropic => builder.header("x-api-key", key.expose()),
-            Api::OpenAi => builder.bearer_auth(key.expose()),
-        };
-    }
-    builder.body(body)
+    let mut request = reqwest::Request::new(method, url);
+    *request.headers_mut() = headers;
+    *request.body_mut() = Some(reqwest::Body::from(body));
+    Ok(request)
 }
 
 async fn forward_unmetered(
     shared: &ProxyShared,
     req: Request<Incoming>,
-    route: &Route,
+    route: &Target,
 ) -> Response<ProxyBody> {
     let api = route.provider.api();
-    let upstream = match &route.provider.kind {
-        ProviderKind::Anthropic { upstream } | ProviderKind::OpenAi { upstream } => {
-            upstream.clone()
-        }
-        ProviderKind::Simulated { .. } => {
-            return refuse(
-                api,
-                RefusalKind::NotFound,
-                "the simulated provider only answers model calls",
-            );
-        }
-    };
+    if route.upstream.is_none() {
+        return refuse(
+            api,
+            RefusalKind::NotFound,
+            "the simulated provider only answers model calls",
+        );
+    }
     let (parts, body) = req.into_parts();
     let body = match read_body(body, shared.settings.max_body).await {
         Ok(b) => b,
         Err(resp) => return resp(api),
     };
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let request = upstream_request(
-        shared,
-        parts.method,
-        &upstream,
-        pq,
-        &parts.headers,
-        route,
-        body,
-    );
+    let request = match upstream_request(route, parts.method, &parts.uri, parts.headers, body) {
+        Ok(request) => request,
+        Err(refusal) => return *refusal,
+    };
     let exchange = async {
-        let answer = request.send().await?;
+        let answer = shared.client.execute(request).await?;
         let status = answer.status().as_u16();
         let headers = answer.headers().clone();
         let body = answer.bytes().await?;
@@ -438,7 +451,7 @@ async fn forward_unmetered(
 
 fn copy_response_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) {
     for (name, value) in from {
-        if !skip_response_header(name) {
+        if !SKIPPED_RESPONSE_HEADERS.contains(&name.as_str()) {
             to.append(name.clone(), value.clone());
         }
     }
@@ -507,7 +520,7 @@ async fn handle_metered(
     shared: &ProxyShared,
     req: Request<Incoming>,
     meter: &Arc<AgentMeter>,
-    route: Route,
+    route: Arc<Target>,
     kind: ApiKind,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -704,27 +717,28 @@ async fn handle_metered(
                 Source::Simulated(super::answer::simulated(answer.chunks, *latency)),
             )
         }
-        ProviderKind::Anthropic { upstream } | ProviderKind::OpenAi { upstream } => {
-            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let request = upstream_request(
-                shared,
-                parts.method.clone(),
-                upstream,
-                pq,
-                &parts.headers,
-                &route,
-                body,
-            );
-            let sent = tokio::time::timeout(shared.settings.upstream_timeout, request.send()).await;
+        ProviderKind::Anthropic { .. } | ProviderKind::OpenAi { .. } => {
+            let request =
+                match upstream_request(&route, parts.method, &parts.uri, parts.headers, body) {
+                    Ok(request) => request,
+                    Err(refusal) => {
+                        pending.release();
+                        return *refusal;
+                    }
+                };
+            let sent = tokio::time::timeout(
+                shared.settings.upstream_timeout,
+                shared.client.execute(request),
+            )
+            .await;
             match sent {
                 Ok(Ok(answer)) => {
-                    let mut headers = HeaderMap::new();
-                    copy_response_headers(answer.headers(), &mut headers);
-                    (
-                        answer.status().as_u16(),
-                        headers,
-                        Source::Upstream(reqwest::Body::from(answer)),
-                    )
+                    let (head, body) = hyper::Response::<reqwest::Body>::from(answer).into_parts();
+                    let mut headers = head.headers;
+                    for name in SKIPPED_RESPONSE_HEADERS {
+                        headers.remove(name);
+                    }
+                    (head.status.as_u16(), headers, Source::Upstream(body))
                 }
                 Ok(Err(err)) => {
                     pending.release();
