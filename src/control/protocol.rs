@@ -50,9 +50,7 @@ pub struct AgentStatusRow {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Status {
-        agents: Vec<AgentStatusRow>,
-    },
+    Status { agents: Vec<AgentStatusRow> },
     /// A reload was applied (counts by agent name).
     Reloaded {
         added: Vec<String>,
@@ -61,13 +59,7 @@ pub enum Response {
         unchanged: usize,
     },
     /// A reload was refused; the running fleet is unchanged. One line per problem.
-    Rejected {
-        errors: Vec<String>,
-    },
-    Ok {
-        message: String,
-    },
-    Error {
-        message: String,
-    },
+    Rejected { errors: Vec<String> },
+    Ok { message: String },
+    Error { message: String },
 }
