@@ -143,15 +143,24 @@ async fn scoped_tokens_and_exact_usage() {
     assert!(agent.var("OPENAI_BASE_URL").ends_with("/v1"));
 
     // JSON and SSE, Anthropic and OpenAI (streaming without include_usage too).
-    let (status, _, body) = anthropic(&agent, ask("claude-sonnet-4-5", false)).await;
+    let (status, headers, body) = anthropic(&agent, ask("claude-sonnet-4-5", false)).await;
     assert_eq!(status, 200, "{body}");
-    let (status, _, body) = anthropic(
+    assert_eq!(
+        headers.get("content-length").and_then(|v| v.to_str().ok()),
+        Some(body.len().to_string().as_str()),
+        "a JSON answer passes unchanged, so its length is forwarded"
+    );
+    let (status, headers, body) = anthropic(
         &agent,
         ask("claude-sonnet-4-5-cache-read-40-cache-write-8", true),
     )
     .await;
     assert_eq!(status, 200);
     assert!(body.contains("event: message_stop"), "{body}");
+    assert!(
+        headers.get("content-length").is_none(),
+        "the tap may change a stream's bytes, so its length is not forwarded"
+    );
     let (status, body) = openai(
         &agent,
         json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}),

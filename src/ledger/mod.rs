@@ -1,25 +1,41 @@
 //! The durable ledger: one SQLite file (`ledger.db` in `state_dir`, WAL mode)
-//! holding a row per metered request. Only this module touches SQLite.
+//! holding a row per metered request, plus the reservation journal that makes
+//! a reservation durable before SQLite has seen it. Only this module touches
+//! SQLite or the journal.
 //!
-//! Writes go to one writer thread that owns the connection and commits
-//! whatever is queued in one transaction (group commit), so the proxy never
-//! waits on SQLite for more than one batch and never holds a lock across it.
-//! A reservation is committed *before* the request is forwarded (the proxy
-//! awaits `reserve`), so a supervisor killed mid-request never loses usage: on
-//! the next start, unsettled rows are charged at their reserved amount.
-//! Settlements are fire-and-forget and batched.
+//! Before a request is forwarded, `reserve` appends its reservation as one
+//! JSON line to `ledger.journal` with a single `write(2)` (`O_APPEND`, no
+//! fsync) from the request's own task. Once that returns, the record is in the
+//! kernel's page cache: it survives a kill -9 of the supervisor, not a power
+//! loss — the same guarantee the WAL with `synchronous = NORMAL` gives the
+//! rows themselves. One writer thread owns the SQLite connection and folds
+//! reservations and settlements into one transaction every few milliseconds
+//! (group commit), so no request waits on SQLite or on another thread.
+//!
+//! The journal only has to hold what SQLite may lack. When it grows past
+//! `JOURNAL_ROTATE_BYTES`, the writer renames it to `ledger.journal.old` and
+//! opens a fresh one (under the append lock, so every record of the old file
+//! is already queued), commits the queue, then deletes the old file. On open,
+//! journal records missing from SQLite are inserted, and every unsettled row
+//! is charged at its reserved amount; readers (`supervisor usage`) count
+//! journal records SQLite lacks the same way, so a killed supervisor's usage
+//! shows without a restart.
 //!
 //! Must not: do arithmetic on ceilings (that is `budget`), or hold secrets.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OpenFlags, params};
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 pub use crate::budget::Month;
@@ -36,9 +52,21 @@ pub fn unix_millis_now() -> i64 {
 
 /// File name of the ledger inside `state_dir`.
 pub const LEDGER_FILE: &str = "ledger.db";
+/// The reservation journal being appended to, inside `state_dir`.
+pub const JOURNAL_FILE: &str = "ledger.journal";
+/// A rotated journal whose records are being committed to SQLite.
+pub const JOURNAL_OLD_FILE: &str = "ledger.journal.old";
 
+/// Past this size the writer rotates the journal (~25k reservations).
+const JOURNAL_ROTATE_BYTES: u64 = 4 << 20;
+/// Version of the journal's line format.
+const JOURNAL_VERSION: u32 = 1;
+/// How long the writer lets operations gather before committing them: one
+/// transaction per linger instead of one per request, and senders do not
+/// have to wake a sleeping thread for each operation.
+const LINGER: Duration = Duration::from_millis(5);
 /// Most operations folded into one transaction.
-const MAX_BATCH: usize = 512;
+const MAX_BATCH: usize = 4096;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (
@@ -141,29 +169,24 @@ pub struct AgentMonthUsage {
 }
 
 enum Op {
-    Reserve {
-        id: i64,
-        reservation: Reservation,
-        ack: oneshot::Sender<std::result::Result<(), String>>,
-    },
-    Settle {
-        id: i64,
-        settlement: Settlement,
-    },
-    Flush {
-        ack: oneshot::Sender<()>,
-    },
+    Reserve { id: i64, reservation: Reservation },
+    Settle { id: i64, settlement: Settlement },
+    Flush { ack: oneshot::Sender<()> },
 }
 
-/// Handle to the ledger's writer thread. Cheap to share behind an `Arc`.
+/// Handle to the ledger: the journal to append reservations to, and the
+/// writer thread's queue. Cheap to share behind an `Arc`; dropping it commits
+/// what is queued and stops the writer.
 pub struct Ledger {
     path: PathBuf,
-    tx: mpsc::Sender<Op>,
+    journal: Arc<Journal>,
+    tx: Option<mpsc::Sender<Op>>,
+    writer: Option<thread::JoinHandle<()>>,
     next_id: AtomicI64,
 }
 
-impl std::fmt::Debug for Ledger {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ledger").field("path", &self.path).finish()
     }
 }
@@ -173,22 +196,45 @@ fn open_connection(path: &Path) -> Result<Connection> {
         .with_context(|| format!("cannot open the ledger `{}`", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
     // WAL + NORMAL: a committed transaction survives a crash of this process
-    // (kill -9); only power loss can lose the last few, and group commit keeps
-    // the writer off every request's critical path.
+    // (kill -9); only power loss can lose the last few. The journal gives
+    // reservations the same guarantee before they reach SQLite.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(conn)
 }
 
 impl Ledger {
-    /// Opens (creating if needed) `state_dir/ledger.db`, charges rows left
-    /// unsettled by a previous run at their reserved amount, and starts the
-    /// writer thread.
+    /// Opens (creating if needed) `state_dir/ledger.db`, inserts reservations
+    /// a previous run journaled but never committed, charges rows left
+    /// unsettled at their reserved amount, and starts the writer thread.
     pub fn open(state_dir: &Path) -> Result<Self> {
+        Self::open_rotating_at(state_dir, JOURNAL_ROTATE_BYTES)
+    }
+
+    fn open_rotating_at(state_dir: &Path, rotate_at: u64) -> Result<Self> {
         let path = state_dir.join(LEDGER_FILE);
-        let conn = open_connection(&path)?;
+        let mut conn = open_connection(&path)?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("cannot create the ledger schema in `{}`", path.display()))?;
+        let journaled = read_journal(state_dir)?;
+        if journaled.unreadable > 0 {
+            tracing::warn!(
+                lines = journaled.unreadable,
+                "ledger: skipped unreadable journal lines (a record torn by a crash is never one that was forwarded)"
+            );
+        }
+        let replayed = replay(&mut conn, &journaled.records).with_context(|| {
+            format!(
+                "cannot recover the reservation journal into `{}`",
+                path.display()
+            )
+        })?;
+        if replayed > 0 {
+            tracing::warn!(
+                requests = replayed,
+                "ledger: recovered reservations a previous run had journaled but not committed"
+            );
+        }
         let recovered = conn
             .execute(
                 "UPDATE requests SET settled = 1, outcome = 'unsettled',
@@ -203,17 +249,25 @@ impl Ledger {
                 "ledger: charged requests left in flight by a previous run at their reserved amount"
             );
         }
+        // Everything journaled is now committed; a fresh journal starts empty.
+        for name in [JOURNAL_OLD_FILE, JOURNAL_FILE] {
+            remove_if_present(&state_dir.join(name))?;
+        }
         let max_id: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM requests", [], |r| {
             r.get(0)
         })?;
+        let journal = Arc::new(Journal::create(state_dir, rotate_at)?);
         let (tx, rx) = mpsc::channel();
-        thread::Builder::new()
+        let writer_journal = journal.clone();
+        let writer = thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, &writer_journal))
             .context("cannot start the ledger writer thread")?;
         Ok(Self {
             path,
-            tx,
+            journal,
+            tx: Some(tx),
+            writer: Some(writer),
             next_id: AtomicI64::new(max_id + 1),
         })
     }
@@ -222,28 +276,29 @@ impl Ledger {
         &self.path
     }
 
-    /// Records a reservation and waits until it is committed: call this before
-    /// forwarding, so no request reaches upstream without a durable row.
-    pub async fn reserve(&self, reservation: Reservation) -> Result<i64> {
+    /// Makes a reservation durable (one append to the journal) and queues it
+    /// for SQLite. Call this before forwarding: once it returns, a crash of
+    /// the process cannot lose the reservation.
+    pub fn reserve(&self, reservation: Reservation) -> Result<i64> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (ack, done) = oneshot::channel();
-        self.tx
-            .send(Op::Reserve {
-                id,
-                reservation,
-                ack,
-            })
-            .map_err(|_| anyhow::anyhow!("the ledger writer has stopped"))?;
-        match done.await {
-            Ok(Ok(())) => Ok(id),
-            Ok(Err(message)) => Err(anyhow::anyhow!("cannot record the reservation: {message}")),
-            Err(_) => Err(anyhow::anyhow!("the ledger writer has stopped")),
-        }
+        let line = encode_record(id, &reservation);
+        let mut appender = self.journal.lock()?;
+        appender.append(&line).with_context(|| {
+            format!(
+                "cannot append to the reservation journal `{}`; check free space and permissions in the state dir",
+                self.journal.current.display()
+            )
+        })?;
+        // Queued while the append lock is held, so a rotation (which takes
+        // the lock) knows every record of the file it retires is queued.
+        self.send(Op::Reserve { id, reservation })?;
+        drop(appender);
+        Ok(id)
     }
 
     /// Records how a request ended; batched, returns at once.
     pub fn settle(&self, id: i64, settlement: Settlement) {
-        if self.tx.send(Op::Settle { id, settlement }).is_err() {
+        if self.send(Op::Settle { id, settlement }).is_err() {
             tracing::error!(
                 id,
                 "ledger writer has stopped; a settlement was not recorded"
@@ -254,37 +309,339 @@ impl Ledger {
     /// Waits until everything sent so far is committed (shutdown, tests).
     pub async fn flush(&self) {
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Op::Flush { ack }).is_ok() {
+        if self.send(Op::Flush { ack }).is_ok() {
             let _ = done.await;
+        }
+    }
+
+    fn send(&self, op: Op) -> Result<()> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(op).ok())
+            .ok_or_else(|| anyhow::anyhow!("the ledger writer has stopped"))
+    }
+}
+
+impl Drop for Ledger {
+    /// Lets the writer commit what is queued (and remove the journal) before
+    /// the handle is gone, so a reopen in the same process sees it all.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("ledger writer thread panicked");
         }
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+/// The append side of the journal. `reserve` holds the lock for one
+/// `write(2)` and one queue push; the writer holds it to swap files.
+struct Journal {
+    current: PathBuf,
+    old: PathBuf,
+    appender: Mutex<Appender>,
+    /// Past this size the writer rotates the file.
+    rotate_at: u64,
+}
+
+struct Appender {
+    file: File,
+    /// A failed or short write may have left half a line: the next record
+    /// starts on a new line so it stays readable.
+    torn: bool,
+    len: u64,
+}
+
+impl Journal {
+    fn create(state_dir: &Path, rotate_at: u64) -> Result<Self> {
+        let current = state_dir.join(JOURNAL_FILE);
+        let file = open_append(&current)?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Self {
+            old: state_dir.join(JOURNAL_OLD_FILE),
+            current,
+            appender: Mutex::new(Appender {
+                file,
+                torn: len > 0,
+                len,
+            }),
+            rotate_at,
+        })
+    }
+
+    fn wants_rotation(&self) -> bool {
+        self.lock().is_ok_and(|a| a.len >= self.rotate_at)
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Appender>> {
+        self.appender
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the reservation journal's lock is poisoned"))
+    }
+
+    /// Retires the current file as `old` and starts a fresh one. Every
+    /// record of the retired file is queued for SQLite when this returns.
+    fn rotate(&self) -> Result<()> {
+        let mut appender = self.lock()?;
+        fs::rename(&self.current, &self.old).with_context(|| {
+            format!(
+                "cannot rotate the reservation journal `{}`",
+                self.current.display()
+            )
+        })?;
+        appender.file = open_append(&self.current)?;
+        appender.torn = false;
+        appender.len = 0;
+        Ok(())
+    }
+}
+
+impl Appender {
+    fn append(&mut self, line: &[u8]) -> io::Result<()> {
+        let joined;
+        let bytes = if self.torn {
+            joined = [b"\n", line].concat();
+            &joined[..]
+        } else {
+            line
+        };
+        // One write(2): with O_APPEND the record lands whole at the end, and
+        // a kill -9 cannot split a write to a regular file.
+        let result = self.file.write(bytes);
+        match result {
+            Ok(n) if n == bytes.len() => {
+                self.torn = false;
+                self.len += n as u64;
+                Ok(())
             }
-        }
-        let result = write_batch(&mut conn, &batch);
-        if let Err(err) = &result {
-            tracing::error!("ledger: cannot commit {} operations: {err:#}", batch.len());
-        }
-        for op in batch {
-            match op {
-                Op::Reserve { ack, .. } => {
-                    let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
-                }
-                Op::Flush { ack } => {
-                    let _ = ack.send(());
-                }
-                Op::Settle { .. } => {}
+            Ok(n) => {
+                self.torn = true;
+                self.len += n as u64;
+                Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("short write: {n} of {} bytes", bytes.len()),
+                ))
+            }
+            Err(err) => {
+                self.torn = true;
+                Err(err)
             }
         }
     }
+}
+
+fn open_append(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "cannot open the reservation journal `{}` for appending",
+                path.display()
+            )
+        })
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("cannot remove `{}`", path.display())),
+    }
+}
+
+/// A journal line as written: borrowed, so `reserve` copies no strings.
+#[derive(Serialize)]
+struct JournalLine<'a> {
+    v: u32,
+    id: i64,
+    agent: &'a str,
+    provider: &'a str,
+    model: &'a str,
+    month: DisplayAsStr<Month>,
+    started_at_ms: i64,
+    reserved_tokens: u64,
+    reserved_micro_usd: u64,
+}
+
+/// A journal line as read back.
+#[derive(Debug, Deserialize)]
+struct JournalRecord {
+    v: u32,
+    id: i64,
+    agent: String,
+    provider: String,
+    model: String,
+    month: String,
+    started_at_ms: i64,
+    reserved_tokens: u64,
+    reserved_micro_usd: u64,
+}
+
+struct DisplayAsStr<T>(T);
+
+impl<T: fmt::Display> Serialize for DisplayAsStr<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+fn encode_record(id: i64, r: &Reservation) -> Vec<u8> {
+    let line = JournalLine {
+        v: JOURNAL_VERSION,
+        id,
+        agent: &r.agent,
+        provider: &r.provider,
+        model: &r.model,
+        month: DisplayAsStr(r.month),
+        started_at_ms: r.started_at_ms,
+        reserved_tokens: r.reserved_tokens,
+        reserved_micro_usd: r.reserved_micro_usd,
+    };
+    let mut out = Vec::with_capacity(192);
+    // Serializing plain strings and integers into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, &line);
+    out.push(b'\n');
+    out
+}
+
+#[derive(Debug, Default)]
+struct Journaled {
+    records: Vec<JournalRecord>,
+    /// Lines that are not a whole record of this version (a torn tail).
+    unreadable: usize,
+}
+
+/// Every readable record of both journal files. The current file is read
+/// before the retired one: a rotation in between then only moves records
+/// from the one to the other, never out of sight.
+fn read_journal(state_dir: &Path) -> Result<Journaled> {
+    let mut out = Journaled::default();
+    for name in [JOURNAL_FILE, JOURNAL_OLD_FILE] {
+        let path = state_dir.join(name);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!("cannot read the reservation journal `{}`", path.display())
+                });
+            }
+        };
+        parse_journal(&bytes, &mut out);
+    }
+    Ok(out)
+}
+
+fn parse_journal(bytes: &[u8], out: &mut Journaled) {
+    for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<JournalRecord>(line) {
+            Ok(record) if record.v == JOURNAL_VERSION && record.month.parse::<Month>().is_ok() => {
+                out.records.push(record);
+            }
+            _ => out.unreadable += 1,
+        }
+    }
+}
+
+/// Inserts journal records SQLite lacks, unsettled; returns how many.
+fn replay(conn: &mut Connection, records: &[JournalRecord]) -> Result<usize> {
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let tx = conn.transaction()?;
+    let mut inserted = 0;
+    {
+        let mut insert = tx.prepare(
+            "INSERT OR IGNORE INTO requests (id, agent, provider, model, month, started_at_ms,
+                                             reserved_tokens, reserved_micro_usd)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for r in records {
+            inserted += insert.execute(params![
+                r.id,
+                r.agent,
+                r.provider,
+                r.model,
+                r.month,
+                r.started_at_ms,
+                to_sql(r.reserved_tokens),
+                to_sql(r.reserved_micro_usd),
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(inserted)
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, journal: &Journal) {
+    // After a failed commit the journal is the only copy of some records, so
+    // it is never rotated away again in this run; the next open replays it.
+    let mut keep_journal = false;
+    while let Ok(first) = rx.recv() {
+        if !matches!(first, Op::Flush { .. }) {
+            thread::sleep(LINGER);
+        }
+        let mut batch = vec![first];
+        drain(&rx, &mut batch, MAX_BATCH);
+        keep_journal |= !commit(&mut conn, batch);
+        if !keep_journal && journal.wants_rotation() {
+            if let Err(err) = journal.rotate() {
+                tracing::error!("ledger: {err:#}");
+                keep_journal = true;
+                continue;
+            }
+            let mut queued = Vec::new();
+            drain(&rx, &mut queued, usize::MAX);
+            if commit(&mut conn, queued) {
+                if let Err(err) = remove_if_present(&journal.old) {
+                    tracing::warn!("ledger: {err:#}");
+                }
+            } else {
+                keep_journal = true;
+            }
+        }
+    }
+    // Every handle is gone and everything queued is committed.
+    if !keep_journal {
+        for path in [&journal.old, &journal.current] {
+            if let Err(err) = remove_if_present(path) {
+                tracing::warn!("ledger: {err:#}");
+            }
+        }
+    }
+}
+
+fn drain(rx: &mpsc::Receiver<Op>, batch: &mut Vec<Op>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Commits `batch` in one transaction and answers its flushes; `false` if
+/// the commit failed (logged).
+fn commit(conn: &mut Connection, batch: Vec<Op>) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let result = write_batch(conn, &batch);
+    if let Err(err) = &result {
+        tracing::error!(
+            "ledger: cannot commit {} operations (reservations stay in the journal): {err:#}",
+            batch.len()
+        );
+    }
+    for op in batch {
+        if let Op::Flush { ack } = op {
+            let _ = ack.send(());
+        }
+    }
+    result.is_ok()
 }
 
 fn write_batch(conn: &mut Connection, batch: &[Op]) -> Result<()> {
@@ -304,9 +661,7 @@ fn write_batch(conn: &mut Connection, batch: &[Op]) -> Result<()> {
         )?;
         for op in batch {
             match op {
-                Op::Reserve {
-                    id, reservation: r, ..
-                } => {
+                Op::Reserve { id, reservation: r } => {
                     insert.execute(params![
                         id,
                         r.agent,
@@ -352,48 +707,82 @@ fn from_sql(v: i64) -> u64 {
 
 /// Per-agent usage for `month`, read straight from the file (works with or
 /// without a running supervisor; WAL lets readers and the writer coexist).
-/// Rows still unsettled count at their reserved amount.
+/// Rows still unsettled, and journaled reservations SQLite lacks, count at
+/// their reserved amount.
 pub fn month_usage(state_dir: &Path, month: Month) -> Result<Vec<AgentMonthUsage>> {
     let path = state_dir.join(LEDGER_FILE);
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let conn = Connection::open_with_flags(
+    // The journal before SQLite: a record committed in between is then found
+    // in SQLite and skipped below, never missed.
+    let month_text = month.to_string();
+    let journaled: Vec<JournalRecord> = read_journal(state_dir)?
+        .records
+        .into_iter()
+        .filter(|r| r.month == month_text)
+        .collect();
+    let mut conn = Connection::open_with_flags(
         &path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .with_context(|| format!("cannot open the ledger `{}`", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    let mut stmt = conn.prepare(
-        "SELECT agent, COUNT(*),
-                SUM(input_tokens), SUM(output_tokens),
-                SUM(cache_creation_input_tokens), SUM(cache_read_input_tokens),
-                SUM(CASE WHEN settled = 1 THEN charged_tokens ELSE reserved_tokens END),
-                SUM(CASE WHEN settled = 1 THEN charged_micro_usd ELSE reserved_micro_usd END),
-                SUM(CASE WHEN settled = 1 THEN 0 ELSE 1 END)
-         FROM requests WHERE month = ?1 AND outcome != 'released'
-         GROUP BY agent ORDER BY agent",
-    )?;
-    let month_text = month.to_string();
-    let rows = stmt.query_map(params![month_text], |r| {
-        Ok(AgentMonthUsage {
-            agent: r.get(0)?,
-            month: month_text.clone(),
-            requests: from_sql(r.get(1)?),
-            input_tokens: from_sql(r.get(2)?),
-            output_tokens: from_sql(r.get(3)?),
-            cache_creation_input_tokens: from_sql(r.get(4)?),
-            cache_read_input_tokens: from_sql(r.get(5)?),
-            charged_tokens: from_sql(r.get(6)?),
-            charged_micro_usd: from_sql(r.get(7)?),
-            unsettled: from_sql(r.get(8)?),
-        })
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        out.push(row?);
+    // One read transaction, so the totals and the presence checks agree.
+    let tx = conn.transaction()?;
+    let mut by_agent = BTreeMap::new();
+    {
+        let mut stmt = tx.prepare(
+            "SELECT agent, COUNT(*),
+                    SUM(input_tokens), SUM(output_tokens),
+                    SUM(cache_creation_input_tokens), SUM(cache_read_input_tokens),
+                    SUM(CASE WHEN settled = 1 THEN charged_tokens ELSE reserved_tokens END),
+                    SUM(CASE WHEN settled = 1 THEN charged_micro_usd ELSE reserved_micro_usd END),
+                    SUM(CASE WHEN settled = 1 THEN 0 ELSE 1 END)
+             FROM requests WHERE month = ?1 AND outcome != 'released'
+             GROUP BY agent",
+        )?;
+        let rows = stmt.query_map(params![month_text], |r| {
+            Ok(AgentMonthUsage {
+                agent: r.get(0)?,
+                month: month_text.clone(),
+                requests: from_sql(r.get(1)?),
+                input_tokens: from_sql(r.get(2)?),
+                output_tokens: from_sql(r.get(3)?),
+                cache_creation_input_tokens: from_sql(r.get(4)?),
+                cache_read_input_tokens: from_sql(r.get(5)?),
+                charged_tokens: from_sql(r.get(6)?),
+                charged_micro_usd: from_sql(r.get(7)?),
+                unsettled: from_sql(r.get(8)?),
+            })
+        })?;
+        for row in rows {
+            let row = row?;
+            by_agent.insert(row.agent.clone(), row);
+        }
+        // Reserved before a crash (or just now) but not in SQLite yet: in
+        // flight, so counted at the reservation, as an unsettled row would be.
+        let mut present = tx.prepare("SELECT EXISTS (SELECT 1 FROM requests WHERE id = ?1)")?;
+        for record in journaled {
+            if present.query_row(params![record.id], |r| r.get::<_, bool>(0))? {
+                continue;
+            }
+            let usage = by_agent
+                .entry(record.agent.clone())
+                .or_insert_with(|| AgentMonthUsage {
+                    agent: record.agent.clone(),
+                    month: month_text.clone(),
+                    ..AgentMonthUsage::default()
+                });
+            usage.requests += 1;
+            usage.unsettled += 1;
+            usage.charged_tokens = usage.charged_tokens.saturating_add(record.reserved_tokens);
+            usage.charged_micro_usd = usage
+                .charged_micro_usd
+                .saturating_add(record.reserved_micro_usd);
+        }
     }
-    Ok(out)
+    Ok(by_agent.into_values().collect())
 }
 
 /// One request's charge, as `tune` reads the history.
@@ -544,9 +933,9 @@ mod tests {
     async fn reserve_settle_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(dir.path()).unwrap();
-        let a = ledger.reserve(reservation("sparkles", 1000)).await.unwrap();
-        let b = ledger.reserve(reservation("sparkles", 500)).await.unwrap();
-        let _c = ledger.reserve(reservation("soundwave", 200)).await.unwrap();
+        let a = ledger.reserve(reservation("sparkles", 1000)).unwrap();
+        let b = ledger.reserve(reservation("sparkles", 500)).unwrap();
+        let _c = ledger.reserve(reservation("soundwave", 200)).unwrap();
         assert_ne!(a, b);
         ledger.settle(
             a,
@@ -589,21 +978,213 @@ mod tests {
         );
     }
 
+    /// A kill -9: the writer never runs again and nothing is cleaned up.
+    fn crash(ledger: Ledger) {
+        std::mem::forget(ledger);
+    }
+
+    fn journal_of(dir: &Path) -> Vec<u8> {
+        fs::read(dir.join(JOURNAL_FILE)).unwrap_or_default()
+    }
+
+    fn append_to_journal(dir: &Path, bytes: &[u8]) {
+        let mut file = open_append(&dir.join(JOURNAL_FILE)).unwrap();
+        file.write_all(bytes).unwrap();
+    }
+
+    fn nov() -> Month {
+        Month::new(2026, 11).unwrap()
+    }
+
     #[tokio::test]
     async fn unsettled_rows_are_charged_at_reservation_after_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let ledger = Ledger::open(dir.path()).unwrap();
-            ledger.reserve(reservation("sparkles", 777)).await.unwrap();
-            // dropped without settling, as a killed supervisor would leave it
-        }
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.reserve(reservation("sparkles", 777)).unwrap();
+        ledger.flush().await;
+        crash(ledger);
         let reopened = Ledger::open(dir.path()).unwrap();
-        let next = reopened.reserve(reservation("sparkles", 1)).await.unwrap();
+        let next = reopened.reserve(reservation("sparkles", 1)).unwrap();
         assert_eq!(next, 2, "ids continue after the existing rows");
         reopened.flush().await;
-        let usage = month_usage(dir.path(), Month::new(2026, 11).unwrap()).unwrap();
+        let usage = month_usage(dir.path(), nov()).unwrap();
         assert_eq!(usage[0].charged_tokens, 778);
         assert_eq!(usage[0].unsettled, 1, "only the new row is still in flight");
+    }
+
+    #[tokio::test]
+    async fn a_reservation_is_in_the_journal_when_reserve_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let id = ledger.reserve(reservation("sparkles", 42)).unwrap();
+        let mut read = Journaled::default();
+        parse_journal(&journal_of(dir.path()), &mut read);
+        assert_eq!(read.unreadable, 0);
+        let record = read.records.iter().find(|r| r.id == id).unwrap();
+        assert_eq!(
+            (
+                record.agent.as_str(),
+                record.month.as_str(),
+                record.reserved_tokens,
+                record.reserved_micro_usd
+            ),
+            ("sparkles", "2026-11", 42, 126)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_journal_and_sqlite_loses_nothing_and_counts_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        // 1: committed and settled; 2: journaled, never committed (the writer
+        // had not run yet); 3: torn by the crash, so never forwarded.
+        let first = ledger.reserve(reservation("sparkles", 1000)).unwrap();
+        ledger.settle(
+            first,
+            Settlement {
+                input_tokens: 10,
+                output_tokens: 5,
+                charged_tokens: 15,
+                charged_micro_usd: 45,
+                ..Settlement::default()
+            },
+        );
+        ledger.flush().await;
+        crash(ledger);
+        append_to_journal(dir.path(), &encode_record(2, &reservation("sparkles", 300)));
+        let torn = encode_record(3, &reservation("sparkles", 9000));
+        append_to_journal(dir.path(), &torn[..torn.len() / 2]);
+
+        // `supervisor usage` right after the crash, before any restart.
+        let usage = month_usage(dir.path(), nov()).unwrap();
+        assert_eq!(usage.len(), 1);
+        assert_eq!(
+            (
+                usage[0].requests,
+                usage[0].charged_tokens,
+                usage[0].charged_micro_usd,
+                usage[0].unsettled
+            ),
+            (2, 15 + 300, 45 + 900, 1),
+            "the journaled reservation counts at its amount, the settled one once, the torn one not at all"
+        );
+        assert_eq!(usage[0].input_tokens, 10);
+
+        let reopened = Ledger::open(dir.path()).unwrap();
+        assert!(
+            journal_of(dir.path()).is_empty(),
+            "a replayed journal starts over"
+        );
+        assert!(!dir.path().join(JOURNAL_OLD_FILE).exists());
+        let usage = month_usage(dir.path(), nov()).unwrap();
+        assert_eq!(
+            (
+                usage[0].requests,
+                usage[0].charged_tokens,
+                usage[0].unsettled
+            ),
+            (2, 315, 0),
+            "recovered rows are settled at their reservation"
+        );
+        assert_eq!(reopened.reserve(reservation("sparkles", 1)).unwrap(), 3);
+
+        // A second crash and reopen replays nothing twice.
+        crash(reopened);
+        drop(Ledger::open(dir.path()).unwrap());
+        let usage = month_usage(dir.path(), nov()).unwrap();
+        assert_eq!((usage[0].requests, usage[0].charged_tokens), (3, 316));
+    }
+
+    #[test]
+    fn a_torn_line_costs_only_itself() {
+        let good = |id| encode_record(id, &reservation("sparkles", 10));
+        let mut bytes = good(1);
+        bytes.extend_from_slice(&good(2)[..20]);
+        bytes.push(b'\n'); // what `Appender` writes before the next record after a short write
+        bytes.extend_from_slice(&good(3));
+        bytes.extend_from_slice(b"{\"v\":99,\"id\":4}\n");
+        bytes.extend_from_slice(&good(5)[..40]);
+        let mut read = Journaled::default();
+        parse_journal(&bytes, &mut read);
+        let ids: Vec<i64> = read.records.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [1, 3]);
+        assert_eq!(read.unreadable, 3);
+    }
+
+    #[test]
+    fn after_a_short_write_the_next_record_starts_a_new_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut appender = Appender {
+            file: open_append(&path).unwrap(),
+            torn: false,
+            len: 0,
+        };
+        let whole = encode_record(1, &reservation("sparkles", 10));
+        appender.append(&whole[..10]).unwrap();
+        appender.torn = true; // as a short write would leave it
+        appender.append(&whole).unwrap();
+        assert!(!appender.torn);
+        let mut read = Journaled::default();
+        parse_journal(&fs::read(&path).unwrap(), &mut read);
+        assert_eq!(read.records.len(), 1);
+        assert_eq!(read.unreadable, 1);
+    }
+
+    #[tokio::test]
+    async fn rotation_keeps_every_reservation_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_rotating_at(dir.path(), 1024).unwrap();
+        let line = encode_record(1, &reservation("sparkles", 10)).len() as u64;
+        for round in 0..6 {
+            for _ in 0..10 {
+                let id = ledger.reserve(reservation("sparkles", 10)).unwrap();
+                if id % 2 == 0 {
+                    ledger.settle(
+                        id,
+                        Settlement {
+                            charged_tokens: 4,
+                            ..Settlement::default()
+                        },
+                    );
+                }
+            }
+            // Each flush answers after its batch; the rotation that batch
+            // triggers is done before the writer takes the next one.
+            ledger.flush().await;
+            ledger.flush().await;
+            assert!(
+                (journal_of(dir.path()).len() as u64) < 1024 + line,
+                "round {round}: the journal is rotated once past its limit"
+            );
+            assert!(!dir.path().join(JOURNAL_OLD_FILE).exists());
+            let usage = month_usage(dir.path(), nov()).unwrap();
+            let n = (round + 1) * 10;
+            assert_eq!(usage[0].requests, n);
+            assert_eq!(usage[0].charged_tokens, n / 2 * 10 + n / 2 * 4);
+        }
+        crash(ledger);
+        drop(Ledger::open(dir.path()).unwrap());
+        let usage = month_usage(dir.path(), nov()).unwrap();
+        assert_eq!((usage[0].requests, usage[0].charged_tokens), (60, 420));
+    }
+
+    #[tokio::test]
+    async fn a_clean_close_commits_everything_and_leaves_no_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let id = ledger.reserve(reservation("sparkles", 10)).unwrap();
+        ledger.settle(
+            id,
+            Settlement {
+                charged_tokens: 7,
+                ..Settlement::default()
+            },
+        );
+        drop(ledger);
+        assert!(!dir.path().join(JOURNAL_FILE).exists());
+        let usage = month_usage(dir.path(), nov()).unwrap();
+        assert_eq!((usage[0].charged_tokens, usage[0].unsettled), (7, 0));
     }
 
     #[test]

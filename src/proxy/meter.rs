@@ -13,8 +13,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use crate::budget::threshold::{self, ThresholdCrossed};
+use hyper::header::{AUTHORIZATION, HeaderName, HeaderValue};
+
+use super::refusal::Api;
 use crate::budget::{AgentBudget, BudgetLimits, Ceilings, Month, RateLimits};
-use crate::fleet::{BudgetSpec, ProviderSpec};
+use crate::fleet::{BudgetSpec, ProviderKind, ProviderSpec};
 use crate::ledger::AgentMonthUsage;
 use crate::metrics::{AgentCounters, AgentMetrics};
 use crate::runaway::{
@@ -31,10 +34,85 @@ pub struct Route {
     pub key: Option<Secret>,
 }
 
+/// A route as the request path uses it, prepared once per reload: the
+/// upstream origin already parsed and the real key already a header, so no
+/// request parses a URL or formats a credential.
+pub struct Target {
+    pub provider: Arc<ProviderSpec>,
+    /// The origin to forward to; `None` for a simulated provider.
+    pub upstream: Option<Result<reqwest::Url, String>>,
+    pub credential: Credential,
+}
+
+/// The real key, as the header upstream expects.
+pub enum Credential {
+    /// A simulated provider needs none.
+    None,
+    /// Marked sensitive: hyper and reqwest redact it in Debug output.
+    Header(HeaderName, HeaderValue),
+    /// The key cannot be sent in a header (control characters, say).
+    Invalid,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("provider", &self.provider.name)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Target {
+    fn new(route: Route) -> Self {
+        let upstream = match &route.provider.kind {
+            ProviderKind::Anthropic { upstream } | ProviderKind::OpenAi { upstream } => Some(
+                reqwest::Url::parse(upstream)
+                    .map_err(|e| format!("upstream `{upstream}` is not a URL: {e}")),
+            ),
+            ProviderKind::Simulated { .. } => None,
+        };
+        let credential = match &route.key {
+            None => Credential::None,
+            Some(key) => {
+                let (name, value) = match route.provider.api() {
+                    Api::Anthropic => (
+                        HeaderName::from_static("x-api-key"),
+                        HeaderValue::from_str(key.expose()),
+                    ),
+                    Api::OpenAi => (
+                        AUTHORIZATION,
+                        HeaderValue::from_str(&format!("Bearer {}", key.expose())),
+                    ),
+                };
+                match value {
+                    Ok(mut value) => {
+                        value.set_sensitive(true);
+                        Credential::Header(name, value)
+                    }
+                    Err(_) => Credential::Invalid,
+                }
+            }
+        };
+        Self {
+            provider: route.provider,
+            upstream,
+            credential,
+        }
+    }
+}
+
+fn targets(routes: Vec<Route>) -> Vec<Arc<Target>> {
+    routes
+        .into_iter()
+        .map(|r| Arc::new(Target::new(r)))
+        .collect()
+}
+
 pub struct AgentMeter {
     name: String,
     pub budget: AgentBudget,
-    routes: RwLock<Vec<Route>>,
+    routes: RwLock<Vec<Arc<Target>>>,
     quarantine: RwLock<Option<String>>,
     /// The runaway detector: pure state, fed every request and answer.
     detector: Mutex<Detector>,
@@ -94,7 +172,7 @@ impl AgentMeter {
         Self {
             name: name.to_owned(),
             budget,
-            routes: RwLock::new(routes),
+            routes: RwLock::new(targets(routes)),
             quarantine: RwLock::new(None),
             detector: Mutex::new(Detector::new(runaway)),
             metrics: AgentMetrics::default(),
@@ -107,7 +185,7 @@ impl AgentMeter {
         &self.name
     }
 
-    pub fn route(&self, entry: usize) -> Option<Route> {
+    pub fn route(&self, entry: usize) -> Option<Arc<Target>> {
         self.routes.read().ok()?.get(entry).cloned()
     }
 
@@ -122,6 +200,7 @@ impl AgentMeter {
         {
             d.set_config(runaway);
         }
+        let routes = targets(routes);
         if let Ok(mut r) = self.routes.write() {
             *r = routes;
         }

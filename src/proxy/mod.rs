@@ -7,6 +7,8 @@
 //! it is forwarded; `refusal` shapes the proxy's own answers; `simulated` is the
 //! offline model. The shell (`server`) calls these per request and per chunk.
 
+mod answer;
+mod client_io;
 pub mod estimate;
 pub mod meter;
 pub mod refusal;

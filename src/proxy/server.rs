@@ -12,34 +12,37 @@
 //! 8. settle ceilings, rate buckets and ledger to the real usage.
 //!
 //! The order matters: nothing reaches upstream without a reservation, and a
-//! refusal never costs money. Settlement happens in the task that pumps the
-//! answer, so it runs whether the client reads to the end, hangs, or leaves.
+//! refusal never costs money. Settlement happens in the answer's body
+//! (`answer`), so it runs whether the client reads to the end, leaves, or
+//! stops reading (`client_io` fails its writes, which drops the body).
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use super::answer::{AnswerBody, Reader, Source};
+use super::client_io::WriteStallLimit;
 use super::estimate::{EstimateConfig, estimate_request};
-use super::meter::{AgentMeter, Meters, Route};
+use super::meter::{AgentMeter, Credential, Meters, Target};
 use super::refusal::{Api, Refusal, RefusalKind};
 use super::simulated;
 use super::tokens::TokenTable;
 use super::usage::{
     ApiKind, Metered, Outcome as TapOutcome, TapOptions, TapReport, Usage, UsageTap,
-    ensure_openai_stream_usage, parse_answer,
+    ensure_openai_stream_usage,
 };
 use crate::budget::threshold::ThresholdCrossed;
 use crate::budget::{Amount, Month, RateTicket, Reservation};
@@ -76,13 +79,12 @@ pub enum ProxyEvent {
     },
 }
 
-pub type ProxyBody = BoxBody<Bytes, Infallible>;
+/// An answer's body. Its error aborts the client's connection, so a broken
+/// answer is never mistaken for a complete one.
+pub type ProxyBody = BoxBody<Bytes, io::Error>;
 
 /// How long a client may take to send its request body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest non-streamed answer kept whole for usage parsing (it is still
-/// forwarded as it arrives); past this the answer is charged at its reservation.
-const MAX_JSON_ANSWER: usize = 16 << 20;
 
 /// Everything the request path shares. Built once by the supervisor.
 pub struct ProxyShared {
@@ -94,8 +96,8 @@ pub struct ProxyShared {
     client: reqwest::Client,
     settings: ProxySpec,
     events: mpsc::UnboundedSender<ProxyEvent>,
-    /// One clone per answer being pumped, so shutdown can wait for settlements.
-    pumps: Arc<()>,
+    /// One clone per request not yet settled, so shutdown can wait for settlements.
+    in_flight: Arc<()>,
     /// Models already logged as unpriced, so each is logged once.
     unpriced: Mutex<std::collections::HashSet<(String, String)>>,
 }
@@ -114,8 +116,13 @@ impl ProxyShared {
     ) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(settings.upstream_timeout)
+            // No `read_timeout`: it arms a timer per request and polls it per
+            // chunk; the answer body keeps its own idle limit, armed only
+            // while it actually waits. Keep-alive pooling with no cap on idle
+            // connections per host, and no Nagle delay on small requests.
             .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(usize::MAX)
+            .tcp_nodelay(true)
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the upstream HTTP client: {e}"))?;
         Ok(Self {
@@ -126,16 +133,16 @@ impl ProxyShared {
             client,
             settings,
             events,
-            pumps: Arc::new(()),
+            in_flight: Arc::new(()),
             unpriced: Mutex::new(Default::default()),
         })
     }
 
-    /// Waits (at most `limit`) for answers still being pumped to settle, so
+    /// Waits (at most `limit`) for answers still in flight to settle, so
     /// a clean shutdown records exact usage rather than reservations.
     pub async fn drain(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while Arc::strong_count(&self.pumps) > 1 && Instant::now() < deadline {
+        while Arc::strong_count(&self.in_flight) > 1 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -161,6 +168,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let stream = WriteStallLimit::new(stream, shared.settings.upstream_timeout);
                 let shared = shared.clone();
                 let service = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
@@ -192,7 +200,7 @@ pub async fn serve(
 
 fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
     let body = serde_json::to_vec(&refusal.body).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+    let mut response = Response::new(whole(Bytes::from(body)));
     *response.status_mut() =
         StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
@@ -207,6 +215,13 @@ fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
         }
     }
     response
+}
+
+/// A body already in hand.
+fn whole(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes)
+        .map_err(|never: Infallible| match never {})
+        .boxed()
 }
 
 fn refuse(api: Api, kind: RefusalKind, message: impl Into<String>) -> Response<ProxyBody> {
@@ -255,13 +270,9 @@ async fn handle(
             "unknown or expired API key: only the token of the agent's current launch is accepted",
         );
     };
-    let (Some(meter), Some(route)) = (
-        shared.meters.get(&grant.agent),
-        shared
-            .meters
-            .get(&grant.agent)
-            .and_then(|m| m.route(grant.entry)),
-    ) else {
+    let meter = shared.meters.get(&grant.agent);
+    let route = meter.as_ref().and_then(|m| m.route(grant.entry));
+    let (Some(meter), Some(route)) = (meter, route) else {
         return refuse(
             shape,
             RefusalKind::Unauthenticated,
@@ -321,116 +332,145 @@ fn is_free(api: Api, method: &Method, path: &str) -> bool {
 /// Headers never copied between the agent and upstream: hop-by-hop ones,
 /// the agent's credentials (replaced by the real key), and encodings the
 /// tap could not read.
-fn skip_request_header(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "host"
-            | "content-length"
-            | "connection"
-            | "keep-alive"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "authorization"
-            | "x-api-key"
-            | "accept-encoding"
-    )
-}
+const SKIPPED_REQUEST_HEADERS: [&str; 13] = [
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "authorization",
+    "x-api-key",
+    "accept-encoding",
+];
 
-fn skip_response_header(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "content-length"
-            | "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
+/// Hop-by-hop headers of an answer; `content-length` is set again when the
+/// answer passes unchanged.
+const SKIPPED_RESPONSE_HEADERS: [&str; 8] = [
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
+/// The request to send upstream: the agent's method, path, query and
+/// headers (less the skipped ones), to the route's origin, with the real key.
+/// Moves the agent's headers rather than copying them one by one.
 fn upstream_request(
-    shared: &ProxyShared,
+    target: &Target,
     method: Method,
-    upstream: &str,
-    path_and_query: &str,
-    headers: &HeaderMap,
-    route: &Route,
+    uri: &hyper::Uri,
+    mut headers: HeaderMap,
     body: Bytes,
-) -> reqwest::RequestBuilder {
-    let mut builder = shared
-        .client
-        .request(method, format!("{upstream}{path_and_query}"));
-    for (name, value) in headers {
-        if !skip_request_header(name) {
-            builder = builder.header(name, value);
+) -> Result<reqwest::Request, Box<Response<ProxyBody>>> {
+    let api = target.provider.api();
+    let mut url = match &target.upstream {
+        Some(Ok(origin)) => origin.clone(),
+        Some(Err(message)) => {
+            return Err(Box::new(refuse(
+                api,
+                RefusalKind::UpstreamUnreachable,
+                format!(
+                    "{message}; fix `providers.{}.upstream`",
+                    target.provider.name
+                ),
+            )));
+        }
+        None => {
+            return Err(Box::new(refuse(
+                api,
+                RefusalKind::NotFound,
+                "the simulated provider only answers model calls",
+            )));
+        }
+    };
+    url.set_path(uri.path());
+    url.set_query(uri.query());
+    for name in SKIPPED_REQUEST_HEADERS {
+        headers.remove(name);
+    }
+    match &target.credential {
+        Credential::Header(name, value) => {
+            headers.insert(name.clone(), value.clone());
+        }
+        Credential::None => {}
+        Credential::Invalid => {
+            return Err(Box::new(refuse(
+                api,
+                RefusalKind::Internal,
+                format!(
+                    "the key of provider `{}` cannot be sent in an HTTP header; check the secret for control characters",
+                    target.provider.name
+                ),
+            )));
         }
     }
-    if let Some(key) = &route.key {
-        builder = match route.provider.api() {
-            Api::Anthropic => builder.header("x-api-key", key.expose()),
-            Api::OpenAi => builder.bearer_auth(key.expose()),
-        };
-    }
-    builder.body(body)
+    let mut request = reqwest::Request::new(method, url);
+    *request.headers_mut() = headers;
+    *request.body_mut() = Some(reqwest::Body::from(body));
+    Ok(request)
 }
 
 async fn forward_unmetered(
     shared: &ProxyShared,
     req: Request<Incoming>,
-    route: &Route,
+    route: &Target,
 ) -> Response<ProxyBody> {
     let api = route.provider.api();
-    let upstream = match &route.provider.kind {
-        ProviderKind::Anthropic { upstream } | ProviderKind::OpenAi { upstream } => {
-            upstream.clone()
-        }
-        ProviderKind::Simulated { .. } => {
-            return refuse(
-                api,
-                RefusalKind::NotFound,
-                "the simulated provider only answers model calls",
-            );
-        }
-    };
+    if route.upstream.is_none() {
+        return refuse(
+            api,
+            RefusalKind::NotFound,
+            "the simulated provider only answers model calls",
+        );
+    }
     let (parts, body) = req.into_parts();
     let body = match read_body(body, shared.settings.max_body).await {
         Ok(b) => b,
         Err(resp) => return resp(api),
     };
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let request = upstream_request(
-        shared,
-        parts.method,
-        &upstream,
-        pq,
-        &parts.headers,
-        route,
-        body,
-    );
-    match request.send().await {
-        Ok(answer) => {
-            let status = answer.status().as_u16();
-            let headers = answer.headers().clone();
-            let body = answer.bytes().await.unwrap_or_default();
-            let mut response = Response::new(Full::new(body).boxed());
+    let request = match upstream_request(route, parts.method, &parts.uri, parts.headers, body) {
+        Ok(request) => request,
+        Err(refusal) => return *refusal,
+    };
+    let exchange = async {
+        let answer = shared.client.execute(request).await?;
+        let status = answer.status().as_u16();
+        let headers = answer.headers().clone();
+        let body = answer.bytes().await?;
+        Ok::<_, reqwest::Error>((status, headers, body))
+    };
+    match tokio::time::timeout(shared.settings.upstream_timeout, exchange).await {
+        Ok(Ok((status, headers, body))) => {
+            let mut response = Response::new(whole(body));
             *response.status_mut() =
                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             copy_response_headers(&headers, response.headers_mut());
             response
         }
-        Err(err) => upstream_failure(api, &route.provider.name, &err, &shared.redaction),
+        Ok(Err(err)) => upstream_failure(api, &route.provider.name, &err, &shared.redaction),
+        Err(_) => refuse(
+            api,
+            RefusalKind::UpstreamTimeout,
+            format!(
+                "upstream provider `{}` did not answer in time",
+                route.provider.name
+            ),
+        ),
     }
 }
 
 fn copy_response_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) {
     for (name, value) in from {
-        if !skip_response_header(name) {
+        if !SKIPPED_RESPONSE_HEADERS.contains(&name.as_str()) {
             to.append(name.clone(), value.clone());
         }
     }
@@ -506,7 +546,7 @@ async fn handle_metered(
     shared: &ProxyShared,
     req: Request<Incoming>,
     meter: &Arc<AgentMeter>,
-    route: Route,
+    route: Arc<Target>,
     kind: ApiKind,
     started: Instant,
 ) -> Response<ProxyBody> {
@@ -665,19 +705,15 @@ async fn handle_metered(
             return refuse(api, RefusalKind::CeilingReached, refusal.to_string());
         }
     };
-    let ledger_id = match shared
-        .ledger
-        .reserve(ledger::Reservation {
-            agent: agent.clone(),
-            provider: route.provider.name.clone(),
-            model: estimate.model.clone(),
-            month,
-            started_at_ms: ledger::unix_millis_now(),
-            reserved_tokens: worst.tokens,
-            reserved_micro_usd: worst.micro_usd,
-        })
-        .await
-    {
+    let ledger_id = match shared.ledger.reserve(ledger::Reservation {
+        agent: agent.clone(),
+        provider: route.provider.name.clone(),
+        model: estimate.model.clone(),
+        month,
+        started_at_ms: ledger::unix_millis_now(),
+        reserved_tokens: worst.tokens,
+        reserved_micro_usd: worst.micro_usd,
+    }) {
         Ok(id) => id,
         Err(err) => {
             reservation.release();
@@ -702,7 +738,7 @@ async fn handle_metered(
         streamed: estimate.stream,
         conversation,
         events: shared.events.clone(),
-        _in_flight: shared.pumps.clone(),
+        _in_flight: shared.in_flight.clone(),
     };
 
     // 6. forward; everything before this point is the proxy's own overhead.
@@ -723,26 +759,31 @@ async fn handle_metered(
             (
                 answer.status,
                 headers,
-                Source::Simulated(answer.chunks, *latency),
+                Source::Simulated(super::answer::simulated(answer.chunks, *latency)),
             )
         }
-        ProviderKind::Anthropic { upstream } | ProviderKind::OpenAi { upstream } => {
-            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let request = upstream_request(
-                shared,
-                parts.method.clone(),
-                upstream,
-                pq,
-                &parts.headers,
-                &route,
-                body,
-            );
-            let sent = tokio::time::timeout(shared.settings.upstream_timeout, request.send()).await;
+        ProviderKind::Anthropic { .. } | ProviderKind::OpenAi { .. } => {
+            let request =
+                match upstream_request(&route, parts.method, &parts.uri, parts.headers, body) {
+                    Ok(request) => request,
+                    Err(refusal) => {
+                        pending.release_failed();
+                        return *refusal;
+                    }
+                };
+            let sent = tokio::time::timeout(
+                shared.settings.upstream_timeout,
+                shared.client.execute(request),
+            )
+            .await;
             match sent {
                 Ok(Ok(answer)) => {
-                    let mut headers = HeaderMap::new();
-                    copy_response_headers(answer.headers(), &mut headers);
-                    (answer.status().as_u16(), headers, Source::Upstream(answer))
+                    let (head, body) = hyper::Response::<reqwest::Body>::from(answer).into_parts();
+                    let mut headers = head.headers;
+                    for name in SKIPPED_RESPONSE_HEADERS {
+                        headers.remove(name);
+                    }
+                    (head.status.as_u16(), headers, Source::Upstream(body))
                 }
                 Ok(Err(err)) => {
                     pending.release_failed();
@@ -763,49 +804,55 @@ async fn handle_metered(
         }
     };
 
-    // 7–8. stream back through the tap; the pump settles when the answer ends.
+    // 7–8. stream back through the tap; the body settles when the answer ends.
     let is_sse = headers
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let (tx, rx) = mpsc::channel::<Bytes>(32);
-    let tap = is_sse.then(|| {
-        UsageTap::new(
+    let content_length = source_length(&source);
+    let reader = if is_sse {
+        Reader::Sse(Box::new(UsageTap::new(
             kind,
             TapOptions {
                 drop_injected_usage: injected,
                 ..TapOptions::default()
             },
-        )
-    });
-    tokio::spawn(pump(
+        )))
+    } else {
+        Reader::json(kind, content_length)
+    };
+    // A JSON answer passes byte for byte, so its length can be announced:
+    // hyper then sends head and body in one write, without chunk framing.
+    let content_length = content_length.filter(|_| !is_sse);
+    let body = AnswerBody::new(
         source,
-        tx,
-        tap,
-        kind,
-        status,
+        reader,
         pending,
+        status,
+        content_length,
         shared.settings.upstream_timeout,
-    ));
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
-    });
-    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    );
+    let mut response = Response::new(BodyExt::boxed(body));
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     *response.headers_mut() = headers;
+    if let Some(n) = content_length {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
     response
 }
 
-/// Where an answer's bytes come from.
-enum Source {
-    Upstream(reqwest::Response),
-    Simulated(Vec<String>, Duration),
+/// The exact length of an answer, when upstream announced it.
+fn source_length(source: &Source) -> Option<u64> {
+    match source {
+        Source::Upstream(body) => hyper::body::Body::size_hint(body).exact(),
+        Source::Simulated(_) => None,
+    }
 }
 
 /// What a request holds until its answer is settled.
-struct Pending {
+pub(super) struct Pending {
     meter: Arc<AgentMeter>,
     ledger: Arc<Ledger>,
     reservation: Reservation,
@@ -841,9 +888,53 @@ impl Pending {
         );
     }
 
+    /// A forwarded request holding `worst` (no prices: tokens only), for
+    /// tests of what settles it.
+    #[cfg(test)]
+    pub(super) fn for_tests(meter: Arc<AgentMeter>, ledger: Arc<Ledger>, worst: u64) -> Self {
+        let ticket = meter
+            .budget
+            .admit_rate(Instant::now(), worst)
+            .expect("no rate limit in tests");
+        let month = Month::current();
+        let reservation = meter
+            .budget
+            .reserve(month, Amount::new(worst, 0))
+            .expect("no ceiling in tests");
+        let ledger_id = ledger
+            .reserve(ledger::Reservation {
+                agent: meter.name().to_owned(),
+                provider: "fake".into(),
+                model: "claude-sonnet-4-5".into(),
+                month,
+                started_at_ms: ledger::unix_millis_now(),
+                reserved_tokens: worst,
+                reserved_micro_usd: 0,
+            })
+            .expect("journal writable");
+        Self {
+            meter,
+            ledger,
+            reservation,
+            ticket,
+            ledger_id,
+            prices: None,
+            started: Instant::now(),
+            streamed: false,
+            conversation: None,
+            events: mpsc::unbounded_channel().0,
+            _in_flight: Arc::new(()),
+        }
+    }
+
+    pub(super) fn agent(&self) -> &str {
+        self.meter.name()
+    }
+
     /// Charges the answer: exact usage when it completed (or was refused by
     /// upstream), conservatively otherwise (never below the reservation).
-    fn settle(self, status: u16, report: &TapReport) {
+    /// The one place a forwarded request is settled.
+    pub(super) fn settle(self, status: u16, report: &TapReport) {
         if let Some(conversation) = self.conversation {
             self.meter
                 .observe_response(conversation, &response_summary(status, report));
@@ -954,132 +1045,4 @@ fn response_summary(status: u16, report: &TapReport) -> ResponseSummary {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Moves the answer from its source to the client, feeding the tap, then
-/// settles. A client that stops reading for `idle` is dropped (its answer
-/// is charged as cut), so no reservation is held forever.
-async fn pump(
-    source: Source,
-    tx: mpsc::Sender<Bytes>,
-    mut tap: Option<UsageTap>,
-    kind: ApiKind,
-    status: u16,
-    pending: Pending,
-    idle: Duration,
-) {
-    let mut whole = Vec::new();
-    let mut too_big = false;
-    let mut ended = false;
-    let mut client_gone = false;
-
-    let mut forward =
-        |chunk: Bytes, tap: &mut Option<UsageTap>, whole: &mut Vec<u8>| -> Option<Bytes> {
-            match tap {
-                Some(tap) => match tap.push(&chunk) {
-                    super::usage::Forward::Unchanged => Some(chunk),
-                    super::usage::Forward::Bytes([]) => None,
-                    super::usage::Forward::Bytes(b) => Some(Bytes::copy_from_slice(b)),
-                },
-                None => {
-                    if whole.len() + chunk.len() <= MAX_JSON_ANSWER {
-                        whole.extend_from_slice(&chunk);
-                    } else {
-                        too_big = true;
-                    }
-                    Some(chunk)
-                }
-            }
-        };
-
-    match source {
-        Source::Upstream(answer) => {
-            let mut stream = answer.bytes_stream();
-            loop {
-                let next = tokio::time::timeout(idle, stream.next()).await;
-                let chunk = match next {
-                    Ok(Some(Ok(chunk))) => chunk,
-                    Ok(Some(Err(err))) => {
-                        tracing::warn!(agent = %pending.meter.name(), "upstream answer broke off: {err}");
-                        break;
-                    }
-                    Ok(None) => {
-                        ended = true;
-                        break;
-                    }
-                    Err(_) => {
-                        tracing::warn!(agent = %pending.meter.name(), "upstream answer stalled for {idle:?}; cutting it");
-                        break;
-                    }
-                };
-                if let Some(out) = forward(chunk, &mut tap, &mut whole)
-                    && !send(&tx, out, idle).await
-                {
-                    client_gone = true;
-                    break;
-                }
-            }
-        }
-        Source::Simulated(chunks, latency) => {
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
-            let pause = latency / (chunks.len().max(1) as u32 * 4);
-            for chunk in chunks {
-                if let Some(out) = forward(Bytes::from(chunk), &mut tap, &mut whole)
-                    && !send(&tx, out, idle).await
-                {
-                    client_gone = true;
-                    break;
-                }
-                if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
-                }
-            }
-            ended = !client_gone;
-        }
-    }
-
-    let report = match tap {
-        Some(mut tap) => {
-            if ended {
-                let rest = Bytes::copy_from_slice(tap.end());
-                if !rest.is_empty() {
-                    let _ = send(&tx, rest, idle).await;
-                }
-            }
-            tap.report()
-        }
-        None if ended && !too_big => match parse_answer(kind, &whole) {
-            Ok(report) => report,
-            Err(err) => {
-                tracing::warn!(agent = %pending.meter.name(), "{err}");
-                cut_report()
-            }
-        },
-        None => cut_report(),
-    };
-    if client_gone {
-        tracing::info!(agent = %pending.meter.name(), "client left before the answer ended");
-    }
-    drop(tx);
-    pending.settle(status, &report);
-}
-
-fn cut_report() -> TapReport {
-    TapReport {
-        outcome: TapOutcome::Cut,
-        usage: Metered::Unknown,
-        model: None,
-        stop_reason: None,
-        error: None,
-        tool_calls: Vec::new(),
-        dropped_usage_chunk: false,
-        oversized_events: 0,
-        unreadable_events: 0,
-    }
-}
-
-async fn send(tx: &mpsc::Sender<Bytes>, chunk: Bytes, idle: Duration) -> bool {
-    matches!(tokio::time::timeout(idle, tx.send(chunk)).await, Ok(Ok(())))
 }
