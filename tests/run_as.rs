@@ -313,7 +313,12 @@ agents:
         let has = |line: String| env.lines().any(|l| l == line);
         assert!(has(format!("USER={}", user.name)), "{env}");
         assert!(has(format!("HOME={}", user.home)), "{env}");
-        let groups = fleet.read(&format!("{dir}/groups.txt")).unwrap_or_default();
+        // Written after env.txt: wait for the whole line.
+        let groups = wait_for("groups.txt", || {
+            fleet
+                .read(&format!("{dir}/groups.txt"))
+                .filter(|t| t.ends_with('\n'))
+        });
         assert_eq!(groups.trim(), gid.to_string());
     }
 
