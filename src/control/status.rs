@@ -184,7 +184,7 @@ pub fn table(rows: &[AgentStatusRow]) -> String {
         })
         .collect();
     let mut out = String::new();
-    for line in lines {
+    for (i, line) in lines.into_iter().enumerate() {
         let cells: Vec<String> = line
             .iter()
             .enumerate()
@@ -198,6 +198,29 @@ pub fn table(rows: &[AgentStatusRow]) -> String {
             .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
+        // Under each agent, the version of each secret it holds: fingerprints
+        // and ages only, never a value; a stale one says what it still runs.
+        if let Some(row) = i.checked_sub(1).and_then(|r| rows.get(r)) {
+            for v in &row.secrets {
+                out.push_str(&format!(
+                    "    secret `{}` ({}, {}): {}, {} old",
+                    v.name,
+                    v.slot,
+                    v.used_as,
+                    v.fingerprint,
+                    short_duration(v.age_secs)
+                ));
+                if v.stale {
+                    out.push_str(&format!(
+                        " — STALE: the process still runs {}",
+                        v.running_fingerprint
+                            .as_deref()
+                            .unwrap_or("an older version")
+                    ));
+                }
+                out.push('\n');
+            }
+        }
     }
     out
 }
@@ -207,6 +230,50 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
+
+    #[test]
+    fn the_table_lists_secret_versions_and_flags_stale_ones() {
+        let mut r = row(RowInput {
+            agent: "a",
+            status: None,
+            quarantine: None,
+            usage: None,
+            rate: None,
+            month: "2026-11".parse().unwrap(),
+            now: Instant::now(),
+            secrets: Vec::new(),
+        });
+        r.secrets = vec![
+            crate::control::protocol::SecretVersion {
+                name: "llm_api_key".into(),
+                slot: "llm[0]".into(),
+                used_as: "proxied".into(),
+                fingerprint: "3fa2c1d0e4b5".into(),
+                age_secs: 90_000,
+                running_fingerprint: None,
+                stale: false,
+            },
+            crate::control::protocol::SecretVersion {
+                name: "gmail_token".into(),
+                slot: "GMAIL_TOKEN".into(),
+                used_as: "env".into(),
+                fingerprint: "aaaaaaaaaaaa".into(),
+                age_secs: 30,
+                running_fingerprint: Some("bbbbbbbbbbbb".into()),
+                stale: true,
+            },
+        ];
+        let text = table(&[r]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[2],
+            "    secret `llm_api_key` (llm[0], proxied): 3fa2c1d0e4b5, 1d1h old"
+        );
+        assert_eq!(
+            lines[3],
+            "    secret `gmail_token` (GMAIL_TOKEN, env): aaaaaaaaaaaa, 30s old — STALE: the process still runs bbbbbbbbbbbb"
+        );
+    }
     use crate::agent::{Exit, ExitInfo};
     use crate::budget::{Amount, Ceilings};
 
