@@ -34,7 +34,7 @@ use nix::unistd::Pid;
 
 /// The real key of the bench agent. With `delivery: direct` the proxy
 /// recognises it, so the load generator can present it like an agent would.
-const KEY: &str = "sk-ant-bench-0000000000000000000000000000";
+const KEY: &str = "bench-direct-key-not-a-real-provider-key";
 const AGENT: &str = "bench";
 
 const JSON_REQUEST: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Say hello in five words."}]}"#;

@@ -21,6 +21,7 @@ pub mod rotation;
 pub mod runaway;
 pub mod sd_notify;
 pub mod supervisor;
+pub mod text_table;
 pub mod tune;
 pub mod usage_report;
 pub mod vault;

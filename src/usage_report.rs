@@ -113,29 +113,9 @@ pub fn table(rows: &[UsageRow]) -> String {
             ),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            lines
-                .iter()
-                .map(|l| l[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
     let mut out = String::new();
-    for line in lines {
-        let cells: Vec<String> = line
-            .iter()
-            .enumerate()
-            .map(|(i, cell)| {
-                if i < 2 {
-                    format!("{cell:<w$}", w = widths[i])
-                } else {
-                    format!("{cell:>w$}", w = widths[i])
-                }
-            })
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
+    for line in crate::text_table::align(&lines, |i| i >= 2) {
+        out.push_str(&line);
         out.push('\n');
     }
     out

@@ -174,29 +174,12 @@ pub fn table(rows: &[AgentStatusRow]) -> String {
             rate_cell(r),
         ]);
     }
-    let widths: Vec<usize> = (0..HEADER.len())
-        .map(|i| {
-            lines
-                .iter()
-                .map(|l| l[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
     let mut out = String::new();
-    for (i, line) in lines.into_iter().enumerate() {
-        let cells: Vec<String> = line
-            .iter()
-            .enumerate()
-            .map(|(i, cell)| {
-                if RIGHT[i] {
-                    format!("{cell:>w$}", w = widths[i])
-                } else {
-                    format!("{cell:<w$}", w = widths[i])
-                }
-            })
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
+    for (i, line) in crate::text_table::align(&lines, |i| RIGHT[i])
+        .into_iter()
+        .enumerate()
+    {
+        out.push_str(&line);
         out.push('\n');
         // Under each agent, the version of each secret it holds: fingerprints
         // and ages only, never a value; a stale one says what it still runs.
