@@ -20,9 +20,12 @@ use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
+#[cfg(test)]
+use tokio::sync::{mpsc, oneshot};
 
-use crate::control::protocol::AgentStatusRow;
+use crate::control::ControlHandle;
+use crate::control::protocol::{AgentStatusRow, Command, Response as ControlResponse};
 use crate::metrics::exposition::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 use crate::metrics::render::{FleetSnapshot, render};
 use crate::proxy::meter::Meters;
@@ -52,13 +55,29 @@ where
     }
 }
 
-/// A status request for the supervisor's loop: where to send its rows.
-pub type StatusRequest = oneshot::Sender<Vec<AgentStatusRow>>;
+/// A source that asks the supervisor's loop for `status` through the control
+/// handle, as `supervisor status` does. The loop answers between its other
+/// work, so an answer also proves the loop is alive and not stuck — which is
+/// what `/healthz` reports.
+pub fn ask_control(control: ControlHandle) -> impl AgentStatusSource {
+    move || {
+        let control = control.clone();
+        async move {
+            match control.request(Command::Status).await {
+                ControlResponse::Status { agents } => Some(agents),
+                _ => None,
+            }
+        }
+    }
+}
 
-/// A source that asks the supervisor's loop through `requests`. The loop
-/// answers between its other work, so an answer also proves the loop is
-/// alive and not stuck — which is what `/healthz` reports.
-pub fn ask_loop(requests: mpsc::Sender<StatusRequest>) -> impl AgentStatusSource {
+/// A status request for a stand-in loop in tests: where to send its rows.
+#[cfg(test)]
+type StatusRequest = oneshot::Sender<Vec<AgentStatusRow>>;
+
+/// A source answered by a stand-in loop in tests.
+#[cfg(test)]
+fn ask_loop(requests: mpsc::Sender<StatusRequest>) -> impl AgentStatusSource {
     move || {
         let requests = requests.clone();
         async move {

@@ -19,7 +19,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::admin::{self, StatusRequest};
+use crate::admin;
 use crate::agent::{AgentHandle, AgentLaunch, AgentState};
 use crate::alert::{AlertEvent, Alerter};
 use crate::budget::Month;
@@ -345,7 +345,6 @@ struct Supervisor {
     /// The proxy's tasks, and the admin listener's, which stops with it.
     proxy_tasks: JoinSet<()>,
     /// The admin listener's requests for agent rows, answered by the loop.
-    status_requests: Option<mpsc::Receiver<StatusRequest>>,
     launches: u64,
     /// Keeps each agent's pid on disk so a successor can reap what we leave if killed.
     recorder: crate::orphans::Recorder,
@@ -463,7 +462,6 @@ impl Supervisor {
             proxy_origin: None,
             proxy_shutdown,
             proxy_tasks: JoinSet::new(),
-            status_requests: None,
             launches: 0,
             recorder,
             alerter,
@@ -742,11 +740,9 @@ impl Supervisor {
             );
         }
         tracing::info!("admin listener serving /metrics and /healthz on http://{bound}");
-        let (asker, requests) = mpsc::channel(16);
-        self.status_requests = Some(requests);
         let admin = Arc::new(admin::Admin::for_meters(
             self.proxy.clone(),
-            admin::ask_loop(asker),
+            admin::ask_control(self.control.clone()),
         ));
         let shutdown = self.proxy_shutdown.subscribe();
         self.proxy_tasks
@@ -840,9 +836,6 @@ impl Supervisor {
                 _ = sigint.recv() => break 'serve,
                 Some(event) = events.recv() => self.on_proxy_event(event).await,
                 Some(beat) = heartbeats.recv() => beat.answer(self.status_counts()),
-                Some(reply) = recv_status_request(&mut self.status_requests) => {
-                    let _ = reply.send(self.status_rows());
-                }
                 _ = rotation_tick.tick() => {
                     self.check_rotations();
                     self.warn_stale();
@@ -887,12 +880,11 @@ impl Supervisor {
                 }
             }
         }
-        // Commands still queued are answered "shutting down" as they drop.
+        // Commands still queued are answered "shutting down" as they drop;
+        // from here on `/healthz` says the loop is gone.
         let _ = self.control_shutdown.send(true);
         drop(control);
 
-        // From here on `/healthz` says the loop is gone.
-        self.status_requests = None;
         tracing::info!(
             "shutting down: stopping all agents (send the signal again to kill them at once)"
         );
@@ -1495,15 +1487,6 @@ impl Supervisor {
         {
             tracing::warn!("some alerts were not delivered before shutdown");
         }
-    }
-}
-
-async fn recv_status_request(
-    requests: &mut Option<mpsc::Receiver<StatusRequest>>,
-) -> Option<StatusRequest> {
-    match requests {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
     }
 }
 
