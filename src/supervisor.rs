@@ -1127,6 +1127,18 @@ impl Supervisor {
             Command::Start { agent } => self.start_agent(&agent, reply),
             Command::Stop { agent } => self.stop_agent(&agent, reply),
             Command::Restart { agent } => self.restart_agent(&agent, reply),
+            Command::FlushLedger => {
+                // The writer commits within milliseconds; waiting here would
+                // still hold up signals and proxy events, so wait aside.
+                let ledger = self.proxy.ledger.clone();
+                tokio::spawn(async move {
+                    ledger.flush().await;
+                    let _ = reply.send(Response::Ok {
+                        message: "ledger flushed".to_owned(),
+                    });
+                });
+                Deferred::Later
+            }
         };
         if let Deferred::Now(answer, reply) = answer {
             let _ = reply.send(answer);

@@ -131,6 +131,12 @@ pub fn usage_command(fleet_path: &Path, month: Option<Month>, json: bool) -> u8 
         }
     };
     let month = month.unwrap_or_else(Month::current);
+    if let Err(err) = crate::control::client::flush_ledger(fleet_path, &fleet.state_dir) {
+        eprintln!(
+            "warning: cannot ask the running supervisor to commit its ledger: {err}; \
+             requests that ended in the last moments may still show as in flight"
+        );
+    }
     let usage = match ledger::month_usage(&fleet.state_dir, month) {
         Ok(u) => u,
         Err(err) => {

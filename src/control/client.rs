@@ -155,6 +155,20 @@ pub fn request(
     serde_json::from_slice(&answer).map_err(|e| ClientError::BadAnswer(e.to_string()))
 }
 
+/// Asks the supervisor running the fleet whose state is in `state_dir`, if
+/// there is one, to commit the ledger writes it has queued, so that a read
+/// of `ledger.db` right after sees every request that has already ended (the
+/// writer batches for a few milliseconds). No supervisor is not an error:
+/// then nothing is queued.
+pub fn flush_ledger(fleet_path: &Path, state_dir: &Path) -> Result<(), ClientError> {
+    let socket = socket_path(state_dir, runtime_directory().as_deref());
+    match request(fleet_path, &socket, Command::FlushLedger) {
+        Ok(Response::Ok { .. }) | Err(ClientError::NotRunning { .. }) => Ok(()),
+        Ok(other) => Err(ClientError::BadAnswer(format!("{other:?}"))),
+        Err(err) => Err(err),
+    }
+}
+
 /// Locates the socket, sends `command`, and hands the answer to `on_answer`
 /// (which prints it and returns the exit code); prints failures.
 fn run(fleet_path: &Path, command: Command, on_answer: impl FnOnce(Response) -> u8) -> u8 {

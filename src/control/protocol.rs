@@ -19,9 +19,18 @@ pub struct Request {
 pub enum Command {
     Status,
     Reload,
-    Start { agent: String },
-    Stop { agent: String },
-    Restart { agent: String },
+    Start {
+        agent: String,
+    },
+    Stop {
+        agent: String,
+    },
+    Restart {
+        agent: String,
+    },
+    /// Commit every ledger write queued so far, so a reader of `ledger.db`
+    /// (`supervisor usage`) sees each request that has already ended.
+    FlushLedger,
 }
 
 /// One agent as `supervisor status` shows it.
@@ -114,7 +123,7 @@ impl Command {
             Command::Start { agent } | Command::Stop { agent } | Command::Restart { agent } => {
                 Some(agent)
             }
-            Command::Status | Command::Reload => None,
+            Command::Status | Command::Reload | Command::FlushLedger => None,
         }
     }
 }
@@ -140,6 +149,13 @@ mod tests {
                     command: Command::Stop { agent: "a".into() },
                 },
                 r#"{"version":1,"command":{"command":"stop","agent":"a"}}"#,
+            ),
+            (
+                Request {
+                    version: 1,
+                    command: Command::FlushLedger,
+                },
+                r#"{"version":1,"command":{"command":"flush_ledger"}}"#,
             ),
         ];
         for (request, json) in cases {
