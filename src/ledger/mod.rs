@@ -586,22 +586,29 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, journal: &Journal) 
         }
         let mut batch = vec![first];
         drain(&rx, &mut batch, MAX_BATCH);
-        keep_journal |= !commit(&mut conn, batch);
+        // Flushes are answered once everything this round does is done, the
+        // rotation it triggers included: a flushed reader finds no
+        // half-retired journal.
+        let mut acks = Vec::new();
+        keep_journal |= !commit(&mut conn, batch, &mut acks);
         if !keep_journal && journal.wants_rotation() {
             if let Err(err) = journal.rotate() {
                 tracing::error!("ledger: {err:#}");
                 keep_journal = true;
-                continue;
-            }
-            let mut queued = Vec::new();
-            drain(&rx, &mut queued, usize::MAX);
-            if commit(&mut conn, queued) {
-                if let Err(err) = remove_if_present(&journal.old) {
-                    tracing::warn!("ledger: {err:#}");
-                }
             } else {
-                keep_journal = true;
+                let mut queued = Vec::new();
+                drain(&rx, &mut queued, usize::MAX);
+                if commit(&mut conn, queued, &mut acks) {
+                    if let Err(err) = remove_if_present(&journal.old) {
+                        tracing::warn!("ledger: {err:#}");
+                    }
+                } else {
+                    keep_journal = true;
+                }
             }
+        }
+        for ack in acks {
+            let _ = ack.send(());
         }
     }
     // Every handle is gone and everything queued is committed.
@@ -623,9 +630,9 @@ fn drain(rx: &mpsc::Receiver<Op>, batch: &mut Vec<Op>, max: usize) {
     }
 }
 
-/// Commits `batch` in one transaction and answers its flushes; `false` if
-/// the commit failed (logged).
-fn commit(conn: &mut Connection, batch: Vec<Op>) -> bool {
+/// Commits `batch` in one transaction and moves its flushes' answers to
+/// `acks`; `false` if the commit failed (logged).
+fn commit(conn: &mut Connection, batch: Vec<Op>, acks: &mut Vec<oneshot::Sender<()>>) -> bool {
     if batch.is_empty() {
         return true;
     }
@@ -638,7 +645,7 @@ fn commit(conn: &mut Connection, batch: Vec<Op>) -> bool {
     }
     for op in batch {
         if let Op::Flush { ack } = op {
-            let _ = ack.send(());
+            acks.push(ack);
         }
     }
     result.is_ok()
@@ -1149,9 +1156,7 @@ mod tests {
                     );
                 }
             }
-            // Each flush answers after its batch; the rotation that batch
-            // triggers is done before the writer takes the next one.
-            ledger.flush().await;
+            // A flush is answered after the rotation its batch triggers.
             ledger.flush().await;
             assert!(
                 (journal_of(dir.path()).len() as u64) < 1024 + line,
