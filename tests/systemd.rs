@@ -1,6 +1,7 @@
 //! README "Running under systemd": the notify protocol as systemd sees it (a
 //! unix datagram socket standing in for `NOTIFY_SOCKET`), and the shipped unit
-//! passing `systemd-analyze verify` with `ExecStart` pointed at the built binary.
+//! passing `systemd-analyze verify` with its commands pointed at the built binary,
+//! and `systemctl reload`'s command answering with the reload's outcome.
 
 mod common;
 
@@ -195,6 +196,98 @@ fn notify_protocol_through_start_reload_and_stop() {
     );
 }
 
+/// `systemctl reload` runs the unit's `ExecReload=` as systemd would: with the
+/// service's `$RUNTIME_DIRECTORY`, from `/`. It must wait for the reload and
+/// answer with its outcome, so a broken edit fails `systemctl reload`.
+#[test]
+fn the_units_reload_command_waits_for_the_outcome() {
+    let fleet = FleetDir::new();
+    fleet.write_fleet(&fleet_yaml());
+    let unit = std::fs::read_to_string(unit_under_test(fleet.path())).expect("read the unit");
+    let reload: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecReload="))
+        .expect("the unit has an ExecReload=")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let runtime = tempfile::tempdir().expect("tempdir");
+    let runtime_dir = runtime.path().to_str().expect("utf-8 path");
+    let mut notify = NotifySocket::bind(fleet.path());
+    let socket = notify.path.to_str().expect("utf-8 path").to_owned();
+    let mut sup = fleet.run(&[
+        ("NOTIFY_SOCKET", &socket),
+        ("RUNTIME_DIRECTORY", runtime_dir),
+    ]);
+    notify.expect("READY=1 after start", |m| m.starts_with("READY=1\n"));
+    sup.wait_log("notify=unset");
+    let steady_pid = || {
+        let out = Command::new(bin())
+            .args(["status", "--json"])
+            .env("RUNTIME_DIRECTORY", runtime_dir)
+            .output()
+            .expect("run supervisor status");
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        let steady = rows
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["agent"] == "steady"))
+            .cloned()
+            .expect("steady in status");
+        assert_eq!(steady["state"], "running", "{steady}");
+        steady["pid"].as_u64().expect("steady has a pid")
+    };
+    let before = steady_pid();
+    let systemctl_reload = || {
+        Command::new(&reload[0])
+            .args(&reload[1..])
+            .env_clear()
+            .env("RUNTIME_DIRECTORY", runtime_dir)
+            .current_dir("/")
+            .output()
+            .expect("run the unit's ExecReload= command")
+    };
+
+    // A broken edit: the command fails with the file's errors, the fleet runs on.
+    fleet.write_fleet("version: 1\nagents:\n  steady:\n    comand: [true]\n");
+    let out = systemctl_reload();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: reload rejected; the running fleet is unchanged\n"),
+        "{err}"
+    );
+    let located = format!("{}:4:5:", fleet.file("fleet.yaml").display());
+    assert!(err.contains(&located) && err.contains("comand"), "{err}");
+    notify.expect("RELOADING=1 (broken file)", |m| {
+        m.starts_with("RELOADING=1\n")
+    });
+    notify.expect("READY=1 after the rejected reload", |m| {
+        m.starts_with("READY=1\n")
+    });
+    assert_eq!(steady_pid(), before, "the running fleet is untouched");
+
+    // A good edit: the command returns once it is applied, and says what changed.
+    fleet.write_fleet(&format!(
+        "{}  joiner:\n    command: [sh, -c, 'echo joined; exec sleep 1000']\n    stop: {{ grace: 2s }}\n",
+        fleet_yaml()
+    ));
+    let out = systemctl_reload();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("added: joiner\n"), "{said}");
+    notify.expect("READY=1 after the applied reload", |m| {
+        m.starts_with("READY=1\n")
+    });
+    sup.wait_log("joined");
+    assert_eq!(steady_pid(), before, "an unchanged agent keeps running");
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success(), "log:\n{}", sup.log());
+}
+
 #[test]
 fn without_notify_socket_nothing_is_sent_and_run_works() {
     // The foreground run: no NOTIFY_SOCKET, WATCHDOG_USEC alone is harmless.
@@ -222,27 +315,28 @@ fn systemd_analyze() -> &'static str {
     }
 }
 
-/// The shipped unit with `ExecStart` pointed at the binary under test.
+/// The shipped unit with its commands pointed at the binary under test and
+/// the fleet file in `dir`.
 fn unit_under_test(dir: &Path) -> PathBuf {
     let shipped = std::fs::read_to_string(repo_file("systemd/agent-supervisor.service"))
         .expect("read the unit");
-    let exec_lines = shipped
+    let exec_lines: Vec<&str> = shipped
         .lines()
-        .filter(|l| l.starts_with("ExecStart="))
-        .count();
-    assert_eq!(exec_lines, 1, "the unit has exactly one ExecStart=");
-    let fleet = dir.join("fleet.yaml");
-    let rewritten: String = shipped
-        .lines()
-        .map(|line| match line.strip_prefix("ExecStart=") {
-            Some(_) => format!(
-                "ExecStart={} run --log-format plain -f {}\n",
-                bin(),
-                fleet.display()
-            ),
-            None => format!("{line}\n"),
-        })
+        .filter(|l| l.starts_with("ExecStart=") || l.starts_with("ExecReload="))
         .collect();
+    assert_eq!(
+        exec_lines,
+        [
+            "ExecStart=/usr/local/bin/supervisor run --log-format plain -f /etc/agent-supervisor/fleet.yaml",
+            "ExecReload=/usr/local/bin/supervisor reload -f /etc/agent-supervisor/fleet.yaml",
+        ],
+        "the unit starts and reloads with the installed binary and fleet file"
+    );
+    let fleet = dir.join("fleet.yaml");
+    let rewritten = shipped.replace("/usr/local/bin/supervisor", bin()).replace(
+        "/etc/agent-supervisor/fleet.yaml",
+        &fleet.display().to_string(),
+    );
     let unit = dir.join("agent-supervisor.service");
     std::fs::write(&unit, rewritten).expect("write the unit");
     unit
