@@ -132,13 +132,22 @@ impl Supervisor {
 }
 
 impl Drop for Supervisor {
+    /// A test that ends (or fails) with its supervisor still running stops it
+    /// the way an operator would, so its agents go with it: SIGKILL alone
+    /// would leave them running after the test (as it would in production,
+    /// until the next start reaps them). SIGKILL only if SIGTERM is ignored.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid()),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = self.child.wait();
+            let pid = nix::unistd::Pid::from_raw(self.pid());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Ok(None) = self.child.try_wait() {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = self.child.wait();
+            }
         }
     }
 }
