@@ -624,8 +624,12 @@ struct SupervisorProcess {
     log: PathBuf,
 }
 
-fn supervisor_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_supervisor")
+/// The binary under test: this build's, or `SUPERVISOR_BENCH_BIN` to compare
+/// another build (say, before and after a change) against the same upstream
+/// and load generator.
+fn supervisor_bin() -> String {
+    std::env::var("SUPERVISOR_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_supervisor").to_owned())
 }
 
 impl SupervisorProcess {
