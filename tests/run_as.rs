@@ -356,3 +356,71 @@ agents:
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success(), "{}", sup.log());
 }
+
+/// README "Threat model": the control socket answers only the supervisor's
+/// own user and root. Its mode (0600, in a 0700 directory) already keeps
+/// other users out; the peer-uid check behind it holds even when those
+/// permissions are loosened by mistake. As root the supervisor runs as
+/// `nobody` and a throwaway user knocks; as anyone else, the own-user path.
+#[test]
+fn the_control_socket_answers_only_its_own_user_and_root() {
+    let fleet = FleetDir::new();
+    fleet.write_fleet("version: 1\nagents:\n  a:\n    command: [sleep, '1000']\n");
+    let who = is_root().then_some(NOBODY);
+    let (uid, _) = who.unwrap_or((getuid().as_raw(), getgid().as_raw()));
+    if let Some(who) = who {
+        hand_over(&fleet, who);
+    }
+    let mut sup = run_as(&fleet, who);
+    sup.wait_log("control socket listening");
+    let socket = fleet.file(".supervisor/control.sock");
+    let meta = fs::metadata(&socket).expect("stat the socket");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o600));
+
+    let status_as = |as_who: Option<(u32, u32)>| {
+        supervisor_as(&fleet, as_who, &["status", "--json"])
+            .output()
+            .expect("run supervisor status")
+    };
+    let own = status_as(who);
+    assert!(own.status.success(), "{own:?}");
+    assert!(String::from_utf8_lossy(&own.stdout).contains("\"agent\": \"a\""));
+
+    if is_root() {
+        let stranger = ThrowawayUser::create("peer");
+        let stranger_id = Some((stranger.uid, stranger.gid));
+        // As installed: the file mode stops the stranger at connect(2).
+        let out = status_as(stranger_id);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("Permission denied"), "{err}");
+        assert!(
+            err.contains("hint: run the command as the user the supervisor runs as (or as root)"),
+            "{err}"
+        );
+
+        // Loosened by mistake: the stranger connects, and the peer check refuses.
+        fs::set_permissions(fleet.file(".supervisor"), fs::Permissions::from_mode(0o755))
+            .expect("chmod the state dir");
+        fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).expect("chmod the socket");
+        let out = status_as(stranger_id);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!(
+                "permission denied: only uid {uid} (the supervisor's user) or root may use the control socket"
+            )),
+            "{err}"
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "", "no status leaked");
+        let refused = format!("uid={}", stranger.uid);
+        sup.wait_log(&refused);
+        assert!(sup.log().contains("refused a connection from another user"));
+
+        // Root is always let in.
+        let root = status_as(None);
+        assert!(root.status.success(), "{root:?}");
+    }
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success(), "{}", sup.log());
+}
