@@ -328,3 +328,32 @@ fn agents_restarted_for_new_secrets_go_one_at_a_time() {
         "{log}"
     );
 }
+
+/// The `env` backend's secrets are the supervisor's own environment, fixed
+/// at its start: `rotate` says it cannot rotate them instead of
+/// fingerprinting this shell's variables (or failing to find them).
+#[test]
+fn rotate_refuses_the_env_backend_and_says_what_to_do() {
+    let fleet = FleetDir::new();
+    fleet.write_fleet(
+        "version: 1\nvault: { backend: env }\nagents:\n  a:\n    command: [sleep, '1000']\n    secrets: { TOKEN: token }\n",
+    );
+    for env in [vec![], vec![("SUPERVISOR_SECRET_a__token", "tok-a-1")]] {
+        let out = Command::new(bin())
+            .args(["rotate", "a", "token", "-f"])
+            .arg(fleet.file("fleet.yaml"))
+            .envs(env)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(
+            stderr,
+            "error: cannot rotate secrets with the `env` vault backend: they are the supervisor's own \
+             `SUPERVISOR_SECRET_*` environment variables, fixed when it started\n\
+             hint: restart the supervisor with the new values, or use the `dir` or `systemd-creds` \
+             backend, whose new versions are picked up while it runs\n"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}

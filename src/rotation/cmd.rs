@@ -65,6 +65,24 @@ fn what_happens(used_as: SecretUse) -> &'static str {
 
 /// `supervisor rotate AGENT [SECRET]`.
 pub fn rotate_command(fleet_path: &Path, agent: &str, secret: Option<&str>) -> u8 {
+    // Before the vault is read: with `env`, reading it here would fail or
+    // mislead (this shell's variables are not the supervisor's).
+    if let Ok(fleet) = crate::fleet::load(fleet_path)
+        && fleet.vault == crate::fleet::VaultConfig::Env
+    {
+        // This command would fingerprint its own shell's variables, and the
+        // supervisor's environment cannot change while it runs: a rotation
+        // here could only ever report something untrue.
+        eprintln!(
+            "error: cannot rotate secrets with the `env` vault backend: they are the supervisor's own \
+             `SUPERVISOR_SECRET_*` environment variables, fixed when it started"
+        );
+        eprintln!(
+            "hint: restart the supervisor with the new values, or use the `dir` or `systemd-creds` \
+             backend, whose new versions are picked up while it runs"
+        );
+        return exit::FAILURE;
+    }
     let (fleet, resolved) = match load_resolved(fleet_path) {
         Ok(loaded) => loaded,
         Err(errors) => {
