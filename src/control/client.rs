@@ -141,11 +141,29 @@ pub fn request(
         .set_write_timeout(Some(WRITE_TIMEOUT))
         .and_then(|()| stream.set_read_timeout(Some(REPLY_TIMEOUT + WRITE_TIMEOUT)))
         .map_err(io_err("configure"))?;
-    stream.write_all(&line).map_err(io_err("write to"))?;
+    // A refusal (another user, too many connections) is answered and closed
+    // without reading the request, so the write may fail; the answer is
+    // still waiting in our receive queue and says why.
+    let write_failed = match stream.write_all(&line) {
+        Ok(()) => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            Some(e)
+        }
+        Err(e) => return Err(io_err("write to")(e)),
+    };
     let mut answer = Vec::new();
-    BufReader::new((&stream).take(MAX_RESPONSE_BYTES))
-        .read_until(b'\n', &mut answer)
-        .map_err(io_err("read from"))?;
+    let read = BufReader::new((&stream).take(MAX_RESPONSE_BYTES)).read_until(b'\n', &mut answer);
+    match (read, write_failed) {
+        (Ok(_), Some(e)) if answer.is_empty() => return Err(io_err("write to")(e)),
+        (Err(_), Some(e)) => return Err(io_err("write to")(e)),
+        (Err(e), None) => return Err(io_err("read from")(e)),
+        (Ok(_), _) => {}
+    }
     if answer.is_empty() {
         return Err(io_err("read from")(io::Error::new(
             io::ErrorKind::UnexpectedEof,
