@@ -32,7 +32,7 @@ use crate::fleet::{self, AgentSpec, ConfigErrors, Delivery, Fleet, ProviderSpec}
 use crate::ledger::{self, Ledger};
 use crate::proxy::meter::{AgentMeter, Route};
 use crate::proxy::refusal::Api;
-use crate::proxy::server::{ProxyEvent, ProxyShared, serve};
+use crate::proxy::server::{ProxyEvent, ProxyShared, serve_on_own_thread};
 use crate::proxy::tokens::{self, Grant};
 use crate::redact::Redactor;
 use crate::rotation::{self, VaultVersion};
@@ -713,11 +713,15 @@ impl Supervisor {
                 "the metering proxy listens on {bound}, which is not loopback: any host that can reach it and holds a token can spend through it"
             );
         }
-        tracing::info!(listen = %bound, "metering proxy listening");
-        self.proxy_origin = Some(format!("http://{bound}"));
         let shared = self.proxy.clone();
         let shutdown = self.proxy_shutdown.subscribe();
-        self.proxy_tasks.spawn(serve(listener, shared, shutdown));
+        let finished = serve_on_own_thread(listener, shared, shutdown)
+            .map_err(|e| anyhow::anyhow!("cannot start the metering proxy's thread: {e}"))?;
+        self.proxy_tasks.spawn(async move {
+            let _ = finished.await;
+        });
+        tracing::info!(listen = %bound, "metering proxy listening");
+        self.proxy_origin = Some(format!("http://{bound}"));
         Ok(())
     }
 
