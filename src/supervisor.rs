@@ -716,6 +716,7 @@ impl Supervisor {
         let shared = self.proxy.clone();
         let shutdown = self.proxy_shutdown.subscribe();
         let finished = serve_on_own_thread(listener, shared, shutdown)
+            .await
             .map_err(|e| anyhow::anyhow!("cannot start the metering proxy's thread: {e}"))?;
         self.proxy_tasks.spawn(async move {
             let _ = finished.await;
@@ -1492,9 +1493,10 @@ impl Supervisor {
             drain.await;
         }
         // The agents are gone; stop the proxy and make the ledger durable.
+        // The proxy's thread ends only once every request has settled (or
+        // was cut after its drain, which settles it too).
         let _ = self.proxy_shutdown.send(true);
         while self.proxy_tasks.join_next().await.is_some() {}
-        self.proxy.drain(Duration::from_secs(5)).await;
         self.proxy.ledger.flush().await;
         // Alerts still queued get a bounded chance to go out.
         if tokio::time::timeout(Duration::from_secs(10), self.alerter.flush())

@@ -311,6 +311,44 @@ async fn unreachable_upstream_is_a_502_and_releases_the_reservation() {
     assert_eq!(rows[0]["charged_tokens"], 0, "{rows}");
 }
 
+/// A client that gives up while upstream is still thinking: the request
+/// may have been billed, so it is charged as cut at its reservation, and its
+/// ledger row is settled at once rather than left in flight until a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_abandoned_before_its_answer_is_charged_at_its_reservation() {
+    let (fake, fleet, _sup, agent) = setup("monthly_tokens: 1M", "");
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let sent = impatient
+        .post(format!("{}/v1/messages", agent.var("ANTHROPIC_BASE_URL")))
+        .header("x-api-key", agent.var("ANTHROPIC_API_KEY"))
+        .header("anthropic-version", "2023-06-01")
+        .json(&ask("claude-sonnet-4-5-fake-hang", false))
+        .send()
+        .await;
+    assert!(sent.is_err_and(|e| e.is_timeout()));
+    assert_eq!(fake.requests().len(), 1, "it reached upstream");
+    let rows = wait_for("the abandoned request to settle", || {
+        let rows = usage_json(&fleet);
+        (rows[0]["unsettled_requests"] == 0).then_some(rows)
+    });
+    assert_eq!(rows[0]["requests"], 1, "{rows}");
+    let conn = rusqlite::Connection::open(fleet.file(".supervisor/ledger.db")).unwrap();
+    let (outcome, status, charged, reserved): (String, Option<i64>, i64, i64) = conn
+        .query_row(
+            "SELECT outcome, status, charged_tokens, reserved_tokens FROM requests",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!((outcome.as_str(), status), ("cut", None));
+    assert!(reserved > 200, "a worst case covers max_tokens: {reserved}");
+    assert_eq!(charged, reserved);
+    assert_eq!(rows[0]["charged_tokens"], charged, "{rows}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_never_overshoot_a_ceiling() {
     const CEILING: u64 = 30_000;

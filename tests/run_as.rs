@@ -389,6 +389,10 @@ fn the_control_socket_answers_only_its_own_user_and_root() {
     if is_root() {
         let stranger = ThrowawayUser::create("peer");
         let stranger_id = Some((stranger.uid, stranger.gid));
+        // The stranger may read the fleet file (to find the socket) whatever
+        // the umask made of it.
+        fs::set_permissions(fleet.file("fleet.yaml"), fs::Permissions::from_mode(0o644))
+            .expect("chmod fleet.yaml");
         // As installed: the file mode stops the stranger at connect(2).
         let out = status_as(stranger_id);
         let err = String::from_utf8_lossy(&out.stderr);

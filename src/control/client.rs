@@ -19,6 +19,8 @@ use crate::fleet::{self, ConfigErrors, LoadEnv};
 /// Answers are a few KiB per agent; this bounds a confused peer.
 const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `usage` waits for the supervisor to commit its ledger writes.
+const FLUSH_PATIENCE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -107,6 +109,16 @@ pub fn request(
     socket: &Path,
     command: Command,
 ) -> Result<Response, ClientError> {
+    request_within(fleet_path, socket, command, REPLY_TIMEOUT + WRITE_TIMEOUT)
+}
+
+/// [`request`], giving up on the answer after `patience`.
+fn request_within(
+    fleet_path: &Path,
+    socket: &Path,
+    command: Command,
+    patience: Duration,
+) -> Result<Response, ClientError> {
     let io_err = |what| {
         move |source| ClientError::Io {
             what,
@@ -139,7 +151,7 @@ pub fn request(
     line.push(b'\n');
     stream
         .set_write_timeout(Some(WRITE_TIMEOUT))
-        .and_then(|()| stream.set_read_timeout(Some(REPLY_TIMEOUT + WRITE_TIMEOUT)))
+        .and_then(|()| stream.set_read_timeout(Some(patience)))
         .map_err(io_err("configure"))?;
     // A refusal (another user, too many connections) is answered and closed
     // without reading the request, so the write may fail; the answer is
@@ -180,7 +192,9 @@ pub fn request(
 /// then nothing is queued.
 pub fn flush_ledger(fleet_path: &Path, state_dir: &Path) -> Result<(), ClientError> {
     let socket = socket_path(state_dir, runtime_directory().as_deref());
-    match request(fleet_path, &socket, Command::FlushLedger) {
+    // The loop answers between its other work; a reload stuck on a slow
+    // vault must not stall a read of the ledger for minutes.
+    match request_within(fleet_path, &socket, Command::FlushLedger, FLUSH_PATIENCE) {
         Ok(Response::Ok { .. }) | Err(ClientError::NotRunning { .. }) => Ok(()),
         Ok(other) => Err(ClientError::BadAnswer(format!("{other:?}"))),
         Err(err) => Err(err),

@@ -284,7 +284,12 @@ async fn connection(stream: UnixStream, handle: &ControlHandle, own_uid: u32) {
             ),
             Ok(Err(refusal)) => refusal,
             Ok(Ok(command)) => {
-                tracing::info!(command = ?command, "control request");
+                if command == Command::FlushLedger {
+                    // Every `supervisor usage` sends one: not news in the log.
+                    tracing::debug!(command = ?command, "control request");
+                } else {
+                    tracing::info!(command = ?command, "control request");
+                }
                 match tokio::time::timeout(REPLY_TIMEOUT, handle.request(command)).await {
                     Ok(response) => response,
                     Err(_) => Response::error(

@@ -19,9 +19,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::server::Pending;
-use super::usage::{
-    ApiKind, Forward, Metered, Outcome as TapOutcome, TapReport, UsageTap, parse_answer,
-};
+use super::usage::{ApiKind, Forward, TapReport, UsageTap, parse_answer};
 
 /// Largest non-streamed answer kept whole for usage parsing (it is still
 /// forwarded as it arrives); past this the answer is charged at its reservation.
@@ -159,10 +157,10 @@ impl AnswerBody {
                 Ok(report) => report,
                 Err(err) => {
                     tracing::warn!(agent = %pending.agent(), "{err}");
-                    cut_report()
+                    TapReport::cut()
                 }
             },
-            Reader::Json { .. } => cut_report(),
+            Reader::Json { .. } => TapReport::cut(),
         };
         if end == End::ClientLeft {
             tracing::info!(agent = %pending.agent(), "client left before the answer ended");
@@ -309,20 +307,6 @@ pub fn simulated(chunks: Vec<String>, latency: Duration) -> SimulatedStream {
             Some((next, (chunks, false)))
         },
     ))
-}
-
-fn cut_report() -> TapReport {
-    TapReport {
-        outcome: TapOutcome::Cut,
-        usage: Metered::Unknown,
-        model: None,
-        stop_reason: None,
-        error: None,
-        tool_calls: Vec::new(),
-        dropped_usage_chunk: false,
-        oversized_events: 0,
-        unreadable_events: 0,
-    }
 }
 
 #[cfg(test)]

@@ -96,8 +96,6 @@ pub struct ProxyShared {
     client: reqwest::Client,
     settings: ProxySpec,
     events: mpsc::UnboundedSender<ProxyEvent>,
-    /// One clone per request not yet settled, so shutdown can wait for settlements.
-    in_flight: Arc<()>,
     /// Models already logged as unpriced, so each is logged once.
     unpriced: Mutex<std::collections::HashSet<(String, String)>>,
 }
@@ -133,18 +131,8 @@ impl ProxyShared {
             client,
             settings,
             events,
-            in_flight: Arc::new(()),
             unpriced: Mutex::new(Default::default()),
         })
-    }
-
-    /// Waits (at most `limit`) for answers still in flight to settle, so
-    /// a clean shutdown records exact usage rather than reservations.
-    pub async fn drain(&self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while Arc::strong_count(&self.in_flight) > 1 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 }
 
@@ -157,32 +145,55 @@ impl ProxyShared {
 /// so they cannot delay a request. Nothing on this thread may block for
 /// long: the journal append and the ledger queue push are its only syscalls
 /// besides the sockets'.
-pub fn serve_on_own_thread(
+pub async fn serve_on_own_thread(
     listener: TcpListener,
     shared: Arc<ProxyShared>,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<tokio::sync::oneshot::Receiver<()>> {
     let listener = listener.into_std()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let (ready, started) = tokio::sync::oneshot::channel::<io::Result<()>>();
     let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    // The runtime is built on the thread: had the spawn failed with it built
+    // here, dropping it inside this async context would panic.
     std::thread::Builder::new()
         .name("proxy".to_owned())
         .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let _ = ready.send(Err(err));
+                    return;
+                }
+            };
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, shared, shutdown).await,
-                    Err(err) => tracing::error!("proxy: cannot take over the listener: {err}"),
+                    Ok(listener) => {
+                        let _ = ready.send(Ok(()));
+                        serve(listener, shared, shutdown).await;
+                    }
+                    Err(err) => {
+                        let _ = ready.send(Err(err));
+                    }
                 }
             });
-            // Connections still open past the drain are dropped with the
-            // runtime, which settles their answers; only then is it finished.
-            drop(runtime);
+            // Connections still open past the drain go with the runtime,
+            // which settles their answers; a DNS lookup stuck in its blocking
+            // pool must not hold up shutdown.
+            runtime.shutdown_timeout(Duration::from_secs(1));
             drop(done);
         })?;
+    match started.await {
+        Ok(result) => result?,
+        Err(_) => return Err(io::Error::other("the proxy thread ended before serving")),
+    }
     Ok(finished)
 }
+
+/// How long requests in flight may finish once the proxy is told to stop.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// Serves until `shutdown` turns true, then stops accepting and lets requests
 /// in flight finish (each bounded by its own timeouts).
@@ -228,8 +239,11 @@ pub async fn serve(
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(10)) => {
-            tracing::warn!("proxy: requests still in flight after 10s; closing them");
+        _ = tokio::time::sleep(DRAIN) => {
+            tracing::warn!(
+                "proxy: requests still in flight after {}s; closing them (their answers are charged as cut)",
+                DRAIN.as_secs()
+            );
         }
     }
 }
@@ -766,15 +780,16 @@ async fn handle_metered(
     let pending = Pending {
         meter: meter.clone(),
         ledger: shared.ledger.clone(),
-        reservation,
-        ticket,
         ledger_id,
         prices,
         started,
         streamed: estimate.stream,
-        conversation,
         events: shared.events.clone(),
-        _in_flight: shared.in_flight.clone(),
+        open: Some(Open {
+            reservation,
+            ticket,
+            conversation,
+        }),
     };
 
     // 6. forward; everything before this point is the proxy's own overhead.
@@ -891,28 +906,48 @@ fn source_length(source: &Source) -> Option<u64> {
 pub(super) struct Pending {
     meter: Arc<AgentMeter>,
     ledger: Arc<Ledger>,
-    reservation: Reservation,
-    ticket: RateTicket,
     ledger_id: i64,
     prices: Option<Prices>,
     started: Instant,
     streamed: bool,
-    conversation: Option<ConversationKey>,
     /// Where a crossed `budget.alert_at` is reported.
     events: mpsc::UnboundedSender<ProxyEvent>,
-    /// Counts this request as in flight until it is settled (see `drain`).
-    _in_flight: Arc<()>,
+    /// `Some` until the request is settled or released.
+    open: Option<Open>,
+}
+
+/// The part of a request that settling uses up.
+struct Open {
+    reservation: Reservation,
+    ticket: RateTicket,
+    conversation: Option<ConversationKey>,
+}
+
+impl Drop for Pending {
+    /// A request dropped before its answer began (the client left, or the
+    /// proxy stopped, while upstream was still thinking) may have been
+    /// billed: it is charged as cut, at its reservation, in memory and in
+    /// the ledger alike, so no row stays unsettled.
+    fn drop(&mut self) {
+        if let Some(open) = self.open.take() {
+            tracing::info!(agent = %self.meter.name(), "request abandoned before its answer began");
+            self.charge(open, None, &TapReport::cut());
+        }
+    }
 }
 
 impl Pending {
     /// Upstream could not be reached or did not answer: free everything,
     /// charge nothing, count it as an upstream error.
-    fn release_failed(self) {
+    fn release_failed(mut self) {
+        let Some(open) = self.open.take() else {
+            return;
+        };
         let metrics = &self.meter.metrics;
         metrics.count_request(RequestOutcome::UpstreamError);
         metrics.observe_duration(self.started.elapsed());
-        self.reservation.release();
-        self.meter.budget.cancel_rate(Instant::now(), self.ticket);
+        open.reservation.release();
+        self.meter.budget.cancel_rate(Instant::now(), open.ticket);
         self.ledger.settle(
             self.ledger_id,
             Settlement {
@@ -951,15 +986,16 @@ impl Pending {
         Self {
             meter,
             ledger,
-            reservation,
-            ticket,
             ledger_id,
             prices: None,
             started: Instant::now(),
             streamed: false,
-            conversation: None,
+            open: Some(Open {
+                reservation,
+                ticket,
+                conversation: None,
+            }),
             events: mpsc::unbounded_channel().0,
-            _in_flight: Arc::new(()),
         }
     }
 
@@ -970,33 +1006,45 @@ impl Pending {
     /// Charges the answer: exact usage when it completed (or was refused by
     /// upstream), conservatively otherwise (never below the reservation).
     /// The one place a forwarded request is settled.
-    pub(super) fn settle(self, status: u16, report: &TapReport) {
-        if let Some(conversation) = self.conversation {
+    pub(super) fn settle(mut self, status: u16, report: &TapReport) {
+        if let Some(open) = self.open.take() {
+            self.charge(open, Some(status), report);
+        }
+    }
+
+    /// Settles `open` against `report`; `status` is `None` when no answer
+    /// began.
+    fn charge(&self, open: Open, status: Option<u16>, report: &TapReport) {
+        let Open {
+            reservation,
+            ticket,
+            conversation,
+        } = open;
+        if let (Some(conversation), Some(status)) = (conversation, status) {
             self.meter
                 .observe_response(conversation, &response_summary(status, report));
         }
+        let failed = status.is_some_and(|s| s >= 400);
         let exact = match (&report.outcome, &report.usage) {
             (TapOutcome::Completed, Metered::Exact(u)) => Some(*u),
-            (TapOutcome::Errored, Metered::Exact(u)) if status >= 400 => Some(*u),
+            (TapOutcome::Errored, Metered::Exact(u)) if failed => Some(*u),
             _ => None,
         };
         let seen = report.usage.seen().unwrap_or_default();
         let (settled, outcome) = match exact {
             Some(usage) => {
-                let outcome = if status >= 400 || report.outcome == TapOutcome::Errored {
+                let outcome = if failed || report.outcome == TapOutcome::Errored {
                     Outcome::UpstreamError
                 } else {
                     Outcome::Ok
                 };
                 (
-                    self.reservation
-                        .settle(usage_amount(&usage, self.prices.as_ref())),
+                    reservation.settle(usage_amount(&usage, self.prices.as_ref())),
                     outcome,
                 )
             }
             None => (
-                self.reservation
-                    .settle_cut(usage_amount(&seen, self.prices.as_ref())),
+                reservation.settle_cut(usage_amount(&seen, self.prices.as_ref())),
                 Outcome::Cut,
             ),
         };
@@ -1015,7 +1063,7 @@ impl Pending {
         }
         self.meter
             .budget
-            .settle_rate(Instant::now(), self.ticket, settled.charged.tokens);
+            .settle_rate(Instant::now(), ticket, settled.charged.tokens);
         let metrics = &self.meter.metrics;
         metrics.count_request(match outcome {
             Outcome::Ok => RequestOutcome::Ok,
@@ -1043,7 +1091,7 @@ impl Pending {
             self.ledger_id,
             Settlement {
                 outcome,
-                status: Some(status),
+                status,
                 streamed: self.streamed,
                 duration_ms: millis(self.started.elapsed()),
                 input_tokens: seen.input_tokens,

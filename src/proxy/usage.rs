@@ -198,6 +198,24 @@ pub struct TapReport {
     pub unreadable_events: u32,
 }
 
+impl TapReport {
+    /// An answer that ended (or never began) before any usage was seen:
+    /// charged at its reservation.
+    pub fn cut() -> Self {
+        TapReport {
+            outcome: Outcome::Cut,
+            usage: Metered::Unknown,
+            model: None,
+            stop_reason: None,
+            error: None,
+            tool_calls: Vec::new(),
+            dropped_usage_chunk: false,
+            oversized_events: 0,
+            unreadable_events: 0,
+        }
+    }
+}
+
 /// A JSON answer that is not what the provider sends.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("could not read usage from the {kind} answer: {reason}; it is charged at its reservation")]
