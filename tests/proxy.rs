@@ -108,20 +108,6 @@ async fn openai(agent: &Agent, body: Value) -> (u16, String) {
     )
 }
 
-fn usage_json(fleet: &FleetDir) -> Value {
-    let out = std::process::Command::new(bin())
-        .args(["usage", "--json", "-f"])
-        .arg(fleet.file("fleet.yaml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn ask(model: &str, stream: bool) -> Value {
     json!({"model": model, "max_tokens": 200, "stream": stream,
            "messages": [{"role": "user", "content": "How many notes are there?"}]})

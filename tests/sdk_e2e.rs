@@ -8,20 +8,6 @@ use common::*;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-fn usage_json(fleet: &FleetDir) -> Value {
-    let out = std::process::Command::new(bin())
-        .args(["usage", "--json", "-f"])
-        .arg(fleet.file("fleet.yaml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn official_sdks_through_the_proxy_are_metered_exactly() {
     let py = python_with_sdks();

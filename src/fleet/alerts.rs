@@ -141,21 +141,14 @@ fn duration(cx: &mut Cx, value: Option<At<Dur>>, field: &str) -> Option<Duration
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
-    use super::super::load::{LoadEnv, parse_fleet};
+    use super::super::load::parse_for_tests;
     use super::super::model::{CrashLoopSpec, Fleet, StormSpec};
     use super::*;
 
     fn parse(source: &str) -> Result<Fleet, Vec<String>> {
-        parse_fleet(
-            Path::new("fleet.yaml"),
-            Path::new("/srv/fleet"),
-            source,
-            &LoadEnv::default(),
-        )
-        .map(|l| l.fleet)
-        .map_err(|e| e.errors.iter().map(ToString::to_string).collect())
+        parse_for_tests(source)
     }
 
     #[test]

@@ -1241,6 +1241,20 @@ fn build_agent(
     })
 }
 
+/// `fleet.yaml` text parsed as if it were `/srv/fleet/fleet.yaml`, with every
+/// problem as its one-line text: what the section parsers' tests compare.
+#[cfg(test)]
+pub(super) fn parse_for_tests(source: &str) -> Result<super::model::Fleet, Vec<String>> {
+    parse_fleet(
+        Path::new("fleet.yaml"),
+        Path::new("/srv/fleet"),
+        source,
+        &LoadEnv::default(),
+    )
+    .map(|l| l.fleet)
+    .map_err(|e| e.errors.iter().map(ToString::to_string).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -412,19 +412,12 @@ pub(super) fn resolve_runaway(
 mod tests {
     use std::path::Path;
 
-    use super::super::load::{LoadEnv, parse_fleet};
+    use super::super::load::{LoadEnv, parse_for_tests};
     use super::super::model::Fleet;
     use super::*;
 
     fn parse(source: &str) -> Result<Fleet, Vec<String>> {
-        parse_fleet(
-            Path::new("fleet.yaml"),
-            Path::new("/srv/fleet"),
-            source,
-            &LoadEnv::default(),
-        )
-        .map(|l| l.fleet)
-        .map_err(|e| e.errors.iter().map(ToString::to_string).collect())
+        parse_for_tests(source)
     }
 
     const PROVIDERS: &str = "version: 1

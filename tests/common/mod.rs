@@ -240,3 +240,19 @@ pub fn python_with_sdks() -> PathBuf {
 pub fn repo_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
+
+/// `supervisor usage --json` for the fleet, parsed; panics with its stderr
+/// if it fails.
+pub fn usage_json(fleet: &FleetDir) -> serde_json::Value {
+    let out = Command::new(bin())
+        .args(["usage", "--json", "-f"])
+        .arg(fleet.file("fleet.yaml"))
+        .output()
+        .expect("run supervisor usage");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("usage --json prints JSON")
+}
