@@ -1,6 +1,6 @@
 //! `supervisor quarantine` and `supervisor release AGENT`: read and clear the
 //! quarantine records in the ledger. Work without a running supervisor; when
-//! one runs, `release` asks it to reload (SIGHUP), which starts the agent.
+//! one runs, `release` asks it to reload, which starts the agent.
 //! Must not print secrets: records hold normalised, truncated evidence only.
 
 use std::path::Path;
@@ -129,9 +129,15 @@ pub(crate) fn running_supervisor(state_dir: &Path) -> Option<i32> {
 
 /// `supervisor release AGENT`.
 pub fn release_command(fleet_path: &Path, agent: &str) -> u8 {
+    // A fleet file that does not load could not start the agent anyway.
     let dir = match state_dir(fleet_path) {
         Ok(d) => d,
-        Err(code) => return code,
+        Err(code) => {
+            eprintln!(
+                "hint: nothing was released; fix the file, then run `supervisor release {agent}` again"
+            );
+            return code;
+        }
     };
     match ledger::release_quarantine(&dir, agent) {
         Ok(true) => {}
@@ -148,27 +154,12 @@ pub fn release_command(fleet_path: &Path, agent: &str) -> u8 {
             return exit::FAILURE;
         }
     }
-    match running_supervisor(&dir) {
-        Some(pid) => {
-            let sent = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGHUP,
-            );
-            match sent {
-                Ok(()) => println!(
-                    "released agent \"{agent}\"; the running supervisor (pid {pid}) is reloading and starts it"
-                ),
-                Err(err) => {
-                    println!("released agent \"{agent}\"");
-                    eprintln!(
-                        "warning: cannot ask the running supervisor (pid {pid}) to reload: {err}; run `supervisor reload` or send it SIGHUP"
-                    );
-                }
-            }
-        }
-        None => println!("released agent \"{agent}\"; it starts with the next `supervisor run`"),
-    }
-    exit::OK
+    println!("released agent \"{agent}\"");
+    crate::control::client::ask_reload(fleet_path, &dir).report(
+        &format!("\"{agent}\" starts again"),
+        "it starts with the next `supervisor run`",
+        false,
+    )
 }
 
 #[cfg(test)]

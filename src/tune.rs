@@ -663,26 +663,11 @@ fn apply_overlay(fleet_path: &Path, state_dir: &Path, analyses: &[Analysis], jso
         return exit::FAILURE;
     }
     say(format!("wrote `{}`", overlay.display()));
-    match crate::quarantine_cmd::running_supervisor(state_dir) {
-        Some(pid) => {
-            let sent = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGHUP,
-            );
-            match sent {
-                Ok(()) => say(format!(
-                    "the running supervisor (pid {pid}) is reloading with the new budgets"
-                )),
-                Err(err) => eprintln!(
-                    "warning: cannot ask the running supervisor (pid {pid}) to reload: {err}; send it SIGHUP"
-                ),
-            }
-        }
-        None => {
-            say("no supervisor is running; the next `supervisor run` uses the new budgets".into())
-        }
-    }
-    exit::OK
+    crate::control::client::ask_reload(fleet_path, state_dir).report(
+        "the new budgets are in force",
+        "the next `supervisor run` uses the new budgets",
+        json,
+    )
 }
 
 #[cfg(test)]

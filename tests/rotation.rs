@@ -134,7 +134,10 @@ fn a_new_env_secret_restarts_only_its_agent_with_the_new_value() {
     let (ok, stdout, stderr) = cli(&fleet, &["rotate", "a", "token"]);
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains("`token` (TOKEN, env)"), "{stdout}");
-    assert!(stdout.contains("asked the running supervisor"), "{stdout}");
+    assert!(
+        stdout.contains("the running supervisor reloaded: new versions are picked up"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("tok-a"), "{stdout}");
 
     wait_for("a restarted with the new value", || {

@@ -194,14 +194,34 @@ fn a_runaway_is_quarantined_and_stays_down_until_released() {
         "a quarantined agent is not started"
     );
 
-    // Release: the running supervisor starts it again.
+    // A release while fleet.yaml is broken is refused with the file's
+    // errors and releases nothing: the agent stays quarantined.
+    let good = fleet.read("fleet.yaml").unwrap();
+    fleet.write_fleet(&format!("{good}bogus_section: 1\n"));
+    let refused = cli(&fleet, &["release", "looper"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("bogus_section"), "{err}");
+    assert!(err.contains("hint: nothing was released"), "{err}");
+
+    // Fixed: the release reaches the running supervisor, which starts it again.
+    fleet.write_fleet(&good);
+    let listed = cli(&fleet, &["quarantine", "--json"]);
+    let records: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(records[0]["agent"], "looper", "still quarantined");
     let released = cli(&fleet, &["release", "looper"]);
+    let out = String::from_utf8_lossy(&released.stdout);
     assert!(
         released.status.success(),
         "{}",
         String::from_utf8_lossy(&released.stderr)
     );
-    assert!(String::from_utf8_lossy(&released.stdout).contains("is reloading"));
+    assert!(
+        out.contains(
+            "released agent \"looper\"\nthe running supervisor reloaded: \"looper\" starts again"
+        ),
+        "{out}"
+    );
     wait_for_within("looper to start again", PATIENCE_SDK, || {
         fleet.read("looper.pid")
     });

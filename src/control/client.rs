@@ -185,6 +185,114 @@ fn request_within(
     serde_json::from_slice(&answer).map_err(|e| ClientError::BadAnswer(e.to_string()))
 }
 
+/// What asking a running supervisor to re-read its fleet led to.
+#[derive(Debug)]
+pub enum ReloadAsked {
+    /// No supervisor holds the state dir: the next `supervisor run` picks
+    /// the change up.
+    NotRunning,
+    /// Applied; what changed, as `supervisor reload` prints it.
+    Applied { summary: String },
+    /// The file was rejected; the running fleet is unchanged.
+    Rejected { errors: Vec<String> },
+    /// The control socket could not be used (`why`), so the supervisor was
+    /// sent SIGHUP, which has no answer: the outcome is in its log.
+    Signalled { pid: i32, why: String },
+    /// Neither the socket nor the signal reached it.
+    Failed { pid: i32, why: String },
+}
+
+/// Asks the supervisor holding `state_dir` (if one does) to reload, and
+/// waits for the outcome: the way `release`, `rotate` and `tune --apply`
+/// hand their change to it, so a rejected file is reported, not lost.
+pub fn ask_reload(fleet_path: &Path, state_dir: &Path) -> ReloadAsked {
+    let Some(pid) = crate::quarantine_cmd::running_supervisor(state_dir) else {
+        return ReloadAsked::NotRunning;
+    };
+    let socket = socket_path(state_dir, runtime_directory().as_deref());
+    let why = match request(fleet_path, &socket, Command::Reload) {
+        Ok(Response::Reloaded {
+            added,
+            removed,
+            changed,
+            unchanged,
+        }) => {
+            return ReloadAsked::Applied {
+                summary: reload_summary(fleet_path, &added, &removed, &changed, unchanged),
+            };
+        }
+        Ok(Response::Rejected { errors }) => return ReloadAsked::Rejected { errors },
+        Ok(Response::Error { message, .. }) => message,
+        Ok(other) => format!("unexpected answer {other:?}"),
+        Err(err) => err.to_string(),
+    };
+    match nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    ) {
+        Ok(()) => ReloadAsked::Signalled { pid, why },
+        Err(err) => ReloadAsked::Failed {
+            pid,
+            why: format!("{why}; SIGHUP: {err}"),
+        },
+    }
+}
+
+impl ReloadAsked {
+    /// Prints the outcome: `applied` (what the change now does) on success,
+    /// `pending` (what waits for the next start) when nothing runs; with
+    /// `stdout_is_data` (a `--json` report on stdout) the informational
+    /// lines go to stderr. Returns the exit code: a rejected or failed
+    /// reload fails the command, since its change has not taken effect.
+    pub fn report(&self, applied: &str, pending: &str, stdout_is_data: bool) -> u8 {
+        let say = |line: String| {
+            if stdout_is_data {
+                eprint!("{line}");
+            } else {
+                print!("{line}");
+            }
+        };
+        match self {
+            ReloadAsked::NotRunning => {
+                say(format!("no supervisor is running; {pending}\n"));
+                exit::OK
+            }
+            ReloadAsked::Applied { summary } => {
+                say(format!(
+                    "the running supervisor reloaded: {applied}\n{summary}"
+                ));
+                exit::OK
+            }
+            ReloadAsked::Rejected { errors } => {
+                eprintln!(
+                    "error: the running supervisor rejected the reload, so this has not taken effect yet; the running fleet is unchanged"
+                );
+                for line in errors {
+                    eprintln!("{line}");
+                }
+                eprintln!(
+                    "hint: fix each problem (`supervisor check` shows the same report), then run `supervisor reload`"
+                );
+                exit::FAILURE
+            }
+            ReloadAsked::Signalled { pid, why } => {
+                say(format!(
+                    "sent SIGHUP to the running supervisor (pid {pid}); its log shows whether the reload was applied\n"
+                ));
+                eprintln!("warning: the control socket could not be used: {why}");
+                exit::OK
+            }
+            ReloadAsked::Failed { pid, why } => {
+                eprintln!("error: cannot ask the running supervisor (pid {pid}) to reload: {why}");
+                eprintln!(
+                    "hint: run `supervisor reload` as the supervisor's user (or root), or restart it"
+                );
+                exit::FAILURE
+            }
+        }
+    }
+}
+
 /// Asks the supervisor running the fleet whose state is in `state_dir`, if
 /// there is one, to commit the ledger writes it has queued, so that a read
 /// of `ledger.db` right after sees every request that has already ended (the

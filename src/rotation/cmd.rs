@@ -146,28 +146,11 @@ pub fn rotate_command(fleet_path: &Path, agent: &str, secret: Option<&str>) -> u
             ),
         }
     }
-    match crate::quarantine_cmd::running_supervisor(&fleet.state_dir) {
-        Some(pid) => {
-            let sent = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGHUP,
-            );
-            match sent {
-                Ok(()) => println!(
-                    "asked the running supervisor (pid {pid}) to pick up new versions; `supervisor status` shows what each agent runs with"
-                ),
-                Err(err) => {
-                    eprintln!(
-                        "error: cannot ask the running supervisor (pid {pid}) to reload: {err}"
-                    );
-                    eprintln!("hint: run `supervisor reload` or send it SIGHUP");
-                    return exit::FAILURE;
-                }
-            }
-        }
-        None => println!("no supervisor is running; the next `supervisor run` uses these versions"),
-    }
-    exit::OK
+    crate::control::client::ask_reload(fleet_path, &fleet.state_dir).report(
+        "new versions are picked up; `supervisor status` shows what each agent runs with",
+        "the next `supervisor run` uses these versions",
+        false,
+    )
 }
 
 fn when(ms: i64) -> String {
