@@ -429,6 +429,44 @@ pub fn agent_command(fleet_path: &Path, command: Command) -> u8 {
 mod tests {
     use super::*;
 
+    /// A change that did not take effect fails the command; one that did, or
+    /// that waits for the next start, does not.
+    #[test]
+    fn a_reload_that_did_not_take_effect_fails_the_command() {
+        let cases = [
+            (ReloadAsked::NotRunning, exit::OK),
+            (
+                ReloadAsked::Applied {
+                    summary: "reloaded `fleet.yaml`\nunchanged: 1 agent\n".into(),
+                },
+                exit::OK,
+            ),
+            (
+                ReloadAsked::Signalled {
+                    pid: 1,
+                    why: "no control socket".into(),
+                },
+                exit::OK,
+            ),
+            (
+                ReloadAsked::Rejected {
+                    errors: vec!["fleet.yaml:3:1: unknown field `bogus`".into()],
+                },
+                exit::FAILURE,
+            ),
+            (
+                ReloadAsked::Failed {
+                    pid: 1,
+                    why: "EPERM".into(),
+                },
+                exit::FAILURE,
+            ),
+        ];
+        for (asked, code) in cases {
+            assert_eq!(asked.report("done", "later", true), code, "{asked:?}");
+        }
+    }
+
     #[test]
     fn reload_summary_lists_each_kind() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
