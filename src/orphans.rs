@@ -41,6 +41,19 @@ use crate::agent::{AgentHandle, AgentStatus, ProcessGroup};
 
 /// The lock file a running supervisor holds for its whole life.
 pub const LOCK_FILE: &str = "supervisor.lock";
+
+/// The pid of the supervisor that holds `state_dir`'s lock, if one runs: the
+/// lock file names its holder, and a lock we cannot take proves it is held.
+pub fn running_supervisor(state_dir: &Path) -> Option<i32> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = state_dir.join(LOCK_FILE);
+    let file = std::fs::File::open(&path).ok()?;
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_free) => None,
+        Err(_) => std::fs::read_to_string(&path).ok()?.trim().parse().ok(),
+    }
+}
+
 /// The folder of per-agent records, inside `state_dir`.
 pub const RECORDS_DIR: &str = "agents";
 /// The record format written by this version.

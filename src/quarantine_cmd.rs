@@ -115,18 +115,6 @@ pub fn quarantine_command(fleet_path: &Path, json: bool) -> u8 {
     exit::OK
 }
 
-/// The pid of the supervisor that holds `state_dir`'s lock, if one runs: the
-/// lock file names its holder, and a lock we cannot take proves it is held.
-pub(crate) fn running_supervisor(state_dir: &Path) -> Option<i32> {
-    use nix::fcntl::{Flock, FlockArg};
-    let path = state_dir.join(crate::orphans::LOCK_FILE);
-    let file = std::fs::File::open(&path).ok()?;
-    match Flock::lock(file, FlockArg::LockSharedNonblock) {
-        Ok(_free) => None,
-        Err(_) => std::fs::read_to_string(&path).ok()?.trim().parse().ok(),
-    }
-}
-
 /// `supervisor release AGENT`.
 pub fn release_command(fleet_path: &Path, agent: &str) -> u8 {
     // A fleet file that does not load could not start the agent anyway.

@@ -206,7 +206,7 @@ pub enum ReloadAsked {
 /// waits for the outcome: the way `release`, `rotate` and `tune --apply`
 /// hand their change to it, so a rejected file is reported, not lost.
 pub fn ask_reload(fleet_path: &Path, state_dir: &Path) -> ReloadAsked {
-    let Some(pid) = crate::quarantine_cmd::running_supervisor(state_dir) else {
+    let Some(pid) = crate::orphans::running_supervisor(state_dir) else {
         return ReloadAsked::NotRunning;
     };
     let socket = socket_path(state_dir, runtime_directory().as_deref());
