@@ -19,6 +19,7 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,7 @@ use super::client_io::WriteStallLimit;
 use super::estimate::{EstimateConfig, estimate_request};
 use super::meter::{AgentMeter, Credential, Meters, Target};
 use super::refusal::{Api, Refusal, RefusalKind};
+use super::route::{self, Endpoint, Refused};
 use super::simulated;
 use super::tokens::TokenTable;
 use super::usage::{
@@ -278,15 +280,6 @@ fn refuse(api: Api, kind: RefusalKind, message: impl Into<String>) -> Response<P
     refusal_response(Refusal::new(api, kind, message))
 }
 
-/// Error shape to use before the agent is known: by the path it called.
-fn api_of_path(path: &str) -> Api {
-    if path.starts_with("/v1/messages") {
-        Api::Anthropic
-    } else {
-        Api::OpenAi
-    }
-}
-
 /// The agent's credential, from `x-api-key` or `Authorization: Bearer` (both
 /// are sent by current SDKs, depending on version).
 fn presented_token(headers: &HeaderMap) -> Option<&str> {
@@ -305,7 +298,7 @@ async fn handle(
 ) -> Response<ProxyBody> {
     let received = Instant::now();
     let path = req.uri().path().to_owned();
-    let shape = api_of_path(&path);
+    let shape = route::shape_of(&path);
     let Some(token) = presented_token(req.headers()) else {
         return refuse(
             shape,
@@ -344,38 +337,58 @@ async fn handle(
             ),
         );
     }
-    let kind = ApiKind::from_path(&path).filter(|k| {
-        matches!(
-            (api, k),
-            (Api::Anthropic, ApiKind::Anthropic)
-                | (Api::OpenAi, ApiKind::OpenAiChat | ApiKind::OpenAiResponses)
-        )
-    });
-    match (kind, req.method()) {
-        (Some(kind), &Method::POST) => {
-            handle_metered(shared, req, &meter, route, kind, received).await
+    // The one place the path is checked: what passes is its canonical form,
+    // and that (never the path as sent) is what is forwarded.
+    let resolved = match route::resolve(api, req.method(), &path) {
+        Ok(resolved) => resolved,
+        Err(refused) => {
+            return refuse_path(api, meter.name(), req.method(), &path, refused, shared);
         }
-        _ if is_free(api, req.method(), &path) => forward_unmetered(shared, req, &route).await,
-        _ => refuse(
-            api,
-            RefusalKind::NotFound,
-            format!(
-                "the supervisor's proxy does not forward `{} {path}` for agent \"{}\": only metered model calls and free endpoints pass",
-                req.method(),
-                meter.name()
-            ),
-        ),
+    };
+    match resolved.endpoint {
+        Endpoint::Metered(kind) => {
+            handle_metered(shared, req, &meter, route, kind, &resolved.path, received).await
+        }
+        Endpoint::CountTokens | Endpoint::Models | Endpoint::Model => {
+            forward_unmetered(shared, req, &route, &resolved.path).await
+        }
     }
 }
 
-/// Endpoints that cost nothing and are forwarded without metering.
-fn is_free(api: Api, method: &Method, path: &str) -> bool {
-    match api {
-        Api::Anthropic => {
-            (method == Method::POST && path == "/v1/messages/count_tokens")
-                || (method == Method::GET && path.starts_with("/v1/models"))
+/// A path the allow-list refused: 400 if it could be read as another path,
+/// 404 if it is simply not a route the proxy forwards.
+fn refuse_path(
+    api: Api,
+    agent: &str,
+    method: &Method,
+    path: &str,
+    refused: Refused,
+    shared: &ProxyShared,
+) -> Response<ProxyBody> {
+    let shown = route::shown(path);
+    let routes = route::routes_for(api);
+    match refused {
+        Refused::Malformed(why) => {
+            tracing::warn!(
+                agent,
+                "proxy: refused `{method} {}`: {why}",
+                shared.redaction.redact(&shown)
+            );
+            refuse(
+                api,
+                RefusalKind::BadRequest,
+                format!(
+                    "the supervisor's proxy refused `{method} {shown}` for agent \"{agent}\": {why}; nothing was forwarded. Only these routes pass, exactly: {routes}"
+                ),
+            )
         }
-        Api::OpenAi => method == Method::GET && path.starts_with("/v1/models"),
+        Refused::NotRouted => refuse(
+            api,
+            RefusalKind::NotFound,
+            format!(
+                "the supervisor's proxy does not forward `{method} {shown}` for agent \"{agent}\": only these routes pass, exactly: {routes}"
+            ),
+        ),
     }
 }
 
@@ -411,19 +424,21 @@ const SKIPPED_RESPONSE_HEADERS: [&str; 8] = [
     "upgrade",
 ];
 
-/// The request to send upstream: the agent's method, path, query and
-/// headers (less the skipped ones), to the route's origin, with the real key.
-/// Moves the agent's headers rather than copying them one by one.
+/// The request to send upstream: the agent's method, the checked canonical
+/// `path`, the agent's query and headers (less the skipped ones), to the
+/// route's origin, with the real key. Moves the agent's headers rather than
+/// copying them one by one.
 fn upstream_request(
     target: &Target,
     method: Method,
-    uri: &hyper::Uri,
+    path: &str,
+    query: Option<&str>,
     mut headers: HeaderMap,
-    body: Bytes,
+    body: reqwest::Body,
 ) -> Result<reqwest::Request, Box<Response<ProxyBody>>> {
     let api = target.provider.api();
-    let mut url = match &target.upstream {
-        Some(Ok(origin)) => origin.clone(),
+    let origin = match &target.upstream {
+        Some(Ok(origin)) => origin,
         Some(Err(message)) => {
             return Err(Box::new(refuse(
                 api,
@@ -442,8 +457,17 @@ fn upstream_request(
             )));
         }
     };
-    url.set_path(uri.path());
-    url.set_query(uri.query());
+    let url = match route::upstream_url(origin, path, query) {
+        Ok(url) => url,
+        Err(err) => {
+            tracing::error!("proxy: refusing to forward: {err}");
+            return Err(Box::new(refuse(
+                api,
+                RefusalKind::Internal,
+                "the supervisor's proxy could not build an upstream URL with exactly the checked path, so it forwarded nothing; see its log",
+            )));
+        }
+    };
     for name in SKIPPED_REQUEST_HEADERS {
         headers.remove(name);
     }
@@ -465,14 +489,68 @@ fn upstream_request(
     }
     let mut request = reqwest::Request::new(method, url);
     *request.headers_mut() = headers;
-    *request.body_mut() = Some(reqwest::Body::from(body));
+    *request.body_mut() = Some(body);
     Ok(request)
+}
+
+/// A metered request's body as sent upstream. It records when the HTTP
+/// client first asks for it: the client does so only once a connection is
+/// up (TCP and TLS) and the request head is queued on it, in the same step
+/// that flushes both. Until then nothing of the request has left the
+/// proxy, so the provider cannot have billed it.
+struct WatchedBody {
+    bytes: Option<Bytes>,
+    len: u64,
+    asked: Arc<AtomicBool>,
+}
+
+impl WatchedBody {
+    fn new(bytes: Bytes) -> (Self, Arc<AtomicBool>) {
+        let asked = Arc::new(AtomicBool::new(false));
+        let body = Self {
+            len: bytes.len() as u64,
+            bytes: Some(bytes),
+            asked: asked.clone(),
+        };
+        (body, asked)
+    }
+}
+
+impl hyper::body::Body for WatchedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.asked.store(true, Ordering::Release);
+        std::task::Poll::Ready(self.bytes.take().map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        // An exact length: the client sends `content-length`, as for bytes.
+        hyper::body::SizeHint::with_exact(self.bytes.as_ref().map_or(0, |_| self.len))
+    }
+}
+
+/// Whether a request that got no answer may have reached the provider (and
+/// so may be billed). Only proof that nothing was sent counts as "no": the
+/// body was never asked for, or the error is one of connecting (DNS, TCP,
+/// TLS handshake), which comes before anything is written.
+fn may_have_reached(body_asked: bool, err: Option<&reqwest::Error>) -> bool {
+    body_asked && !err.is_some_and(reqwest::Error::is_connect)
 }
 
 async fn forward_unmetered(
     shared: &ProxyShared,
     req: Request<Incoming>,
     route: &Target,
+    path: &str,
 ) -> Response<ProxyBody> {
     let api = route.provider.api();
     if route.upstream.is_none() {
@@ -487,7 +565,14 @@ async fn forward_unmetered(
         Ok(b) => b,
         Err(resp) => return resp(api),
     };
-    let request = match upstream_request(route, parts.method, &parts.uri, parts.headers, body) {
+    let request = match upstream_request(
+        route,
+        parts.method,
+        path,
+        parts.uri.query(),
+        parts.headers,
+        reqwest::Body::from(body),
+    ) {
         Ok(request) => request,
         Err(refusal) => return *refusal,
     };
@@ -506,7 +591,17 @@ async fn forward_unmetered(
             copy_response_headers(&headers, response.headers_mut());
             response
         }
-        Ok(Err(err)) => upstream_failure(api, &route.provider.name, &err, &shared.redaction),
+        Ok(Err(err)) => {
+            let (kind, what) = upstream_error(&route.provider.name, &err, &shared.redaction);
+            refuse(
+                api,
+                kind,
+                format!(
+                    "upstream provider `{}` {what}; this endpoint is free, nothing was charged",
+                    route.provider.name
+                ),
+            )
+        }
         Err(_) => refuse(
             api,
             RefusalKind::UpstreamTimeout,
@@ -526,26 +621,62 @@ fn copy_response_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) 
     }
 }
 
-fn upstream_failure(
-    api: Api,
+/// Logs a failed upstream exchange; says which refusal it is and what
+/// happened, for the agent's message.
+fn upstream_error(
     provider: &str,
     err: &reqwest::Error,
     redaction: &Redaction,
-) -> Response<ProxyBody> {
+) -> (RefusalKind, &'static str) {
     // reqwest's Display can include the URL, never the headers; an agent may
     // have put a value in the URL's query, so the text is masked too.
-    let (kind, what) = if err.is_timeout() {
+    let (kind, what) = if err.is_connect() {
+        (RefusalKind::UpstreamUnreachable, "could not be reached")
+    } else if err.is_timeout() {
         (RefusalKind::UpstreamTimeout, "did not answer in time")
     } else {
-        (RefusalKind::UpstreamUnreachable, "could not be reached")
+        (
+            RefusalKind::UpstreamUnreachable,
+            "failed before its answer began",
+        )
     };
-    let err = redaction.redact(&err.to_string());
-    tracing::warn!(provider, "upstream {what}: {err}");
-    refuse(
-        api,
-        kind,
-        format!("upstream provider `{provider}` {what}; nothing was charged"),
-    )
+    let text = redaction.redact(&error_chain(err));
+    tracing::warn!(provider, "upstream {what}: {text}");
+    (kind, what)
+}
+
+/// An error with its causes, `: `-joined (reqwest's own Display is only the
+/// outermost, "error sending request").
+fn error_chain(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// What an agent is told of a metered request that got no answer, and how
+/// it was settled.
+fn unanswered_message(provider: &str, what: &str, charged: Option<Amount>) -> String {
+    match charged {
+        None => format!(
+            "upstream provider `{provider}` {what}; the request never left the proxy, so nothing was charged"
+        ),
+        Some(amount) => {
+            let cost = if amount.micro_usd > 0 {
+                format!(" / ${:.6}", amount.micro_usd as f64 / 1e6)
+            } else {
+                String::new()
+            };
+            format!(
+                "upstream provider `{provider}` {what}; the request had been sent and may be billed, so it is charged as cut at its reservation ({} tokens{cost})",
+                amount.tokens
+            )
+        }
+    }
 }
 
 type Refuser = Box<dyn FnOnce(Api) -> Response<ProxyBody> + Send>;
@@ -598,6 +729,7 @@ async fn handle_metered(
     meter: &Arc<AgentMeter>,
     route: Arc<Target>,
     kind: ApiKind,
+    path: &str,
     started: Instant,
 ) -> Response<ProxyBody> {
     let api = route.provider.api();
@@ -814,14 +946,21 @@ async fn handle_metered(
             )
         }
         ProviderKind::Anthropic { .. } | ProviderKind::OpenAi { .. } => {
-            let request =
-                match upstream_request(&route, parts.method, &parts.uri, parts.headers, body) {
-                    Ok(request) => request,
-                    Err(refusal) => {
-                        pending.release_failed();
-                        return *refusal;
-                    }
-                };
+            let (body, asked) = WatchedBody::new(body);
+            let request = match upstream_request(
+                &route,
+                parts.method,
+                path,
+                parts.uri.query(),
+                parts.headers,
+                reqwest::Body::wrap(body),
+            ) {
+                Ok(request) => request,
+                Err(refusal) => {
+                    pending.release_failed();
+                    return *refusal;
+                }
+            };
             let sent = tokio::time::timeout(
                 shared.settings.upstream_timeout,
                 shared.client.execute(request),
@@ -837,18 +976,29 @@ async fn handle_metered(
                     (head.status.as_u16(), headers, Source::Upstream(body))
                 }
                 Ok(Err(err)) => {
-                    pending.release_failed();
-                    return upstream_failure(api, &route.provider.name, &err, &shared.redaction);
+                    let provider = &route.provider.name;
+                    let (kind, what) = upstream_error(provider, &err, &shared.redaction);
+                    let reached = may_have_reached(asked.load(Ordering::Acquire), Some(&err));
+                    let charged = pending.unanswered(reached);
+                    return refuse(api, kind, unanswered_message(provider, what, charged));
                 }
                 Err(_) => {
-                    pending.release_failed();
+                    let provider = &route.provider.name;
+                    let reached = may_have_reached(asked.load(Ordering::Acquire), None);
+                    let within = humantime::format_duration(shared.settings.upstream_timeout);
+                    let what = if reached {
+                        format!("did not answer within `proxy.upstream_timeout` ({within})")
+                    } else {
+                        format!(
+                            "could not be connected to within `proxy.upstream_timeout` ({within})"
+                        )
+                    };
+                    tracing::warn!(provider = %provider, "upstream {what}");
+                    let charged = pending.unanswered(reached);
                     return refuse(
                         api,
                         RefusalKind::UpstreamTimeout,
-                        format!(
-                            "upstream provider `{}` did not answer in time; nothing was charged",
-                            route.provider.name
-                        ),
+                        unanswered_message(provider, &what, charged),
                     );
                 }
             }
@@ -937,8 +1087,20 @@ impl Drop for Pending {
 }
 
 impl Pending {
-    /// Upstream could not be reached or did not answer: free everything,
-    /// charge nothing, count it as an upstream error.
+    /// No answer came. If the request may have reached the provider it may
+    /// be billed, so it is charged as cut at its reservation (as when the
+    /// client leaves) and the charge is returned; otherwise it is released.
+    fn unanswered(mut self, may_have_reached: bool) -> Option<Amount> {
+        if !may_have_reached {
+            self.release_failed();
+            return None;
+        }
+        let open = self.open.take()?;
+        Some(self.charge(open, None, &TapReport::cut()))
+    }
+
+    /// Nothing was sent upstream: free everything, charge nothing, count it
+    /// as an upstream error.
     fn release_failed(mut self) {
         let Some(open) = self.open.take() else {
             return;
@@ -1013,8 +1175,8 @@ impl Pending {
     }
 
     /// Settles `open` against `report`; `status` is `None` when no answer
-    /// began.
-    fn charge(&self, open: Open, status: Option<u16>, report: &TapReport) {
+    /// began. Returns what was charged.
+    fn charge(&self, open: Open, status: Option<u16>, report: &TapReport) -> Amount {
         let Open {
             reservation,
             ticket,
@@ -1102,6 +1264,7 @@ impl Pending {
                 charged_micro_usd: settled.charged.micro_usd,
             },
         );
+        settled.charged
     }
 }
 
