@@ -292,7 +292,7 @@ fn nothing_but_the_allowed_canonical_paths_reaches_upstream() {
             r.key
         );
     }
-    assert!(!fake.saw(&anthropic_token) && !fake.saw(&env["OPENAI_API_KEY"]));
+    assert!(!fake.saw(&anthropic_token) && !fake.saw(env["OPENAI_API_KEY"]));
     // A metered body still goes with its length, as before.
     let message = seen.iter().find(|r| r.path == "/v1/messages").unwrap();
     assert_eq!(
