@@ -33,13 +33,6 @@ pub enum Endpoint {
     Model,
 }
 
-impl Endpoint {
-    /// Free endpoints are forwarded without metering.
-    pub fn is_free(self) -> bool {
-        !matches!(self, Endpoint::Metered(_))
-    }
-}
-
 /// An allowed request: its endpoint and the canonical path to forward.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {

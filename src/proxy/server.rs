@@ -3,13 +3,18 @@
 //!
 //! 1. identify: scoped token → agent and `llm:` entry (401 if unknown);
 //! 2. refuse a quarantined agent (403) — before anything else can cost money;
+//! 2b. resolve the path against the allow-list (`route`): 400 if it could be
+//!    read as another path, 404 if it is no route; only its canonical form is
+//!    ever forwarded;
 //! 3. read and parse the body (413/400), estimate its worst case;
 //! 4. rate buckets (429 + retry-after);
 //! 5. reserve the worst case under the monthly ceilings (429, no retry),
 //!    and record the reservation durably in the ledger before forwarding;
 //! 6. forward with the real key (or answer from the simulated provider);
 //! 7. stream the answer back through the usage tap;
-//! 8. settle ceilings, rate buckets and ledger to the real usage.
+//! 8. settle ceilings, rate buckets and ledger to the real usage; a request
+//!    that got no answer is charged as cut once it may have reached the
+//!    provider, released only when it provably never left (`WatchedBody`).
 //!
 //! The order matters: nothing reaches upstream without a reservation, and a
 //! refusal never costs money. Settlement happens in the answer's body
@@ -497,7 +502,8 @@ fn upstream_request(
 /// client first asks for it: the client does so only once a connection is
 /// up (TCP and TLS) and the request head is queued on it, in the same step
 /// that flushes both. Until then nothing of the request has left the
-/// proxy, so the provider cannot have billed it.
+/// proxy (over HTTP/2 its headers may have, but not the body, without which
+/// the provider cannot run it), so the provider cannot have billed it.
 struct WatchedBody {
     bytes: Option<Bytes>,
     len: u64,
