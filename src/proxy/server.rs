@@ -3,9 +3,9 @@
 //!
 //! 1. identify: scoped token → agent and `llm:` entry (401 if unknown);
 //! 2. refuse a quarantined agent (403) — before anything else can cost money;
-//! 2b. resolve the path against the allow-list (`route`): 400 if it could be
-//!    read as another path, 404 if it is no route; only its canonical form is
-//!    ever forwarded;
+//!    then resolve the path against the allow-list (`route`): 400 if it could
+//!    be read as another path, 404 if it is no route; only its canonical form
+//!    is ever forwarded;
 //! 3. read and parse the body (413/400), estimate its worst case;
 //! 4. rate buckets (429 + retry-after);
 //! 5. reserve the worst case under the monthly ceilings (429, no retry),
