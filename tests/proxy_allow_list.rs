@@ -59,6 +59,10 @@ fn raw(addr: &str, method: &str, target: &str, auth: (&str, &str), body: &str) -
     if auth.0 == "x-api-key" {
         request.push_str("anthropic-version: 2023-06-01\r\n");
     }
+    // Headers some servers read as another path, method or host.
+    for (name, value) in OVERRIDES {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
     if !body.is_empty() || method == "POST" {
         request.push_str("content-type: application/json\r\n");
         request.push_str(&format!("content-length: {}\r\n", body.len()));
@@ -111,6 +115,21 @@ fn dechunk(mut rest: &str) -> String {
     }
     out
 }
+
+const OVERRIDES: [(&str, &str); 12] = [
+    ("x-original-url", "/v1/organizations/api_keys"),
+    ("x-rewrite-url", "/v1/organizations/api_keys"),
+    ("x-override-url", "/v1/organizations/api_keys"),
+    ("x-forwarded-uri", "/v1/organizations/api_keys"),
+    ("x-forwarded-path", "/v1/organizations/api_keys"),
+    ("x-forwarded-prefix", "/v1/organizations"),
+    ("x-http-method-override", "DELETE"),
+    ("x-http-method", "DELETE"),
+    ("x-method-override", "DELETE"),
+    ("x-forwarded-host", "evil.example"),
+    ("x-host", "evil.example"),
+    ("forwarded", "host=evil.example"),
+];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Dialect {
@@ -293,6 +312,19 @@ fn nothing_but_the_allowed_canonical_paths_reaches_upstream() {
         );
     }
     assert!(!fake.saw(&anthropic_token) && !fake.saw(env["OPENAI_API_KEY"]));
+    for r in &seen {
+        for (name, _) in OVERRIDES {
+            assert!(
+                !r.headers.contains_key(name),
+                "{}: `{name}` reached upstream",
+                r.target
+            );
+        }
+        assert_ne!(
+            r.headers.get("host").map(String::as_str),
+            Some(addr.as_str())
+        );
+    }
     // A metered body still goes with its length, as before.
     let message = seen.iter().find(|r| r.path == "/v1/messages").unwrap();
     assert_eq!(

@@ -398,9 +398,23 @@ fn refuse_path(
 }
 
 /// Headers never copied between the agent and upstream: hop-by-hop ones,
-/// the agent's credentials (replaced by the real key), and encodings the
-/// tap could not read.
-const SKIPPED_REQUEST_HEADERS: [&str; 13] = [
+/// the agent's credentials (replaced by the real key), encodings the tap
+/// could not read, and the headers some servers and gateways read as
+/// another path, method or host than the request line's — the allow-list
+/// checked that line, so nothing may override it.
+const SKIPPED_REQUEST_HEADERS: [&str; 25] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-forwarded-prefix",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-forwarded-host",
+    "x-host",
+    "forwarded",
     "host",
     "content-length",
     "connection",
