@@ -128,6 +128,7 @@ async fn a_request_that_reached_the_provider_is_charged_even_without_an_answer()
     fleet.write_fleet(&format!(
         "version: 1
 proxy: {{ listen: '127.0.0.1:0', upstream_timeout: 1s }}
+admin: {{ listen: '127.0.0.1:0' }}
 vault: {{ backend: dir, path: secrets }}
 providers:
   silent: {{ kind: anthropic, upstream: '{}' }}
@@ -142,7 +143,7 @@ agents:
         agent("refused", "refused"),
         agent("mute", "mute"),
     ));
-    let _sup = fleet.run(&[]);
+    let sup = fleet.run(&[]);
 
     // A silent provider: 504, charged as cut at the reservation.
     let silent = wait_agent(&fleet, "silent");
@@ -224,5 +225,28 @@ agents:
     );
     let (outcome, _, charged, _) = ledger_row(&fleet, "mute");
     assert_eq!((outcome.as_str(), charged), ("released", 0));
+
+    // The metrics count all four where unreachable and timed-out upstreams
+    // always were, as upstream errors (the ledger rows say cut or released).
+    let addr = wait_for("the admin listener's address in the log", || {
+        let log = sup.log();
+        let line = log.lines().find(|l| l.contains("admin listener serving"))?;
+        let at = line.find("on http://")? + "on http://".len();
+        line[at..].split_whitespace().next().map(str::to_owned)
+    });
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for agent in ["silent", "dropped", "refused", "mute"] {
+        for (outcome, n) in [("upstream_error", 1), ("cut", 0)] {
+            let line = format!(
+                "supervisor_agent_requests_total{{agent=\"{agent}\",outcome=\"{outcome}\"}} {n}"
+            );
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
+    }
     drop(held);
 }

@@ -1101,7 +1101,7 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(open) = self.open.take() {
             tracing::info!(agent = %self.meter.name(), "request abandoned before its answer began");
-            self.charge(open, None, &TapReport::cut());
+            self.charge(open, None, &TapReport::cut(), None);
         }
     }
 }
@@ -1116,7 +1116,14 @@ impl Pending {
             return None;
         }
         let open = self.open.take()?;
-        Some(self.charge(open, None, &TapReport::cut()))
+        // Charged as cut, but counted where timeouts and unreachable
+        // upstreams always were: as upstream errors.
+        Some(self.charge(
+            open,
+            None,
+            &TapReport::cut(),
+            Some(RequestOutcome::UpstreamError),
+        ))
     }
 
     /// Nothing was sent upstream: free everything, charge nothing, count it
@@ -1190,13 +1197,20 @@ impl Pending {
     /// The one place a forwarded request is settled.
     pub(super) fn settle(mut self, status: u16, report: &TapReport) {
         if let Some(open) = self.open.take() {
-            self.charge(open, Some(status), report);
+            self.charge(open, Some(status), report, None);
         }
     }
 
     /// Settles `open` against `report`; `status` is `None` when no answer
-    /// began. Returns what was charged.
-    fn charge(&self, open: Open, status: Option<u16>, report: &TapReport) -> Amount {
+    /// began; `count_as` overrides the outcome counted in the metrics.
+    /// Returns what was charged.
+    fn charge(
+        &self,
+        open: Open,
+        status: Option<u16>,
+        report: &TapReport,
+        count_as: Option<RequestOutcome>,
+    ) -> Amount {
         let Open {
             reservation,
             ticket,
@@ -1247,11 +1261,11 @@ impl Pending {
             .budget
             .settle_rate(Instant::now(), ticket, settled.charged.tokens);
         let metrics = &self.meter.metrics;
-        metrics.count_request(match outcome {
+        metrics.count_request(count_as.unwrap_or(match outcome {
             Outcome::Ok => RequestOutcome::Ok,
             Outcome::Cut => RequestOutcome::Cut,
             Outcome::UpstreamError | Outcome::Released => RequestOutcome::UpstreamError,
-        });
+        }));
         for (kind, tokens) in [
             (TokenKind::Input, seen.input_tokens),
             (TokenKind::Output, seen.output_tokens),
