@@ -454,6 +454,12 @@ mod tests {
             };
             assert_eq!(url.as_str(), want, "the query is forwarded as sent");
         }
+        // The one change a query sees: the escaping the URL standard requires.
+        let url = upstream_url(&origin, "/v1/models", Some("q='x'")).unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://api.anthropic.com/v1/models?q=%27x%27"
+        );
         // What the URL type would rewrite is refused rather than forwarded.
         for path in ["/v1/models/../x", "/v1/models/%2e%2e/x", "/v1\\models"] {
             assert!(upstream_url(&origin, path, None).is_err(), "{path}");
