@@ -143,6 +143,7 @@ fn model_markers_choose_behaviour_and_numbers() {
         ("m-fake-529", Directives { failure: Some(Failure::Overloaded), ..none }),
         ("m-fake-error-midstream", Directives { failure: Some(Failure::ErrorMidstream), ..none }),
         ("m-fake-hang", Directives { failure: Some(Failure::Hang), ..none }),
+        ("m-fake-silent", Directives { failure: Some(Failure::Silent), ..none }),
         ("m-fake-slow", Directives { slow: true, ..none }),
         ("m-fake-slow-fake-cut", Directives { slow: true, failure: Some(Failure::Cut), ..none }),
         ("m-cache-read-100-cache-write-7", Directives { cache_read: 100, cache_write: 7, ..none }),
@@ -606,6 +607,9 @@ fn billing_rules_by_outcome() {
             ("m-cache-read-3-fake-error-midstream", true, so_far(api), false),
             ("m-cache-read-3-fake-error-midstream", false, Billed::default(), false),
             ("m-cache-read-3-fake-hang", true, Billed::default(), false),
+            // Silent: the work was done and billed, the answer never sent.
+            ("m-cache-read-3-fake-silent", true, full(api), false),
+            ("m-cache-read-3-fake-silent", false, full(api), false),
             ("m-cache-read-3-fake-429", true, Billed::default(), false),
         ];
         for (model, stream, want, aborts) in cases {

@@ -124,7 +124,7 @@ pub enum EstimateError {
 }
 
 /// Estimates one request. `body` is the parsed request JSON; `kind` comes from
-/// its path ([`ApiKind::from_path`]).
+/// its route (`route::resolve`).
 pub fn estimate_request(
     kind: ApiKind,
     body: &Value,

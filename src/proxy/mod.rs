@@ -4,7 +4,8 @@
 //! Pure cores: `sse` splits an event stream and keeps event byte spans so the
 //! original bytes pass through; `usage` reads exact usage (and what the runaway
 //! detector wants) from answers; `estimate` bounds a request's worst case before
-//! it is forwarded; `refusal` shapes the proxy's own answers; `simulated` is the
+//! it is forwarded; `refusal` shapes the proxy's own answers; `route` is the allow-list
+//! (canonical path, exact routes, the upstream URL); `simulated` is the
 //! offline model. The shell (`server`) calls these per request and per chunk.
 
 mod answer;
@@ -12,6 +13,7 @@ mod client_io;
 pub mod estimate;
 pub mod meter;
 pub mod refusal;
+pub mod route;
 pub mod server;
 pub mod simulated;
 pub mod sse;

@@ -3,13 +3,18 @@
 //!
 //! 1. identify: scoped token → agent and `llm:` entry (401 if unknown);
 //! 2. refuse a quarantined agent (403) — before anything else can cost money;
+//!    then resolve the path against the allow-list (`route`): 400 if it could
+//!    be read as another path, 404 if it is no route; only its canonical form
+//!    is ever forwarded;
 //! 3. read and parse the body (413/400), estimate its worst case;
 //! 4. rate buckets (429 + retry-after);
 //! 5. reserve the worst case under the monthly ceilings (429, no retry),
 //!    and record the reservation durably in the ledger before forwarding;
 //! 6. forward with the real key (or answer from the simulated provider);
 //! 7. stream the answer back through the usage tap;
-//! 8. settle ceilings, rate buckets and ledger to the real usage.
+//! 8. settle ceilings, rate buckets and ledger to the real usage; a request
+//!    that got no answer is charged as cut once it may have reached the
+//!    provider, released only when it provably never left (`WatchedBody`).
 //!
 //! The order matters: nothing reaches upstream without a reservation, and a
 //! refusal never costs money. Settlement happens in the answer's body
@@ -19,6 +24,7 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +44,7 @@ use super::client_io::WriteStallLimit;
 use super::estimate::{EstimateConfig, estimate_request};
 use super::meter::{AgentMeter, Credential, Meters, Target};
 use super::refusal::{Api, Refusal, RefusalKind};
+use super::route::{self, Endpoint, Refused};
 use super::simulated;
 use super::tokens::TokenTable;
 use super::usage::{
@@ -278,15 +285,6 @@ fn refuse(api: Api, kind: RefusalKind, message: impl Into<String>) -> Response<P
     refusal_response(Refusal::new(api, kind, message))
 }
 
-/// Error shape to use before the agent is known: by the path it called.
-fn api_of_path(path: &str) -> Api {
-    if path.starts_with("/v1/messages") {
-        Api::Anthropic
-    } else {
-        Api::OpenAi
-    }
-}
-
 /// The agent's credential, from `x-api-key` or `Authorization: Bearer` (both
 /// are sent by current SDKs, depending on version).
 fn presented_token(headers: &HeaderMap) -> Option<&str> {
@@ -305,7 +303,7 @@ async fn handle(
 ) -> Response<ProxyBody> {
     let received = Instant::now();
     let path = req.uri().path().to_owned();
-    let shape = api_of_path(&path);
+    let shape = route::shape_of(&path);
     let Some(token) = presented_token(req.headers()) else {
         return refuse(
             shape,
@@ -344,45 +342,79 @@ async fn handle(
             ),
         );
     }
-    let kind = ApiKind::from_path(&path).filter(|k| {
-        matches!(
-            (api, k),
-            (Api::Anthropic, ApiKind::Anthropic)
-                | (Api::OpenAi, ApiKind::OpenAiChat | ApiKind::OpenAiResponses)
-        )
-    });
-    match (kind, req.method()) {
-        (Some(kind), &Method::POST) => {
-            handle_metered(shared, req, &meter, route, kind, received).await
+    // The one place the path is checked: what passes is its canonical form,
+    // and that (never the path as sent) is what is forwarded.
+    let resolved = match route::resolve(api, req.method(), &path) {
+        Ok(resolved) => resolved,
+        Err(refused) => {
+            return refuse_path(api, meter.name(), req.method(), &path, refused, shared);
         }
-        _ if is_free(api, req.method(), &path) => forward_unmetered(shared, req, &route).await,
-        _ => refuse(
+    };
+    match resolved.endpoint {
+        Endpoint::Metered(kind) => {
+            handle_metered(shared, req, &meter, route, kind, &resolved.path, received).await
+        }
+        Endpoint::CountTokens | Endpoint::Models | Endpoint::Model => {
+            forward_unmetered(shared, req, &route, &resolved.path).await
+        }
+    }
+}
+
+/// A path the allow-list refused: 400 if it could be read as another path,
+/// 404 if it is simply not a route the proxy forwards.
+fn refuse_path(
+    api: Api,
+    agent: &str,
+    method: &Method,
+    path: &str,
+    refused: Refused,
+    shared: &ProxyShared,
+) -> Response<ProxyBody> {
+    let shown = route::shown(path);
+    let routes = route::routes_for(api);
+    match refused {
+        Refused::Malformed(why) => {
+            tracing::warn!(
+                agent,
+                "proxy: refused `{method} {}`: {why}",
+                shared.redaction.redact(&shown)
+            );
+            refuse(
+                api,
+                RefusalKind::BadRequest,
+                format!(
+                    "the supervisor's proxy refused `{method} {shown}` for agent \"{agent}\": {why}; nothing was forwarded. Only these routes pass, exactly: {routes}"
+                ),
+            )
+        }
+        Refused::NotRouted => refuse(
             api,
             RefusalKind::NotFound,
             format!(
-                "the supervisor's proxy does not forward `{} {path}` for agent \"{}\": only metered model calls and free endpoints pass",
-                req.method(),
-                meter.name()
+                "the supervisor's proxy does not forward `{method} {shown}` for agent \"{agent}\": only these routes pass, exactly: {routes}"
             ),
         ),
     }
 }
 
-/// Endpoints that cost nothing and are forwarded without metering.
-fn is_free(api: Api, method: &Method, path: &str) -> bool {
-    match api {
-        Api::Anthropic => {
-            (method == Method::POST && path == "/v1/messages/count_tokens")
-                || (method == Method::GET && path.starts_with("/v1/models"))
-        }
-        Api::OpenAi => method == Method::GET && path.starts_with("/v1/models"),
-    }
-}
-
 /// Headers never copied between the agent and upstream: hop-by-hop ones,
-/// the agent's credentials (replaced by the real key), and encodings the
-/// tap could not read.
-const SKIPPED_REQUEST_HEADERS: [&str; 13] = [
+/// the agent's credentials (replaced by the real key), encodings the tap
+/// could not read, and the headers some servers and gateways read as
+/// another path, method or host than the request line's — the allow-list
+/// checked that line, so nothing may override it.
+const SKIPPED_REQUEST_HEADERS: [&str; 25] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-forwarded-prefix",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-forwarded-host",
+    "x-host",
+    "forwarded",
     "host",
     "content-length",
     "connection",
@@ -411,19 +443,21 @@ const SKIPPED_RESPONSE_HEADERS: [&str; 8] = [
     "upgrade",
 ];
 
-/// The request to send upstream: the agent's method, path, query and
-/// headers (less the skipped ones), to the route's origin, with the real key.
-/// Moves the agent's headers rather than copying them one by one.
+/// The request to send upstream: the agent's method, the checked canonical
+/// `path`, the agent's query and headers (less the skipped ones), to the
+/// route's origin, with the real key. Moves the agent's headers rather than
+/// copying them one by one.
 fn upstream_request(
     target: &Target,
     method: Method,
-    uri: &hyper::Uri,
+    path: &str,
+    query: Option<&str>,
     mut headers: HeaderMap,
-    body: Bytes,
+    body: reqwest::Body,
 ) -> Result<reqwest::Request, Box<Response<ProxyBody>>> {
     let api = target.provider.api();
-    let mut url = match &target.upstream {
-        Some(Ok(origin)) => origin.clone(),
+    let origin = match &target.upstream {
+        Some(Ok(origin)) => origin,
         Some(Err(message)) => {
             return Err(Box::new(refuse(
                 api,
@@ -442,8 +476,17 @@ fn upstream_request(
             )));
         }
     };
-    url.set_path(uri.path());
-    url.set_query(uri.query());
+    let url = match route::upstream_url(origin, path, query) {
+        Ok(url) => url,
+        Err(err) => {
+            tracing::error!("proxy: refusing to forward: {err}");
+            return Err(Box::new(refuse(
+                api,
+                RefusalKind::Internal,
+                "the supervisor's proxy could not build an upstream URL with exactly the checked path, so it forwarded nothing; see its log",
+            )));
+        }
+    };
     for name in SKIPPED_REQUEST_HEADERS {
         headers.remove(name);
     }
@@ -465,14 +508,69 @@ fn upstream_request(
     }
     let mut request = reqwest::Request::new(method, url);
     *request.headers_mut() = headers;
-    *request.body_mut() = Some(reqwest::Body::from(body));
+    *request.body_mut() = Some(body);
     Ok(request)
+}
+
+/// A metered request's body as sent upstream. It records when the HTTP
+/// client first asks for it: the client does so only once a connection is
+/// up (TCP and TLS) and the request head is queued on it, in the same step
+/// that flushes both. Until then nothing of the request has left the
+/// proxy (over HTTP/2 its headers may have, but not the body, without which
+/// the provider cannot run it), so the provider cannot have billed it.
+struct WatchedBody {
+    bytes: Option<Bytes>,
+    len: u64,
+    asked: Arc<AtomicBool>,
+}
+
+impl WatchedBody {
+    fn new(bytes: Bytes) -> (Self, Arc<AtomicBool>) {
+        let asked = Arc::new(AtomicBool::new(false));
+        let body = Self {
+            len: bytes.len() as u64,
+            bytes: Some(bytes),
+            asked: asked.clone(),
+        };
+        (body, asked)
+    }
+}
+
+impl hyper::body::Body for WatchedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.asked.store(true, Ordering::Release);
+        std::task::Poll::Ready(self.bytes.take().map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        // An exact length: the client sends `content-length`, as for bytes.
+        hyper::body::SizeHint::with_exact(self.bytes.as_ref().map_or(0, |_| self.len))
+    }
+}
+
+/// Whether a request that got no answer may have reached the provider (and
+/// so may be billed). Only proof that nothing was sent counts as "no": the
+/// body was never asked for, or the error is one of connecting (DNS, TCP,
+/// TLS handshake), which comes before anything is written.
+fn may_have_reached(body_asked: bool, err: Option<&reqwest::Error>) -> bool {
+    body_asked && !err.is_some_and(reqwest::Error::is_connect)
 }
 
 async fn forward_unmetered(
     shared: &ProxyShared,
     req: Request<Incoming>,
     route: &Target,
+    path: &str,
 ) -> Response<ProxyBody> {
     let api = route.provider.api();
     if route.upstream.is_none() {
@@ -487,7 +585,14 @@ async fn forward_unmetered(
         Ok(b) => b,
         Err(resp) => return resp(api),
     };
-    let request = match upstream_request(route, parts.method, &parts.uri, parts.headers, body) {
+    let request = match upstream_request(
+        route,
+        parts.method,
+        path,
+        parts.uri.query(),
+        parts.headers,
+        reqwest::Body::from(body),
+    ) {
         Ok(request) => request,
         Err(refusal) => return *refusal,
     };
@@ -506,7 +611,17 @@ async fn forward_unmetered(
             copy_response_headers(&headers, response.headers_mut());
             response
         }
-        Ok(Err(err)) => upstream_failure(api, &route.provider.name, &err, &shared.redaction),
+        Ok(Err(err)) => {
+            let (kind, what) = upstream_error(&route.provider.name, &err, &shared.redaction);
+            refuse(
+                api,
+                kind,
+                format!(
+                    "upstream provider `{}` {what}; this endpoint is free, nothing was charged",
+                    route.provider.name
+                ),
+            )
+        }
         Err(_) => refuse(
             api,
             RefusalKind::UpstreamTimeout,
@@ -526,26 +641,62 @@ fn copy_response_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) 
     }
 }
 
-fn upstream_failure(
-    api: Api,
+/// Logs a failed upstream exchange; says which refusal it is and what
+/// happened, for the agent's message.
+fn upstream_error(
     provider: &str,
     err: &reqwest::Error,
     redaction: &Redaction,
-) -> Response<ProxyBody> {
+) -> (RefusalKind, &'static str) {
     // reqwest's Display can include the URL, never the headers; an agent may
     // have put a value in the URL's query, so the text is masked too.
-    let (kind, what) = if err.is_timeout() {
+    let (kind, what) = if err.is_connect() {
+        (RefusalKind::UpstreamUnreachable, "could not be reached")
+    } else if err.is_timeout() {
         (RefusalKind::UpstreamTimeout, "did not answer in time")
     } else {
-        (RefusalKind::UpstreamUnreachable, "could not be reached")
+        (
+            RefusalKind::UpstreamUnreachable,
+            "failed before its answer began",
+        )
     };
-    let err = redaction.redact(&err.to_string());
-    tracing::warn!(provider, "upstream {what}: {err}");
-    refuse(
-        api,
-        kind,
-        format!("upstream provider `{provider}` {what}; nothing was charged"),
-    )
+    let text = redaction.redact(&error_chain(err));
+    tracing::warn!(provider, "upstream {what}: {text}");
+    (kind, what)
+}
+
+/// An error with its causes, `: `-joined (reqwest's own Display is only the
+/// outermost, "error sending request").
+fn error_chain(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// What an agent is told of a metered request that got no answer, and how
+/// it was settled.
+fn unanswered_message(provider: &str, what: &str, charged: Option<Amount>) -> String {
+    match charged {
+        None => format!(
+            "upstream provider `{provider}` {what}; the request never left the proxy, so nothing was charged"
+        ),
+        Some(amount) => {
+            let cost = if amount.micro_usd > 0 {
+                format!(" / ${:.6}", amount.micro_usd as f64 / 1e6)
+            } else {
+                String::new()
+            };
+            format!(
+                "upstream provider `{provider}` {what}; the request had been sent and may be billed, so it is charged as cut at its reservation ({} tokens{cost})",
+                amount.tokens
+            )
+        }
+    }
 }
 
 type Refuser = Box<dyn FnOnce(Api) -> Response<ProxyBody> + Send>;
@@ -598,6 +749,7 @@ async fn handle_metered(
     meter: &Arc<AgentMeter>,
     route: Arc<Target>,
     kind: ApiKind,
+    path: &str,
     started: Instant,
 ) -> Response<ProxyBody> {
     let api = route.provider.api();
@@ -814,14 +966,21 @@ async fn handle_metered(
             )
         }
         ProviderKind::Anthropic { .. } | ProviderKind::OpenAi { .. } => {
-            let request =
-                match upstream_request(&route, parts.method, &parts.uri, parts.headers, body) {
-                    Ok(request) => request,
-                    Err(refusal) => {
-                        pending.release_failed();
-                        return *refusal;
-                    }
-                };
+            let (body, asked) = WatchedBody::new(body);
+            let request = match upstream_request(
+                &route,
+                parts.method,
+                path,
+                parts.uri.query(),
+                parts.headers,
+                reqwest::Body::wrap(body),
+            ) {
+                Ok(request) => request,
+                Err(refusal) => {
+                    pending.release_failed();
+                    return *refusal;
+                }
+            };
             let sent = tokio::time::timeout(
                 shared.settings.upstream_timeout,
                 shared.client.execute(request),
@@ -837,18 +996,29 @@ async fn handle_metered(
                     (head.status.as_u16(), headers, Source::Upstream(body))
                 }
                 Ok(Err(err)) => {
-                    pending.release_failed();
-                    return upstream_failure(api, &route.provider.name, &err, &shared.redaction);
+                    let provider = &route.provider.name;
+                    let (kind, what) = upstream_error(provider, &err, &shared.redaction);
+                    let reached = may_have_reached(asked.load(Ordering::Acquire), Some(&err));
+                    let charged = pending.unanswered(reached);
+                    return refuse(api, kind, unanswered_message(provider, what, charged));
                 }
                 Err(_) => {
-                    pending.release_failed();
+                    let provider = &route.provider.name;
+                    let reached = may_have_reached(asked.load(Ordering::Acquire), None);
+                    let within = humantime::format_duration(shared.settings.upstream_timeout);
+                    let what = if reached {
+                        format!("did not answer within `proxy.upstream_timeout` ({within})")
+                    } else {
+                        format!(
+                            "could not be connected to within `proxy.upstream_timeout` ({within})"
+                        )
+                    };
+                    tracing::warn!(provider = %provider, "upstream {what}");
+                    let charged = pending.unanswered(reached);
                     return refuse(
                         api,
                         RefusalKind::UpstreamTimeout,
-                        format!(
-                            "upstream provider `{}` did not answer in time; nothing was charged",
-                            route.provider.name
-                        ),
+                        unanswered_message(provider, &what, charged),
                     );
                 }
             }
@@ -931,14 +1101,33 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(open) = self.open.take() {
             tracing::info!(agent = %self.meter.name(), "request abandoned before its answer began");
-            self.charge(open, None, &TapReport::cut());
+            self.charge(open, None, &TapReport::cut(), None);
         }
     }
 }
 
 impl Pending {
-    /// Upstream could not be reached or did not answer: free everything,
-    /// charge nothing, count it as an upstream error.
+    /// No answer came. If the request may have reached the provider it may
+    /// be billed, so it is charged as cut at its reservation (as when the
+    /// client leaves) and the charge is returned; otherwise it is released.
+    fn unanswered(mut self, may_have_reached: bool) -> Option<Amount> {
+        if !may_have_reached {
+            self.release_failed();
+            return None;
+        }
+        let open = self.open.take()?;
+        // Charged as cut, but counted where timeouts and unreachable
+        // upstreams always were: as upstream errors.
+        Some(self.charge(
+            open,
+            None,
+            &TapReport::cut(),
+            Some(RequestOutcome::UpstreamError),
+        ))
+    }
+
+    /// Nothing was sent upstream: free everything, charge nothing, count it
+    /// as an upstream error.
     fn release_failed(mut self) {
         let Some(open) = self.open.take() else {
             return;
@@ -1008,13 +1197,20 @@ impl Pending {
     /// The one place a forwarded request is settled.
     pub(super) fn settle(mut self, status: u16, report: &TapReport) {
         if let Some(open) = self.open.take() {
-            self.charge(open, Some(status), report);
+            self.charge(open, Some(status), report, None);
         }
     }
 
     /// Settles `open` against `report`; `status` is `None` when no answer
-    /// began.
-    fn charge(&self, open: Open, status: Option<u16>, report: &TapReport) {
+    /// began; `count_as` overrides the outcome counted in the metrics.
+    /// Returns what was charged.
+    fn charge(
+        &self,
+        open: Open,
+        status: Option<u16>,
+        report: &TapReport,
+        count_as: Option<RequestOutcome>,
+    ) -> Amount {
         let Open {
             reservation,
             ticket,
@@ -1065,11 +1261,11 @@ impl Pending {
             .budget
             .settle_rate(Instant::now(), ticket, settled.charged.tokens);
         let metrics = &self.meter.metrics;
-        metrics.count_request(match outcome {
+        metrics.count_request(count_as.unwrap_or(match outcome {
             Outcome::Ok => RequestOutcome::Ok,
             Outcome::Cut => RequestOutcome::Cut,
             Outcome::UpstreamError | Outcome::Released => RequestOutcome::UpstreamError,
-        });
+        }));
         for (kind, tokens) in [
             (TokenKind::Input, seen.input_tokens),
             (TokenKind::Output, seen.output_tokens),
@@ -1102,6 +1298,7 @@ impl Pending {
                 charged_micro_usd: settled.charged.micro_usd,
             },
         );
+        settled.charged
     }
 }
 

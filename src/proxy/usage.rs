@@ -51,19 +51,6 @@ pub enum ApiKind {
 }
 
 impl ApiKind {
-    /// The metered API behind a request path (a query string is ignored), or
-    /// `None` for paths that are not metered (e.g. `/v1/models`,
-    /// `/v1/messages/count_tokens`).
-    pub fn from_path(path: &str) -> Option<Self> {
-        let path = path.split_once('?').map_or(path, |(p, _)| p);
-        match path.strip_suffix('/').unwrap_or(path) {
-            "/v1/messages" => Some(Self::Anthropic),
-            "/v1/chat/completions" => Some(Self::OpenAiChat),
-            "/v1/responses" => Some(Self::OpenAiResponses),
-            _ => None,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Anthropic => "anthropic",

@@ -79,24 +79,6 @@ fn openai_mapping_never_double_counts_cached_tokens() {
 }
 
 #[test]
-fn api_kind_from_path() {
-    let cases = [
-        ("/v1/messages", Some(ApiKind::Anthropic)),
-        ("/v1/messages?beta=true", Some(ApiKind::Anthropic)),
-        ("/v1/chat/completions", Some(ApiKind::OpenAiChat)),
-        ("/v1/chat/completions/", Some(ApiKind::OpenAiChat)),
-        ("/v1/responses", Some(ApiKind::OpenAiResponses)),
-        ("/v1/messages/count_tokens", None),
-        ("/v1/models", None),
-        ("/v1/responses/resp_123", None),
-        ("", None),
-    ];
-    for (path, want) in cases {
-        assert_eq!(ApiKind::from_path(path), want, "path {path}");
-    }
-}
-
-#[test]
 fn anthropic_text_stream() {
     let r = tap(ApiKind::Anthropic, ANTHROPIC_TEXT);
     assert_eq!(r.outcome, Outcome::Completed);

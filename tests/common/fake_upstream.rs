@@ -38,8 +38,9 @@
 //! `fake-400`, `fake-429` (with `retry-after`), `fake-500`, `fake-529` (Anthropic
 //! `overloaded_error`; OpenAI answers 503, its overload status),
 //! `fake-error-midstream`, `fake-cut`, `fake-slow` (pause before the headers and
-//! between events), `fake-hang` (never answers). A marker counts only between
-//! `-` boundaries or the ends of the name.
+//! between events), `fake-hang` (never answers), `fake-silent` (does the work
+//! and bills it, but never answers). A marker counts only between `-`
+//! boundaries or the ends of the name.
 //!
 //! # Billing rules (the tally, [`FakeUpstream::billed`])
 //! Decided when the answer starts, before its first byte, so the tally is never
@@ -49,13 +50,15 @@
 //!   or half a JSON body) bills the full planned usage: the provider did the work;
 //! - an error mid-stream (`fake-error-midstream`, streaming) bills input and cache
 //!   tokens plus the output deltas sent before the error;
+//! - a silent answer (`fake-silent`) bills the full planned usage, as a provider
+//!   does for a generation whose client timed out before it finished;
 //! - any error status (4xx, 429, 5xx, 529), including `fake-error-midstream` on a
 //!   non-streaming request (then a 500), and `fake-hang`, bills nothing;
 //! - a client hanging up early changes nothing: what was decided is billed.
 //!
 //! `Billed::requests` counts billed requests only; [`FakeUpstream::requests`] has
-//! every request (path, key, model, stream, `x-stainless-retry-count`, all headers,
-//! body, status, what it billed). [`FakeUpstream::keys_seen`] and
+//! every request (path, the exact request-target, key, model, stream,
+//! `x-stainless-retry-count`, all headers, body, status, what it billed). [`FakeUpstream::keys_seen`] and
 //! [`FakeUpstream::saw`] are for "the scoped token never reached upstream" checks;
 //! [`FakeUpstream::in_flight`] and [`FakeUpstream::max_concurrency`] for
 //! concurrency tests.
@@ -168,6 +171,9 @@ pub struct Request {
     pub method: String,
     /// Path without the query string.
     pub path: String,
+    /// The request-target exactly as it arrived on the request line (path and
+    /// query, undecoded), for "nothing else reached upstream" checks.
+    pub target: String,
     /// The credential presented for this path's provider (Anthropic: `x-api-key`,
     /// else the `Bearer` value; OpenAI: the `Bearer` value), accepted or not.
     pub key: Option<String>,
@@ -203,6 +209,7 @@ pub enum Failure {
     ErrorMidstream,
     Cut,
     Hang,
+    Silent,
 }
 
 /// What a request asked of the fake through its model name and `x-fake-*` headers.
@@ -226,6 +233,7 @@ pub fn directives(model: &str, headers: &[(String, String)]) -> Directives {
         ("fake-error-midstream", Failure::ErrorMidstream),
         ("fake-cut", Failure::Cut),
         ("fake-hang", Failure::Hang),
+        ("fake-silent", Failure::Silent),
     ];
     let header_number = |name: &str| {
         headers
@@ -403,6 +411,25 @@ pub fn respond(config: &Config, req: RequestView<'_>, seq: u64) -> Exchange {
             exchange.reply = match check_key(flavour, key.as_deref(), accepted, seq) {
                 Err(reply) => reply,
                 Ok(()) => Reply::json(flavour, 200, &models_list(flavour), seq),
+            };
+            exchange.key = key;
+            return exchange;
+        }
+        ("GET", p) if p.starts_with("/v1/models/") && !p["/v1/models/".len()..].contains('/') => {
+            let id = &p["/v1/models/".len()..];
+            let anthropic = api_key.is_some() || header("anthropic-version").is_some();
+            let (flavour, key, accepted) = if anthropic {
+                (
+                    Flavour::Anthropic,
+                    api_key.or(bearer),
+                    &config.anthropic_keys,
+                )
+            } else {
+                (Flavour::OpenAi, bearer, &config.openai_keys)
+            };
+            exchange.reply = match check_key(flavour, key.as_deref(), accepted, seq) {
+                Err(reply) => reply,
+                Ok(()) => Reply::json(flavour, 200, &model_object(flavour, id), seq),
             };
             exchange.key = key;
             return exchange;
@@ -659,6 +686,17 @@ fn answer(config: &Config, plan: &Plan, seq: u64) -> Reply {
             reply.parts.clear();
             return reply;
         }
+        Some(Failure::Silent) => {
+            // The work is done (and billed); the answer never leaves.
+            let mut reply = if plan.stream {
+                stream_reply(plan, seq)
+            } else {
+                json_reply(plan, seq)
+            };
+            reply.hang = true;
+            reply.parts.clear();
+            return reply;
+        }
         Some(Failure::ErrorMidstream) | Some(Failure::Cut) | None => {
             if plan.stream {
                 stream_reply(plan, seq)
@@ -776,6 +814,21 @@ fn models_list(flavour: Flavour) -> Value {
             "object": "list",
             "data": [{"id": "gpt-fake-1", "object": "model", "created": CREATED, "owned_by": "fake-upstream"}],
         }),
+    }
+}
+
+/// One model, as `GET /v1/models/{id}` answers it (any id exists).
+fn model_object(flavour: Flavour, id: &str) -> Value {
+    match flavour {
+        Flavour::Anthropic => json!({
+            "type": "model",
+            "id": id,
+            "display_name": id,
+            "created_at": "2025-01-01T00:00:00Z",
+        }),
+        Flavour::OpenAi => {
+            json!({"id": id, "object": "model", "created": CREATED, "owned_by": "fake-upstream"})
+        }
     }
 }
 
@@ -1404,6 +1457,10 @@ async fn handle(
         ));
     }
     let path = parts.uri.path().to_owned();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| path.clone(), |pq| pq.as_str().to_owned());
     let seq = shared.seq.fetch_add(1, Ordering::SeqCst);
     let exchange = respond(
         &shared.config,
@@ -1454,6 +1511,7 @@ async fn handle(
         state.requests.push(Request {
             method: parts.method.as_str().to_owned(),
             path,
+            target,
             key: exchange.key,
             model: exchange.model,
             stream: exchange.stream,
