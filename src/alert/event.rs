@@ -33,6 +33,18 @@ pub enum AlertEvent {
         reason: String,
         evidence_summary: String,
     },
+    /// The agent spent faster than `runaway.velocity` allows and its
+    /// `velocity.action` is `alert`, so it keeps running. One per episode
+    /// (the wire re-arms once the agent calms down).
+    SpendVelocity {
+        agent: String,
+        reason: String,
+        window_secs: u64,
+        spend_tokens: u64,
+        /// `None` while the agent has too little history for a baseline.
+        baseline_tokens: Option<u64>,
+        threshold_tokens: u64,
+    },
     /// The agent's monthly ceiling refused a request.
     CeilingReached {
         agent: String,
@@ -76,6 +88,7 @@ impl AlertEvent {
         match self {
             Self::Quarantined { .. } => "agent_quarantined",
             Self::RunawayDetected { .. } => "runaway_detected",
+            Self::SpendVelocity { .. } => "spend_velocity",
             Self::CeilingReached { .. } => "ceiling_reached",
             Self::BudgetThreshold { .. } => "budget_threshold",
             Self::CrashLooping { .. } => "crash_looping",
@@ -88,6 +101,7 @@ impl AlertEvent {
         match self {
             Self::Quarantined { agent, .. }
             | Self::RunawayDetected { agent, .. }
+            | Self::SpendVelocity { agent, .. }
             | Self::CeilingReached { agent, .. }
             | Self::BudgetThreshold { agent, .. }
             | Self::CrashLooping { agent, .. }
@@ -139,6 +153,21 @@ impl AlertEvent {
                 secret,
                 message: mask(message),
             },
+            Self::SpendVelocity {
+                agent,
+                reason,
+                window_secs,
+                spend_tokens,
+                baseline_tokens,
+                threshold_tokens,
+            } => Self::SpendVelocity {
+                agent,
+                reason: mask(reason),
+                window_secs,
+                spend_tokens,
+                baseline_tokens,
+                threshold_tokens,
+            },
             other @ (Self::BudgetThreshold { .. }
             | Self::CrashLooping { .. }
             | Self::RateLimitStorm { .. }) => other,
@@ -153,6 +182,9 @@ impl AlertEvent {
             }
             Self::RunawayDetected { agent, reason, .. } => format!(
                 "agent `{agent}` shows the runaway pattern and keeps running (`runaway.action: alert`): {reason}"
+            ),
+            Self::SpendVelocity { agent, reason, .. } => format!(
+                "agent `{agent}` is spending unusually fast and keeps running (`runaway.velocity.action: alert`): {reason}"
             ),
             Self::CeilingReached { agent, month, .. } => format!(
                 "agent `{agent}` reached its monthly ceiling for {month}; its LLM requests are refused until {} or a higher ceiling",
@@ -248,6 +280,17 @@ pub fn payload(event: &AlertEvent, fleet: &str, time: SystemTime) -> Value {
             evidence_summary,
             ..
         } => json!({ "reason": reason, "evidence_summary": evidence_summary }),
+        AlertEvent::SpendVelocity {
+            reason,
+            window_secs,
+            spend_tokens,
+            baseline_tokens,
+            threshold_tokens,
+            ..
+        } => json!({
+            "reason": reason, "window_secs": window_secs, "spend_tokens": spend_tokens,
+            "baseline_tokens": baseline_tokens, "threshold_tokens": threshold_tokens,
+        }),
         AlertEvent::CeilingReached { month, message, .. } => {
             json!({ "month": month.to_string(), "message": message })
         }

@@ -4,7 +4,6 @@
 //! called by `metering::resolve_runaway`.
 
 use std::str::FromStr;
-use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::{self, Visitor};
@@ -168,16 +167,16 @@ fn merge(
     (config, at)
 }
 
-/// For tests: a window of `secs`.
-#[cfg(test)]
-fn mins(n: u64) -> Duration {
-    Duration::from_secs(n * 60)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::super::load::parse_for_tests;
     use super::*;
+
+    fn mins(n: u64) -> Duration {
+        Duration::from_secs(n * 60)
+    }
 
     fn velocity(agent: &str, defaults: &str) -> Result<VelocityConfig, Vec<String>> {
         let source = format!(

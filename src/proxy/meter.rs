@@ -22,7 +22,7 @@ use crate::ledger::AgentMonthUsage;
 use crate::metrics::{AgentCounters, AgentMetrics};
 use crate::runaway::{
     ConversationKey, Detector, RequestSummary, ResponseSummary, RunawayAction, RunawayConfig,
-    Verdict,
+    VelocityConfig, VelocityEvidence, VelocityWire, Verdict,
 };
 use crate::vault::Secret;
 
@@ -116,6 +116,8 @@ pub struct AgentMeter {
     quarantine: RwLock<Option<String>>,
     /// The runaway detector: pure state, fed every request and answer.
     detector: Mutex<Detector>,
+    /// The spend-velocity wire: pure state, fed every settlement.
+    velocity: Mutex<VelocityWire>,
     /// Counters for `/metrics`; atomics, so the request path takes no lock.
     pub metrics: AgentMetrics,
     /// `budget.alert_at` in percent; 0 = none.
@@ -175,6 +177,7 @@ impl AgentMeter {
             routes: RwLock::new(targets(routes)),
             quarantine: RwLock::new(None),
             detector: Mutex::new(Detector::new(runaway)),
+            velocity: Mutex::new(VelocityWire::new(runaway.velocity)),
             metrics: AgentMetrics::default(),
             alert_at: AtomicU32::new(alert_at),
             alerted: Mutex::new(None),
@@ -200,6 +203,11 @@ impl AgentMeter {
         {
             d.set_config(runaway);
         }
+        if let Ok(mut v) = self.velocity.lock()
+            && v.config() != &runaway.velocity
+        {
+            v.set_config(runaway.velocity);
+        }
         let routes = targets(routes);
         if let Ok(mut r) = self.routes.write() {
             *r = routes;
@@ -218,6 +226,32 @@ impl AgentMeter {
         if let Ok(mut d) = self.detector.lock() {
             d.observe_response(conversation, summary);
         }
+    }
+
+    /// The velocity wire's settings; a change of `window` or `baseline`
+    /// needs its history loaded again ([`Self::load_velocity_history`]).
+    pub fn velocity_config(&self) -> Option<VelocityConfig> {
+        self.velocity.lock().ok().map(|v| *v.config())
+    }
+
+    /// The agent's spend per window from the ledger (see
+    /// `ledger::spend_per_window`), as of `now_ms`.
+    pub fn load_velocity_history(&self, windows: Vec<(i64, u64)>, now_ms: i64) {
+        if let Ok(mut v) = self.velocity.lock() {
+            v.load_history(windows, now_ms);
+        }
+    }
+
+    /// Feeds one settlement of `tokens` to the velocity wire; a trip carries
+    /// its evidence and the action configured for it.
+    pub fn observe_spend(
+        &self,
+        now_ms: i64,
+        tokens: u64,
+    ) -> Option<(VelocityEvidence, RunawayAction)> {
+        let mut v = self.velocity.lock().ok()?;
+        let evidence = v.observe(now_ms, tokens)?;
+        Some((evidence, v.config().action))
     }
 
     /// After a settlement charged to `month`: the crossing to alert about, the
@@ -246,8 +280,18 @@ impl AgentMeter {
     }
 
     pub fn set_quarantine(&self, reason: Option<String>) {
-        if let Ok(mut q) = self.quarantine.write() {
-            *q = reason;
+        let released = reason.is_none();
+        let was = match self.quarantine.write() {
+            Ok(mut q) => std::mem::replace(&mut *q, reason),
+            Err(_) => return,
+        };
+        // Released: the spend that tripped is no reason to trip again (nor
+        // to stay tripped and miss the next episode).
+        if released
+            && was.is_some()
+            && let Ok(mut v) = self.velocity.lock()
+        {
+            v.reset_window();
         }
     }
 }

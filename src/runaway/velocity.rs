@@ -90,7 +90,10 @@ impl VelocityConfig {
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         let secs = self.window.as_secs();
-        if self.window.subsec_nanos() != 0 || secs % 60 != 0 || !(60..=86_400).contains(&secs) {
+        if self.window.subsec_nanos() != 0
+            || !secs.is_multiple_of(60)
+            || !(60..=86_400).contains(&secs)
+        {
             out.push((
                 "window",
                 "must be whole minutes from `1m` to `24h`, like `10m`".to_owned(),
@@ -228,15 +231,7 @@ pub fn short_duration(secs: u64) -> String {
 
 /// `1234567` → `1,234,567`.
 pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    crate::budget::group_thousands(n)
 }
 
 /// One minute of the live window.
