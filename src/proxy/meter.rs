@@ -345,6 +345,43 @@ mod tests {
     use crate::budget::{Amount, CeilingKind};
 
     #[test]
+    fn velocity_settings_apply_live_and_a_release_clears_the_window() {
+        let nov = Month::new(2026, 11).unwrap();
+        let spec = BudgetSpec::default();
+        let meter = AgentMeter::new("a", &spec, RunawayConfig::default(), vec![], nov, None);
+        let t0 = 1_795_000_200_000;
+        assert!(
+            meter.observe_spend(t0, 300_000).is_none(),
+            "no history: 5 × the 200k floor"
+        );
+        let strict = RunawayConfig {
+            velocity: VelocityConfig {
+                max_tokens_per_window: Some(400_000),
+                action: RunawayAction::Quarantine,
+                ..VelocityConfig::default()
+            },
+            ..RunawayConfig::default()
+        };
+        meter.update(&spec, strict, vec![]);
+        let (evidence, action) = meter.observe_spend(t0 + 1, 200_000).expect("over 400k");
+        assert_eq!(action, RunawayAction::Quarantine);
+        assert_eq!(
+            evidence.spend_tokens, 500_000,
+            "the window survived the reload"
+        );
+        meter.set_quarantine(Some("spend velocity".into()));
+        meter.set_quarantine(None);
+        assert!(
+            meter.observe_spend(t0 + 2, 300_000).is_none(),
+            "a fresh window"
+        );
+        assert!(
+            meter.observe_spend(t0 + 3, 200_000).is_some(),
+            "and re-armed"
+        );
+    }
+
+    #[test]
     fn a_soft_alert_is_raised_once_a_month_when_usage_crosses_alert_at() {
         let nov = Month::new(2026, 11).unwrap();
         let spec = BudgetSpec {
