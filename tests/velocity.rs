@@ -167,6 +167,8 @@ fn a_sudden_spend_far_above_the_agents_baseline_alerts_once_and_it_keeps_running
     let spend = alert["spend_tokens"].as_u64().unwrap();
     assert!((50_001..70_000).contains(&spend), "{alert}");
     let text = alert["text"].as_str().unwrap();
+    // The figures README "Runaway containment" quotes.
+    eprintln!("{text}");
     for needle in [
         "agent `crawler` is spending unusually fast and keeps running (`runaway.velocity.action: alert`)",
         "tokens in the last 10m",
@@ -255,6 +257,7 @@ fn with_action_quarantine_the_spender_is_refused_stopped_and_its_evidence_record
             .count()
     };
     let calls = reached();
+    eprintln!("crawler quarantined after {calls} calls reached the provider");
     assert!(
         (9..=11).contains(&calls),
         "tripped as its spend passed 50k tokens, at about the 10th call: {calls}"
