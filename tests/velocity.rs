@@ -318,3 +318,79 @@ fn with_action_quarantine_the_spender_is_refused_stopped_and_its_evidence_record
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success(), "{}", sup.log());
 }
+
+/// Calls until `stop` exists, 0.1s apart, each ~3,100 tokens; counts them in
+/// `steady.count`.
+const STEADY: &str = r#"
+import json, os, time, urllib.request
+base, key = os.environ["ANTHROPIC_BASE_URL"], os.environ["ANTHROPIC_API_KEY"]
+i = 0
+while not os.path.exists("stop"):
+    body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 16,
+        "messages": [{"role": "user", "content": f"status report {i}"}]}).encode()
+    req = urllib.request.Request(base + "/v1/messages", data=body, headers={
+        "x-api-key": key, "content-type": "application/json", "anthropic-version": "2023-06-01",
+        "x-fake-cache-read": "3000"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        r.read()
+    i += 1
+    with open("steady.count.tmp", "w") as f:
+        f.write(str(i))
+    os.rename("steady.count.tmp", "steady.count")
+    time.sleep(0.1)
+time.sleep(3600)
+"#;
+
+#[test]
+fn a_reload_applies_velocity_settings_live() {
+    let fake = FakeUpstream::start(Config::default());
+    let hook = Webhook::start();
+    let fleet = FleetDir::new();
+    fleet.write_secret("steady", "anthropic_key", ANTHROPIC_KEY);
+    std::fs::write(fleet.file("steady.py"), STEADY).unwrap();
+    let yaml = |velocity: &str| {
+        format!(
+            "version: 1
+proxy: {{ listen: '127.0.0.1:0' }}
+vault: {{ backend: dir, path: secrets }}
+alerts: {{ webhook: '{hook}' }}
+providers:
+  claude: {{ kind: anthropic, upstream: '{upstream}' }}
+agents:
+  steady:
+    command: [python3, steady.py]
+    llm: [ {{ provider: claude, key: anthropic_key }} ]
+    runaway: {{ velocity: {{ {velocity} }} }}
+",
+            hook = hook.url,
+            upstream = fake.url()
+        )
+    };
+    fleet.write_fleet(&yaml("multiple: off"));
+    let mut sup = fleet.run(&[]);
+    wait_for("ten calls", || {
+        let n: u64 = fleet.read("steady.count")?.trim().parse().ok()?;
+        (n >= 10).then_some(())
+    });
+    assert!(hook.received().is_empty(), "{:#?}", hook.received());
+    // ~31k tokens in the window already: over the new limit at once, and
+    // the agent goes on (action: alert), no restart.
+    fleet.write_fleet(&yaml("multiple: off, max_tokens_per_window: 20k"));
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("reload applied");
+    let alert = wait_for("the spend-velocity alert", || {
+        alerts(&hook, "spend_velocity", "steady").into_iter().next()
+    });
+    assert_eq!(alert["threshold_tokens"], 20_000, "{alert}");
+    assert!(
+        alert["text"]
+            .as_str()
+            .unwrap()
+            .contains("over `max_tokens_per_window` 20,000"),
+        "{alert}"
+    );
+    assert!(!sup.log().contains("restarting it"), "{}", sup.log());
+    std::fs::write(fleet.file("stop"), "").unwrap();
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success(), "{}", sup.log());
+}

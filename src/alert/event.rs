@@ -413,6 +413,29 @@ mod tests {
                 }),
             ),
             (
+                AlertEvent::SpendVelocity {
+                    agent: "crawler".into(),
+                    reason: "spend velocity: 55,106 tokens in the last 10m (10 requests)".into(),
+                    window_secs: 600,
+                    spend_tokens: 55_106,
+                    baseline_tokens: None,
+                    threshold_tokens: 50_000,
+                },
+                json!({
+                    "text": "[demo] agent `crawler` is spending unusually fast and keeps running (`runaway.velocity.action: alert`): spend velocity: 55,106 tokens in the last 10m (10 requests)",
+                    "version": 1,
+                    "event": "spend_velocity",
+                    "agent": "crawler",
+                    "fleet": "demo",
+                    "time": "2026-03-14T15:09:26Z",
+                    "reason": "spend velocity: 55,106 tokens in the last 10m (10 requests)",
+                    "window_secs": 600,
+                    "spend_tokens": 55_106,
+                    "baseline_tokens": null,
+                    "threshold_tokens": 50_000,
+                }),
+            ),
+            (
                 AlertEvent::CeilingReached {
                     agent: "sparkles".into(),
                     month: month(2026, 12),
