@@ -1599,9 +1599,11 @@ fn reject_reload(report: &str) -> Response {
     }
 }
 
-/// The spend-velocity baseline of one agent from the ledger: its spend per
-/// window over the baseline period. A ledger that cannot be read leaves the
-/// wire without history (the floor then stands in), and says so.
+/// The spend-velocity history of one agent from the ledger: its spend per
+/// window over the baseline period (the baseline) and per minute over the
+/// last window (so a restart is not blind to what it just spent). A ledger
+/// that cannot be read leaves the wire without history (the floor then
+/// stands in), and says so.
 fn load_velocity_history(
     meter: &AgentMeter,
     state_dir: &std::path::Path,
@@ -1610,8 +1612,13 @@ fn load_velocity_history(
     let now = ledger::unix_millis_now();
     let window = velocity.window_ms();
     let since = now.saturating_sub(window.saturating_mul(velocity.baseline_windows() + 1));
-    match ledger::spend_per_window(state_dir, meter.name(), since, window) {
-        Ok(windows) => meter.load_velocity_history(windows, now),
+    let read = ledger::spend_per_window(state_dir, meter.name(), since, window).and_then(|w| {
+        let minutes =
+            ledger::spend_per_window(state_dir, meter.name(), now.saturating_sub(window), 60_000)?;
+        Ok((w, minutes))
+    });
+    match read {
+        Ok((windows, minutes)) => meter.load_velocity_history(&windows, &minutes, now),
         Err(err) => tracing::warn!(
             agent = %meter.name(),
             "cannot read the agent's spend history for `runaway.velocity` (its floor stands in for a baseline): {err:#}"

@@ -394,3 +394,53 @@ agents:
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success(), "{}", sup.log());
 }
+
+#[test]
+fn a_restarted_supervisor_counts_what_the_agent_just_spent() {
+    let fake = FakeUpstream::start(Config::default());
+    let hook = Webhook::start();
+    let fleet = FleetDir::new();
+    fleet.write_secret("burst", "anthropic_key", ANTHROPIC_KEY);
+    std::fs::write(fleet.file("agent.py"), AGENT).unwrap();
+    // Eight calls of ~5,100 tokens: ~41k a run, under the 50k limit.
+    fleet.write_fleet(&format!(
+        "version: 1
+proxy: {{ listen: '127.0.0.1:0' }}
+vault: {{ backend: dir, path: secrets }}
+alerts: {{ webhook: '{hook}' }}
+providers:
+  claude: {{ kind: anthropic, upstream: '{upstream}' }}
+agents:
+  burst:
+    command: [python3, agent.py, burst, '8', '5000', '0']
+    restart: {{ policy: never }}
+    llm: [ {{ provider: claude, key: anthropic_key }} ]
+    runaway: {{ velocity: {{ multiple: off, max_tokens_per_window: 50k }} }}
+",
+        hook = hook.url,
+        upstream = fake.url()
+    ));
+    let mut sup = fleet.run(&[]);
+    assert!(statuses(&fleet, "burst", 8).iter().all(|s| s == 200));
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success(), "{}", sup.log());
+    assert!(hook.received().is_empty(), "{:#?}", hook.received());
+
+    // The same eight again within the window, under a new supervisor: the
+    // first run's spend is read back from the ledger, so the two add up.
+    std::fs::remove_file(fleet.file("burst.statuses")).unwrap();
+    let mut sup = fleet.run(&[]);
+    let alert = wait_for("the spend-velocity alert", || {
+        alerts(&hook, "spend_velocity", "burst").into_iter().next()
+    });
+    let spend = alert["spend_tokens"].as_u64().unwrap();
+    assert!((50_001..60_000).contains(&spend), "{alert}");
+    assert!(
+        alert["text"].as_str().unwrap().contains("(10 requests)")
+            || alert["text"].as_str().unwrap().contains("(11 requests)"),
+        "{alert}"
+    );
+    assert!(statuses(&fleet, "burst", 8).iter().all(|s| s == 200));
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success(), "{}", sup.log());
+}

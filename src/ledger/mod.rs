@@ -840,17 +840,26 @@ pub fn usage_samples(state_dir: &Path, since_ms: i64) -> Result<Vec<UsageSample>
     Ok(out)
 }
 
+/// One window of an agent's settled spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSpend {
+    /// `started_at_ms / window_ms`.
+    pub index: i64,
+    pub tokens: u64,
+    pub requests: u64,
+}
+
 /// An agent's settled spend per window of `window_ms` since `since_ms`, for
-/// the spend-velocity baseline: `(started_at_ms / window_ms, charged tokens)`,
-/// oldest first, windows without spend left out. Released requests cost
-/// nothing; unsettled ones are left out (on open they are settled at their
-/// reservation). Empty when there is no ledger yet.
+/// the spend-velocity wire (its baseline, and with one-minute windows its
+/// live window after a restart): oldest first, windows without spend left
+/// out. Released requests cost nothing; unsettled ones are left out (on open
+/// they are settled at their reservation). Empty when there is no ledger yet.
 pub fn spend_per_window(
     state_dir: &Path,
     agent: &str,
     since_ms: i64,
     window_ms: i64,
-) -> Result<Vec<(i64, u64)>> {
+) -> Result<Vec<WindowSpend>> {
     let path = state_dir.join(LEDGER_FILE);
     if !path.exists() {
         return Ok(Vec::new());
@@ -862,13 +871,17 @@ pub fn spend_per_window(
     .with_context(|| format!("cannot open the ledger `{}`", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let mut stmt = conn.prepare(
-        "SELECT started_at_ms / ?3 AS w, SUM(charged_tokens)
+        "SELECT started_at_ms / ?3 AS w, SUM(charged_tokens), COUNT(*)
          FROM requests
          WHERE agent = ?1 AND started_at_ms >= ?2 AND settled = 1 AND outcome != 'released'
          GROUP BY w HAVING SUM(charged_tokens) > 0 ORDER BY w",
     )?;
     let rows = stmt.query_map(params![agent, since_ms, window_ms.max(1)], |r| {
-        Ok((r.get::<_, i64>(0)?, from_sql(r.get(1)?)))
+        Ok(WindowSpend {
+            index: r.get(0)?,
+            tokens: from_sql(r.get(1)?),
+            requests: from_sql(r.get(2)?),
+        })
     })?;
     let mut out = Vec::new();
     for row in rows {
@@ -1064,14 +1077,15 @@ mod tests {
         spend("a", base + 3 * w, 9_000, None); // in flight
         spend("b", base, 7, Some(Outcome::Ok));
         ledger.flush().await;
-        assert_eq!(
-            spend_per_window(dir.path(), "a", base, w).unwrap(),
-            vec![(3_000, 300), (3_001, 400)]
-        );
-        assert_eq!(
-            spend_per_window(dir.path(), "b", 0, w).unwrap(),
-            vec![(3_000, 7)]
-        );
+        let spend = |agent: &str, since: i64| -> Vec<(i64, u64, u64)> {
+            spend_per_window(dir.path(), agent, since, w)
+                .unwrap()
+                .iter()
+                .map(|s| (s.index, s.tokens, s.requests))
+                .collect()
+        };
+        assert_eq!(spend("a", base), vec![(3_000, 300, 2), (3_001, 400, 1)]);
+        assert_eq!(spend("b", 0), vec![(3_000, 7, 1)]);
     }
 
     /// A kill -9: the writer never runs again and nothing is cleaned up.

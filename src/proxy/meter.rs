@@ -18,7 +18,7 @@ use hyper::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use super::refusal::Api;
 use crate::budget::{AgentBudget, BudgetLimits, Ceilings, Month, RateLimits};
 use crate::fleet::{BudgetSpec, ProviderKind, ProviderSpec};
-use crate::ledger::AgentMonthUsage;
+use crate::ledger::{AgentMonthUsage, WindowSpend};
 use crate::metrics::{AgentCounters, AgentMetrics};
 use crate::runaway::{
     ConversationKey, Detector, RequestSummary, ResponseSummary, RunawayAction, RunawayConfig,
@@ -234,11 +234,21 @@ impl AgentMeter {
         self.velocity.lock().ok().map(|v| *v.config())
     }
 
-    /// The agent's spend per window from the ledger (see
-    /// `ledger::spend_per_window`), as of `now_ms`.
-    pub fn load_velocity_history(&self, windows: Vec<(i64, u64)>, now_ms: i64) {
+    /// The agent's spend from the ledger (see `ledger::spend_per_window`),
+    /// as of `now_ms`: per window over the baseline period, and per minute
+    /// over the last window.
+    pub fn load_velocity_history(
+        &self,
+        windows: &[WindowSpend],
+        minutes: &[WindowSpend],
+        now_ms: i64,
+    ) {
         if let Ok(mut v) = self.velocity.lock() {
-            v.load_history(windows, now_ms);
+            v.load_history(windows.iter().map(|w| (w.index, w.tokens)), now_ms);
+            v.seed_window(
+                minutes.iter().map(|m| (m.index, m.tokens, m.requests)),
+                now_ms,
+            );
         }
     }
 

@@ -324,6 +324,42 @@ impl VelocityWire {
         self.baseline = baseline_of(&self.history);
     }
 
+    /// The agent's spend per minute just before `now_ms` from the ledger,
+    /// `(minute, tokens, requests)` with `minute = started_at_ms / 60_000`:
+    /// replaces the live window (and what the current window holds so far),
+    /// so a restarted supervisor is not blind to what the agent just spent.
+    pub fn seed_window(&mut self, minutes: impl IntoIterator<Item = (i64, u64, u64)>, now_ms: i64) {
+        self.reset_window();
+        self.last_ms = self.last_ms.max(now_ms);
+        self.roll(self.last_ms);
+        self.open.tokens = 0;
+        let now_minute = self.last_ms.div_euclid(BUCKET_MS);
+        let window_minutes = self.config.window_ms() / BUCKET_MS;
+        let mut minutes: Vec<(i64, u64, u64)> = minutes
+            .into_iter()
+            .filter(|&(m, t, _)| t > 0 && m > now_minute - window_minutes && m <= now_minute)
+            .collect();
+        minutes.sort_unstable();
+        for (minute, tokens, requests) in minutes {
+            match self.buckets.back_mut() {
+                Some(b) if b.minute == minute => {
+                    b.tokens = b.tokens.saturating_add(tokens);
+                    b.requests += requests;
+                }
+                _ => self.buckets.push_back(Bucket {
+                    minute,
+                    tokens,
+                    requests,
+                }),
+            }
+            self.spend = self.spend.saturating_add(tokens);
+            self.requests += requests;
+            if (minute * BUCKET_MS).div_euclid(self.config.window_ms()) == self.open.index {
+                self.open.tokens = self.open.tokens.saturating_add(tokens);
+            }
+        }
+    }
+
     /// Forgets the live window and re-arms: after a release from
     /// quarantine the agent starts afresh (its history stays).
     pub fn reset_window(&mut self) {
@@ -679,6 +715,33 @@ mod tests {
         // Two hours later the old windows have left the period.
         assert!(w.observe(window(19), 1).is_none());
         assert_eq!(w.baseline(), None, "one window in the last two hours");
+    }
+
+    #[test]
+    fn a_seeded_window_counts_what_was_spent_before_a_restart() {
+        let c = VelocityConfig {
+            max_tokens_per_window: Some(100_000),
+            ..config()
+        };
+        let mut w = VelocityWire::new(c);
+        let now = T0 + 3 * MIN + 5_000; // 3 minutes into a window
+        let minute = now / MIN;
+        w.seed_window(
+            [
+                (minute - 12, 500_000, 9), // before the window
+                (minute - 5, 40_000, 2),   // the previous fixed window
+                (minute - 1, 30_000, 1),
+                (minute, 20_000, 1),
+                (minute + 1, 1, 1), // in the future
+            ],
+            now,
+        );
+        assert_eq!(w.spend(), 90_000);
+        let e = w.observe(now + 1_000, 20_000).expect("110k > 100k");
+        assert_eq!((e.spend_tokens, e.requests), (110_000, 5));
+        // The open window holds 70k (its part of the seed and the new
+        // spend): it would enter the history as that, but it tripped.
+        assert_eq!(w.open.tokens, 70_000);
     }
 
     #[test]
