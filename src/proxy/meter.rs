@@ -253,15 +253,27 @@ impl AgentMeter {
     }
 
     /// Feeds one settlement of `tokens` to the velocity wire; a trip carries
-    /// its evidence and the action configured for it.
+    /// its evidence and the action configured for it. With `quarantine` the
+    /// meter refuses the agent from now on — unless it already does (a
+    /// request in flight when another trip stopped it): then the record that
+    /// stopped it stands and nothing is reported.
     pub fn observe_spend(
         &self,
         now_ms: i64,
         tokens: u64,
     ) -> Option<(VelocityEvidence, RunawayAction)> {
-        let mut v = self.velocity.lock().ok()?;
-        let evidence = v.observe(now_ms, tokens)?;
-        Some((evidence, v.config().action))
+        let (evidence, action) = {
+            let mut v = self.velocity.lock().ok()?;
+            (v.observe(now_ms, tokens)?, v.config().action)
+        };
+        if action == RunawayAction::Quarantine {
+            let mut q = self.quarantine.write().ok()?;
+            if q.is_some() {
+                return None;
+            }
+            *q = Some(format!("spend velocity: {evidence}"));
+        }
+        Some((evidence, action))
     }
 
     /// After a settlement charged to `month`: the crossing to alert about, the
@@ -379,7 +391,11 @@ mod tests {
             evidence.spend_tokens, 500_000,
             "the window survived the reload"
         );
-        meter.set_quarantine(Some("spend velocity".into()));
+        let reason = meter.quarantine_reason().expect("refused from now on");
+        assert!(
+            reason.starts_with("spend velocity: 500,000 tokens"),
+            "{reason}"
+        );
         meter.set_quarantine(None);
         assert!(
             meter.observe_spend(t0 + 2, 300_000).is_none(),
@@ -388,6 +404,17 @@ mod tests {
         assert!(
             meter.observe_spend(t0 + 3, 200_000).is_some(),
             "and re-armed"
+        );
+
+        // Quarantined by another trip while a request was in flight: its
+        // settlement leaves that record alone and reports nothing.
+        meter.set_quarantine(Some("runaway: 4 failing retries".into()));
+        meter.set_quarantine(None);
+        meter.set_quarantine(Some("runaway: 4 failing retries".into()));
+        assert!(meter.observe_spend(t0 + 4, 500_000).is_none());
+        assert_eq!(
+            meter.quarantine_reason().as_deref(),
+            Some("runaway: 4 failing retries")
         );
     }
 

@@ -1092,8 +1092,6 @@ impl Pending {
             .observe_spend(ledger::unix_millis_now(), settled.charged.tokens)
         {
             if action == RunawayAction::Quarantine {
-                self.meter
-                    .set_quarantine(Some(format!("spend velocity: {evidence}")));
                 metrics.count_quarantine();
             }
             let _ = self.events.send(ProxyEvent::SpendVelocity {
