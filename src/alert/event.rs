@@ -369,6 +369,14 @@ mod tests {
                 reason: "x hunter22-key".into(),
                 evidence_summary: "hunter22-key".into(),
             },
+            AlertEvent::SpendVelocity {
+                agent: "a".into(),
+                reason: "spend velocity: hunter22-key".into(),
+                window_secs: 600,
+                spend_tokens: 1,
+                baseline_tokens: Some(1),
+                threshold_tokens: 1,
+            },
             AlertEvent::CeilingReached {
                 agent: "a".into(),
                 month: month(2025, 3),
