@@ -19,6 +19,9 @@ fn since(ms: i64) -> String {
 
 /// One line per evidence step: sizes, growth, the failure excerpt.
 pub fn evidence_lines(evidence: &Value) -> Vec<String> {
+    if let Some(lines) = velocity_lines(evidence) {
+        return lines;
+    }
     let Some(steps) = evidence.get("steps").and_then(Value::as_array) else {
         return Vec::new();
     };
@@ -51,6 +54,53 @@ pub fn evidence_lines(evidence: &Value) -> Vec<String> {
             line
         })
         .collect()
+}
+
+/// A spend-velocity trip's evidence: the window, the spend, the baseline
+/// and the limit exceeded. `None` for other evidence.
+fn velocity_lines(evidence: &Value) -> Option<Vec<String>> {
+    use crate::runaway::velocity::{short_duration, thousands};
+    if evidence.get("wire").and_then(Value::as_str) != Some("spend_velocity") {
+        return None;
+    }
+    let n = |k: &str| evidence.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let exceeded = evidence.get("exceeded").unwrap_or(&Value::Null);
+    let e = |k: &str| exceeded.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let period = short_duration(n("baseline_secs"));
+    let baseline = match evidence.get("baseline_tokens").and_then(Value::as_u64) {
+        Some(b) => format!(
+            "baseline: {} tokens per window (p{} of {} active windows over {period})",
+            thousands(b),
+            crate::runaway::velocity::BASELINE_PERCENTILE,
+            n("baseline_windows")
+        ),
+        None => format!(
+            "baseline: none yet ({} active windows over {period}); the floor stands in",
+            n("baseline_windows")
+        ),
+    };
+    let rule = match exceeded.get("rule").and_then(Value::as_str) {
+        Some("limit") => format!(
+            "exceeded: max_tokens_per_window {}",
+            thousands(e("max_tokens_per_window"))
+        ),
+        _ => format!(
+            "exceeded: {} × baseline, limit {} (floor {})",
+            e("multiple"),
+            thousands(n("threshold_tokens")),
+            thousands(e("floor_tokens"))
+        ),
+    };
+    Some(vec![
+        format!(
+            "window {}: {} tokens in {} requests",
+            short_duration(n("window_secs")),
+            thousands(n("spend_tokens")),
+            n("requests")
+        ),
+        baseline,
+        rule,
+    ])
 }
 
 fn state_dir(fleet_path: &Path) -> Result<std::path::PathBuf, u8> {
@@ -167,5 +217,38 @@ mod tests {
             ]
         );
         assert!(evidence_lines(&Value::Null).is_empty());
+    }
+
+    #[test]
+    fn velocity_evidence_reads_as_lines() {
+        use crate::runaway::{VelocityConfig, VelocityWire};
+        let mut wire = VelocityWire::new(VelocityConfig::default());
+        let now = 1_795_000_200_000;
+        let w = VelocityConfig::default().window_ms();
+        wire.load_history((1..=20).map(|k| (now / w - k, 30_000)), now);
+        let trip = wire
+            .observe(now, 260_000)
+            .expect("over 5 x 30k and the floor");
+        let evidence = serde_json::to_value(&trip).unwrap();
+        assert_eq!(
+            evidence_lines(&evidence),
+            vec![
+                "window 10m: 260,000 tokens in 1 requests",
+                "baseline: 30,000 tokens per window (p95 of 20 active windows over 7d)",
+                "exceeded: 5 × baseline, limit 200,000 (floor 200,000)",
+            ]
+        );
+        let mut wire = VelocityWire::new(VelocityConfig {
+            max_tokens_per_window: Some(100_000),
+            ..VelocityConfig::default()
+        });
+        let trip = wire.observe(now, 150_000).unwrap();
+        assert_eq!(
+            evidence_lines(&serde_json::to_value(&trip).unwrap())[1..],
+            [
+                "baseline: none yet (0 active windows over 7d); the floor stands in",
+                "exceeded: max_tokens_per_window 100,000",
+            ]
+        );
     }
 }

@@ -682,17 +682,32 @@ impl Supervisor {
             return;
         };
         let routes = resolved.routes(name, providers);
-        match self.proxy.meters.get(name) {
-            Some(meter) => meter.update(&spec.budget, spec.runaway, routes),
-            None => self.proxy.meters.insert(Arc::new(AgentMeter::new(
-                name,
-                &spec.budget,
-                spec.runaway,
-                routes,
-                Month::current(),
-                recorded,
-            ))),
-        }
+        let velocity = spec.runaway.velocity;
+        let meter = match self.proxy.meters.get(name) {
+            Some(meter) => {
+                let same = meter
+                    .velocity_config()
+                    .is_some_and(|old| old.same_history(&velocity));
+                meter.update(&spec.budget, spec.runaway, routes);
+                if same {
+                    return;
+                }
+                meter
+            }
+            None => {
+                let meter = Arc::new(AgentMeter::new(
+                    name,
+                    &spec.budget,
+                    spec.runaway,
+                    routes,
+                    Month::current(),
+                    recorded,
+                ));
+                self.proxy.meters.insert(meter.clone());
+                meter
+            }
+        };
+        load_velocity_history(&meter, &resolved.fleet.state_dir, &velocity);
     }
 
     /// Binds the proxy listener the first time an agent needs it.
@@ -1375,42 +1390,7 @@ impl Supervisor {
                 // Evidence quotes what the agent sent and what upstream
                 // answered: masked before it is logged, persisted or sent.
                 let (reason, evidence) = self.masked_evidence(&evidence);
-                self.alerter.send(AlertEvent::Quarantined {
-                    agent: agent.clone(),
-                    reason: reason.clone(),
-                    evidence_summary: crate::quarantine_cmd::evidence_lines(&evidence).join("\n"),
-                });
-                tracing::error!(agent = %agent, "quarantined: {reason}; its process group is being stopped and it stays down until `supervisor release {agent}`");
-                // Persist before anything else reads the records (reloads run
-                // in this same loop), so a restart cannot bring it back.
-                let record = ledger::QuarantineRecord {
-                    agent: agent.clone(),
-                    since_ms: ledger::unix_millis_now(),
-                    reason,
-                    evidence,
-                };
-                let state_dir = self.current.state_dir.clone();
-                let saved = tokio::task::spawn_blocking(move || {
-                    ledger::put_quarantine(&state_dir, &record)
-                })
-                .await;
-                match saved {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => {
-                        tracing::error!(agent = %agent, "cannot persist the quarantine (it holds until this supervisor stops): {err:#}")
-                    }
-                    Err(err) => {
-                        tracing::error!(agent = %agent, "cannot persist the quarantine: {err}")
-                    }
-                }
-                if let Some(running) = self.agents.remove(&agent) {
-                    self.forget_launches(&agent);
-                    self.proxy.tokens.revoke_agent(&agent);
-                    let handle = running.handle.clone();
-                    tokio::spawn(async move { handle.stop().await });
-                    self.retired.insert(agent.clone(), running.handle);
-                    self.held.insert(agent, running.plan);
-                }
+                self.contain(agent, reason, evidence).await;
             }
             ProxyEvent::Tripped {
                 agent,
@@ -1424,6 +1404,34 @@ impl Supervisor {
                     reason,
                     evidence_summary: crate::quarantine_cmd::evidence_lines(&evidence).join("\n"),
                 });
+            }
+            ProxyEvent::SpendVelocity {
+                agent,
+                action,
+                evidence,
+            } => {
+                let redactor = self.proxy.redaction.current();
+                let reason = redactor
+                    .redact(&format!("spend velocity: {evidence}"))
+                    .into_owned();
+                match action {
+                    RunawayAction::Quarantine => {
+                        let json = serde_json::to_value(&evidence).unwrap_or_default();
+                        drop(redactor);
+                        self.contain(agent, reason, json).await;
+                    }
+                    RunawayAction::Alert => {
+                        tracing::warn!(agent = %agent, "{reason} (`runaway.velocity.action: alert`, so it keeps running)");
+                        self.alerter.send(AlertEvent::SpendVelocity {
+                            agent,
+                            reason,
+                            window_secs: evidence.window_secs,
+                            spend_tokens: evidence.spend_tokens,
+                            baseline_tokens: evidence.baseline_tokens,
+                            threshold_tokens: evidence.threshold_tokens,
+                        });
+                    }
+                }
             }
             ProxyEvent::CeilingReached { agent, message } => {
                 // The alerter sends one per agent and month; this is every refusal.
@@ -1446,6 +1454,45 @@ impl Supervisor {
                 used: crossed.used,
                 ceiling: crossed.ceiling,
             }),
+        }
+    }
+
+    /// Quarantines `agent` for `reason` (both already masked): alert,
+    /// persist the record, stop its process group and hold it.
+    async fn contain(&mut self, agent: String, reason: String, evidence: serde_json::Value) {
+        self.alerter.send(AlertEvent::Quarantined {
+            agent: agent.clone(),
+            reason: reason.clone(),
+            evidence_summary: crate::quarantine_cmd::evidence_lines(&evidence).join("\n"),
+        });
+        tracing::error!(agent = %agent, "quarantined: {reason}; its process group is being stopped and it stays down until `supervisor release {agent}`");
+        // Persist before anything else reads the records (reloads run
+        // in this same loop), so a restart cannot bring it back.
+        let record = ledger::QuarantineRecord {
+            agent: agent.clone(),
+            since_ms: ledger::unix_millis_now(),
+            reason,
+            evidence,
+        };
+        let state_dir = self.current.state_dir.clone();
+        let saved =
+            tokio::task::spawn_blocking(move || ledger::put_quarantine(&state_dir, &record)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::error!(agent = %agent, "cannot persist the quarantine (it holds until this supervisor stops): {err:#}")
+            }
+            Err(err) => {
+                tracing::error!(agent = %agent, "cannot persist the quarantine: {err}")
+            }
+        }
+        if let Some(running) = self.agents.remove(&agent) {
+            self.forget_launches(&agent);
+            self.proxy.tokens.revoke_agent(&agent);
+            let handle = running.handle.clone();
+            tokio::spawn(async move { handle.stop().await });
+            self.retired.insert(agent.clone(), running.handle);
+            self.held.insert(agent, running.plan);
         }
     }
 
@@ -1549,5 +1596,32 @@ fn reject_reload(report: &str) -> Response {
     }
     Response::Rejected {
         errors: report.lines().map(str::to_owned).collect(),
+    }
+}
+
+/// The spend-velocity history of one agent from the ledger: its spend per
+/// window over the baseline period (the baseline) and per minute over the
+/// last window (so a restart is not blind to what it just spent). A ledger
+/// that cannot be read leaves the wire without history (the floor then
+/// stands in), and says so.
+fn load_velocity_history(
+    meter: &AgentMeter,
+    state_dir: &std::path::Path,
+    velocity: &crate::runaway::VelocityConfig,
+) {
+    let now = ledger::unix_millis_now();
+    let window = velocity.window_ms();
+    let since = now.saturating_sub(window.saturating_mul(velocity.baseline_windows() + 1));
+    let read = ledger::spend_per_window(state_dir, meter.name(), since, window).and_then(|w| {
+        let minutes =
+            ledger::spend_per_window(state_dir, meter.name(), now.saturating_sub(window), 60_000)?;
+        Ok((w, minutes))
+    });
+    match read {
+        Ok((windows, minutes)) => meter.load_velocity_history(&windows, &minutes, now),
+        Err(err) => tracing::warn!(
+            agent = %meter.name(),
+            "cannot read the agent's spend history for `runaway.velocity` (its floor stands in for a baseline): {err:#}"
+        ),
     }
 }

@@ -116,13 +116,15 @@ impl Debouncer {
     }
 
     /// Whether an event the caller composed itself should go out at `now`.
-    /// Quarantines always do (each is its own incident); a ceiling once per
+    /// Quarantines always do (each is its own incident), and spend-velocity
+    /// alerts (the wire sends one per episode); a ceiling once per
     /// agent and month; crash loops and storms under the same quiet periods as
     /// the ones this debouncer detects.
     pub fn admit(&mut self, event: &AlertEvent, now: Instant) -> bool {
         match event {
             AlertEvent::Quarantined { .. }
             | AlertEvent::RunawayDetected { .. }
+            | AlertEvent::SpendVelocity { .. }
             | AlertEvent::RotationFailed { .. } => true,
             AlertEvent::CeilingReached { agent, month, .. } => {
                 once_a_month(&mut self.ceilings, agent, *month)

@@ -33,6 +33,18 @@ pub enum AlertEvent {
         reason: String,
         evidence_summary: String,
     },
+    /// The agent spent faster than `runaway.velocity` allows and its
+    /// `velocity.action` is `alert`, so it keeps running. One per episode
+    /// (the wire re-arms once the agent calms down).
+    SpendVelocity {
+        agent: String,
+        reason: String,
+        window_secs: u64,
+        spend_tokens: u64,
+        /// `None` while the agent has too little history for a baseline.
+        baseline_tokens: Option<u64>,
+        threshold_tokens: u64,
+    },
     /// The agent's monthly ceiling refused a request.
     CeilingReached {
         agent: String,
@@ -76,6 +88,7 @@ impl AlertEvent {
         match self {
             Self::Quarantined { .. } => "agent_quarantined",
             Self::RunawayDetected { .. } => "runaway_detected",
+            Self::SpendVelocity { .. } => "spend_velocity",
             Self::CeilingReached { .. } => "ceiling_reached",
             Self::BudgetThreshold { .. } => "budget_threshold",
             Self::CrashLooping { .. } => "crash_looping",
@@ -88,6 +101,7 @@ impl AlertEvent {
         match self {
             Self::Quarantined { agent, .. }
             | Self::RunawayDetected { agent, .. }
+            | Self::SpendVelocity { agent, .. }
             | Self::CeilingReached { agent, .. }
             | Self::BudgetThreshold { agent, .. }
             | Self::CrashLooping { agent, .. }
@@ -139,6 +153,21 @@ impl AlertEvent {
                 secret,
                 message: mask(message),
             },
+            Self::SpendVelocity {
+                agent,
+                reason,
+                window_secs,
+                spend_tokens,
+                baseline_tokens,
+                threshold_tokens,
+            } => Self::SpendVelocity {
+                agent,
+                reason: mask(reason),
+                window_secs,
+                spend_tokens,
+                baseline_tokens,
+                threshold_tokens,
+            },
             other @ (Self::BudgetThreshold { .. }
             | Self::CrashLooping { .. }
             | Self::RateLimitStorm { .. }) => other,
@@ -153,6 +182,9 @@ impl AlertEvent {
             }
             Self::RunawayDetected { agent, reason, .. } => format!(
                 "agent `{agent}` shows the runaway pattern and keeps running (`runaway.action: alert`): {reason}"
+            ),
+            Self::SpendVelocity { agent, reason, .. } => format!(
+                "agent `{agent}` is spending unusually fast and keeps running (`runaway.velocity.action: alert`): {reason}"
             ),
             Self::CeilingReached { agent, month, .. } => format!(
                 "agent `{agent}` reached its monthly ceiling for {month}; its LLM requests are refused until {} or a higher ceiling",
@@ -248,6 +280,17 @@ pub fn payload(event: &AlertEvent, fleet: &str, time: SystemTime) -> Value {
             evidence_summary,
             ..
         } => json!({ "reason": reason, "evidence_summary": evidence_summary }),
+        AlertEvent::SpendVelocity {
+            reason,
+            window_secs,
+            spend_tokens,
+            baseline_tokens,
+            threshold_tokens,
+            ..
+        } => json!({
+            "reason": reason, "window_secs": window_secs, "spend_tokens": spend_tokens,
+            "baseline_tokens": baseline_tokens, "threshold_tokens": threshold_tokens,
+        }),
         AlertEvent::CeilingReached { month, message, .. } => {
             json!({ "month": month.to_string(), "message": message })
         }
@@ -326,6 +369,14 @@ mod tests {
                 reason: "x hunter22-key".into(),
                 evidence_summary: "hunter22-key".into(),
             },
+            AlertEvent::SpendVelocity {
+                agent: "a".into(),
+                reason: "spend velocity: hunter22-key".into(),
+                window_secs: 600,
+                spend_tokens: 1,
+                baseline_tokens: Some(1),
+                threshold_tokens: 1,
+            },
             AlertEvent::CeilingReached {
                 agent: "a".into(),
                 month: month(2025, 3),
@@ -367,6 +418,29 @@ mod tests {
                     "time": "2026-03-14T15:09:26Z",
                     "reason": "failing retries with growing context (4 in a row)",
                     "evidence_summary": "#1 12k tokens <html>502</html>\n#2 14k tokens",
+                }),
+            ),
+            (
+                AlertEvent::SpendVelocity {
+                    agent: "crawler".into(),
+                    reason: "spend velocity: 55,106 tokens in the last 10m (10 requests)".into(),
+                    window_secs: 600,
+                    spend_tokens: 55_106,
+                    baseline_tokens: None,
+                    threshold_tokens: 50_000,
+                },
+                json!({
+                    "text": "[demo] agent `crawler` is spending unusually fast and keeps running (`runaway.velocity.action: alert`): spend velocity: 55,106 tokens in the last 10m (10 requests)",
+                    "version": 1,
+                    "event": "spend_velocity",
+                    "agent": "crawler",
+                    "fleet": "demo",
+                    "time": "2026-03-14T15:09:26Z",
+                    "reason": "spend velocity: 55,106 tokens in the last 10m (10 requests)",
+                    "window_secs": 600,
+                    "spend_tokens": 55_106,
+                    "baseline_tokens": null,
+                    "threshold_tokens": 50_000,
                 }),
             ),
             (

@@ -405,6 +405,12 @@ pub(super) fn resolve_runaway(
     if let (Err(err), Some(pos)) = (config.validate(), at) {
         cx.push(pos, agent, err.to_string());
     }
+    config.velocity = super::velocity::resolve(
+        cx,
+        agent,
+        defaults.and_then(|d| d.velocity.as_ref()),
+        own.and_then(|o| o.velocity.as_ref()),
+    );
     config
 }
 

@@ -15,6 +15,7 @@ mod metering;
 mod model;
 mod node;
 mod schema;
+mod velocity;
 
 pub use accounts::{Accounts, GroupEntry, UserEntry};
 pub use diff::{FleetDiff, diff, non_reloadable_changes};

@@ -261,6 +261,7 @@ pub struct RawRunaway {
     pub failing_retries: Option<At<u32>>,
     pub no_progress_repeats: Option<At<u32>>,
     pub action: Option<crate::runaway::RunawayAction>,
+    pub velocity: Option<super::velocity::RawVelocity>,
 }
 
 /// A count written as an integer or with a suffix: `40000`, `60k`, `40M`, `1.5G`.

@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS requests (
     charged_micro_usd           INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_by_month_agent ON requests (month, agent);
+CREATE INDEX IF NOT EXISTS requests_by_agent_time ON requests (agent, started_at_ms);
 CREATE TABLE IF NOT EXISTS quarantine (
     agent     TEXT    PRIMARY KEY,
     since_ms  INTEGER NOT NULL,
@@ -839,6 +840,56 @@ pub fn usage_samples(state_dir: &Path, since_ms: i64) -> Result<Vec<UsageSample>
     Ok(out)
 }
 
+/// One window of an agent's settled spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSpend {
+    /// `started_at_ms / window_ms`.
+    pub index: i64,
+    pub tokens: u64,
+    pub requests: u64,
+}
+
+/// An agent's settled spend per window of `window_ms` since `since_ms`, for
+/// the spend-velocity wire (its baseline, and with one-minute windows its
+/// live window after a restart): oldest first, windows without spend left
+/// out. Released requests cost nothing; unsettled ones are left out (on open
+/// they are settled at their reservation). Empty when there is no ledger yet.
+pub fn spend_per_window(
+    state_dir: &Path,
+    agent: &str,
+    since_ms: i64,
+    window_ms: i64,
+) -> Result<Vec<WindowSpend>> {
+    let path = state_dir.join(LEDGER_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open the ledger `{}`", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mut stmt = conn.prepare(
+        "SELECT started_at_ms / ?3 AS w, SUM(charged_tokens), COUNT(*)
+         FROM requests
+         WHERE agent = ?1 AND started_at_ms >= ?2 AND settled = 1 AND outcome != 'released'
+         GROUP BY w HAVING SUM(charged_tokens) > 0 ORDER BY w",
+    )?;
+    let rows = stmt.query_map(params![agent, since_ms, window_ms.max(1)], |r| {
+        Ok(WindowSpend {
+            index: r.get(0)?,
+            tokens: from_sql(r.get(1)?),
+            requests: from_sql(r.get(2)?),
+        })
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row?);
+    }
+    Ok(out)
+}
+
 /// An agent stopped as a runaway, kept down until released.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QuarantineRecord {
@@ -983,6 +1034,58 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn spend_per_window_sums_settled_charges_by_window() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            spend_per_window(dir.path(), "a", 0, 600_000)
+                .unwrap()
+                .is_empty()
+        );
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let w = 600_000;
+        let base = 3_000 * w;
+        let spend = |agent: &str, at: i64, tokens: u64, outcome: Option<Outcome>| {
+            let id = ledger
+                .reserve(Reservation {
+                    started_at_ms: at,
+                    ..reservation(agent, tokens * 2)
+                })
+                .unwrap();
+            if let Some(outcome) = outcome {
+                ledger.settle(
+                    id,
+                    Settlement {
+                        outcome,
+                        charged_tokens: if outcome == Outcome::Released {
+                            0
+                        } else {
+                            tokens
+                        },
+                        ..Settlement::default()
+                    },
+                );
+            }
+        };
+        spend("a", base - 1, 1_000, Some(Outcome::Ok)); // before `since`
+        spend("a", base, 100, Some(Outcome::Ok));
+        spend("a", base + w - 1, 200, Some(Outcome::Cut));
+        spend("a", base + w, 400, Some(Outcome::Ok));
+        spend("a", base + w + 5, 50, Some(Outcome::Released));
+        spend("a", base + 3 * w, 9_000, None); // in flight
+        spend("b", base, 7, Some(Outcome::Ok));
+        ledger.flush().await;
+        let spend = |agent: &str, since: i64| -> Vec<(i64, u64, u64)> {
+            spend_per_window(dir.path(), agent, since, w)
+                .unwrap()
+                .iter()
+                .map(|s| (s.index, s.tokens, s.requests))
+                .collect()
+        };
+        assert_eq!(spend("a", base), vec![(3_000, 300, 2), (3_001, 400, 1)]);
+        assert_eq!(spend("b", 0), vec![(3_000, 7, 1)]);
     }
 
     /// A kill -9: the writer never runs again and nothing is cleaned up.

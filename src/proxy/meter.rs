@@ -18,11 +18,11 @@ use hyper::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use super::refusal::Api;
 use crate::budget::{AgentBudget, BudgetLimits, Ceilings, Month, RateLimits};
 use crate::fleet::{BudgetSpec, ProviderKind, ProviderSpec};
-use crate::ledger::AgentMonthUsage;
+use crate::ledger::{AgentMonthUsage, WindowSpend};
 use crate::metrics::{AgentCounters, AgentMetrics};
 use crate::runaway::{
     ConversationKey, Detector, RequestSummary, ResponseSummary, RunawayAction, RunawayConfig,
-    Verdict,
+    VelocityConfig, VelocityEvidence, VelocityWire, Verdict,
 };
 use crate::vault::Secret;
 
@@ -116,6 +116,8 @@ pub struct AgentMeter {
     quarantine: RwLock<Option<String>>,
     /// The runaway detector: pure state, fed every request and answer.
     detector: Mutex<Detector>,
+    /// The spend-velocity wire: pure state, fed every settlement.
+    velocity: Mutex<VelocityWire>,
     /// Counters for `/metrics`; atomics, so the request path takes no lock.
     pub metrics: AgentMetrics,
     /// `budget.alert_at` in percent; 0 = none.
@@ -175,6 +177,7 @@ impl AgentMeter {
             routes: RwLock::new(targets(routes)),
             quarantine: RwLock::new(None),
             detector: Mutex::new(Detector::new(runaway)),
+            velocity: Mutex::new(VelocityWire::new(runaway.velocity)),
             metrics: AgentMetrics::default(),
             alert_at: AtomicU32::new(alert_at),
             alerted: Mutex::new(None),
@@ -200,6 +203,11 @@ impl AgentMeter {
         {
             d.set_config(runaway);
         }
+        if let Ok(mut v) = self.velocity.lock()
+            && v.config() != &runaway.velocity
+        {
+            v.set_config(runaway.velocity);
+        }
         let routes = targets(routes);
         if let Ok(mut r) = self.routes.write() {
             *r = routes;
@@ -218,6 +226,54 @@ impl AgentMeter {
         if let Ok(mut d) = self.detector.lock() {
             d.observe_response(conversation, summary);
         }
+    }
+
+    /// The velocity wire's settings; a change of `window` or `baseline`
+    /// needs its history loaded again ([`Self::load_velocity_history`]).
+    pub fn velocity_config(&self) -> Option<VelocityConfig> {
+        self.velocity.lock().ok().map(|v| *v.config())
+    }
+
+    /// The agent's spend from the ledger (see `ledger::spend_per_window`),
+    /// as of `now_ms`: per window over the baseline period, and per minute
+    /// over the last window.
+    pub fn load_velocity_history(
+        &self,
+        windows: &[WindowSpend],
+        minutes: &[WindowSpend],
+        now_ms: i64,
+    ) {
+        if let Ok(mut v) = self.velocity.lock() {
+            v.load_history(windows.iter().map(|w| (w.index, w.tokens)), now_ms);
+            v.seed_window(
+                minutes.iter().map(|m| (m.index, m.tokens, m.requests)),
+                now_ms,
+            );
+        }
+    }
+
+    /// Feeds one settlement of `tokens` to the velocity wire; a trip carries
+    /// its evidence and the action configured for it. With `quarantine` the
+    /// meter refuses the agent from now on — unless it already does (a
+    /// request in flight when another trip stopped it): then the record that
+    /// stopped it stands and nothing is reported.
+    pub fn observe_spend(
+        &self,
+        now_ms: i64,
+        tokens: u64,
+    ) -> Option<(VelocityEvidence, RunawayAction)> {
+        let (evidence, action) = {
+            let mut v = self.velocity.lock().ok()?;
+            (v.observe(now_ms, tokens)?, v.config().action)
+        };
+        if action == RunawayAction::Quarantine {
+            let mut q = self.quarantine.write().ok()?;
+            if q.is_some() {
+                return None;
+            }
+            *q = Some(format!("spend velocity: {evidence}"));
+        }
+        Some((evidence, action))
     }
 
     /// After a settlement charged to `month`: the crossing to alert about, the
@@ -246,8 +302,18 @@ impl AgentMeter {
     }
 
     pub fn set_quarantine(&self, reason: Option<String>) {
-        if let Ok(mut q) = self.quarantine.write() {
-            *q = reason;
+        let released = reason.is_none();
+        let was = match self.quarantine.write() {
+            Ok(mut q) => std::mem::replace(&mut *q, reason),
+            Err(_) => return,
+        };
+        // Released: the spend that tripped is no reason to trip again (nor
+        // to stay tripped and miss the next episode).
+        if released
+            && was.is_some()
+            && let Ok(mut v) = self.velocity.lock()
+        {
+            v.reset_window();
         }
     }
 }
@@ -299,6 +365,58 @@ impl Meters {
 mod tests {
     use super::*;
     use crate::budget::{Amount, CeilingKind};
+
+    #[test]
+    fn velocity_settings_apply_live_and_a_release_clears_the_window() {
+        let nov = Month::new(2026, 11).unwrap();
+        let spec = BudgetSpec::default();
+        let meter = AgentMeter::new("a", &spec, RunawayConfig::default(), vec![], nov, None);
+        let t0 = 1_795_000_200_000;
+        assert!(
+            meter.observe_spend(t0, 300_000).is_none(),
+            "no history: 5 × the 200k floor"
+        );
+        let strict = RunawayConfig {
+            velocity: VelocityConfig {
+                max_tokens_per_window: Some(400_000),
+                action: RunawayAction::Quarantine,
+                ..VelocityConfig::default()
+            },
+            ..RunawayConfig::default()
+        };
+        meter.update(&spec, strict, vec![]);
+        let (evidence, action) = meter.observe_spend(t0 + 1, 200_000).expect("over 400k");
+        assert_eq!(action, RunawayAction::Quarantine);
+        assert_eq!(
+            evidence.spend_tokens, 500_000,
+            "the window survived the reload"
+        );
+        let reason = meter.quarantine_reason().expect("refused from now on");
+        assert!(
+            reason.starts_with("spend velocity: 500,000 tokens"),
+            "{reason}"
+        );
+        meter.set_quarantine(None);
+        assert!(
+            meter.observe_spend(t0 + 2, 300_000).is_none(),
+            "a fresh window"
+        );
+        assert!(
+            meter.observe_spend(t0 + 3, 200_000).is_some(),
+            "and re-armed"
+        );
+
+        // Quarantined by another trip while a request was in flight: its
+        // settlement leaves that record alone and reports nothing.
+        meter.set_quarantine(Some("runaway: 4 failing retries".into()));
+        meter.set_quarantine(None);
+        meter.set_quarantine(Some("runaway: 4 failing retries".into()));
+        assert!(meter.observe_spend(t0 + 4, 500_000).is_none());
+        assert_eq!(
+            meter.quarantine_reason().as_deref(),
+            Some("runaway: 4 failing retries")
+        );
+    }
 
     #[test]
     fn a_soft_alert_is_raised_once_a_month_when_usage_crosses_alert_at() {

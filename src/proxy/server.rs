@@ -60,7 +60,7 @@ use crate::pricing::{Prices, cost_micro_usd, worst_case_cost_micro_usd};
 use crate::redact::Redaction;
 use crate::runaway::{
     self, ConversationKey, Evidence, InputUsage, RequestSummary, ResponseSummary, RunawayAction,
-    Verdict,
+    VelocityEvidence, Verdict,
 };
 
 /// What the proxy tells the supervisor; sent without blocking the request path.
@@ -72,6 +72,13 @@ pub enum ProxyEvent {
         agent: String,
         action: RunawayAction,
         evidence: Evidence,
+    },
+    /// The spend-velocity wire tripped (`runaway.velocity`). With
+    /// `Quarantine`, the proxy already refuses the agent.
+    SpendVelocity {
+        agent: String,
+        action: RunawayAction,
+        evidence: VelocityEvidence,
     },
     /// A request was refused at a monthly ceiling.
     CeilingReached { agent: String, message: String },
@@ -1276,6 +1283,19 @@ impl Pending {
         }
         metrics.add_cost(settled.charged.micro_usd);
         metrics.observe_duration(self.started.elapsed());
+        if let Some((evidence, action)) = self
+            .meter
+            .observe_spend(ledger::unix_millis_now(), settled.charged.tokens)
+        {
+            if action == RunawayAction::Quarantine {
+                metrics.count_quarantine();
+            }
+            let _ = self.events.send(ProxyEvent::SpendVelocity {
+                agent: self.meter.name().to_owned(),
+                action,
+                evidence,
+            });
+        }
         if let Some(crossed) = self.meter.budget_threshold(settled.month) {
             let _ = self.events.send(ProxyEvent::BudgetThreshold {
                 agent: self.meter.name().to_owned(),

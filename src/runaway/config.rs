@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::velocity::VelocityConfig;
+
 /// What the supervisor does when an agent trips.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -23,6 +25,8 @@ pub struct RunawayConfig {
     /// Times in a row the same tool call may get a byte-identical result.
     pub no_progress_repeats: u32,
     pub action: RunawayAction,
+    /// The spend-velocity backstop (`velocity.rs`), with its own action.
+    pub velocity: VelocityConfig,
 }
 
 impl Default for RunawayConfig {
@@ -31,6 +35,7 @@ impl Default for RunawayConfig {
             failing_retries: 4,
             no_progress_repeats: 8,
             action: RunawayAction::Quarantine,
+            velocity: VelocityConfig::default(),
         }
     }
 }

@@ -13,6 +13,7 @@ mod config;
 mod detector;
 pub mod normalize;
 pub mod summary;
+pub mod velocity;
 
 pub use config::{RunawayAction, RunawayConfig, RunawayConfigError};
 pub use detector::{DEFAULT_CONVERSATIONS, Detector, Evidence, StepEvidence, TripReason, Verdict};
@@ -21,3 +22,4 @@ pub use summary::{
     Api, ConversationKey, InputUsage, RequestSummary, ResponseSummary, SummaryError, ToolCall,
     parse_retry_count,
 };
+pub use velocity::{VelocityConfig, VelocityEvidence, VelocityWire};
