@@ -266,6 +266,20 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
             "cannot mark the supervisor non-dumpable ({err}); processes of the same user may read its memory"
         );
     }
+    // Before anything opens a descriptor in bulk: the proxy's connections and
+    // each agent's pipes need far more than systemd's default soft 1024.
+    match crate::fdlimit::raise_to_hard() {
+        Ok(limits) if limits.soft > limits.original_soft => tracing::info!(
+            "raised the open-file limit from {} to {} (the hard limit); agents start with {}",
+            limits.original_soft,
+            limits.soft,
+            limits.original_soft
+        ),
+        Ok(_) => {}
+        Err(err) => tracing::warn!(
+            "cannot raise the open-file limit (RLIMIT_NOFILE) to its hard limit: {err}"
+        ),
+    }
     let resolved = match load_and_resolve(fleet_path) {
         Ok(resolved) => resolved,
         Err(errors) => {
