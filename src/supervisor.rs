@@ -430,6 +430,7 @@ impl Supervisor {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "fleet".to_owned());
         let proxy = Arc::new(ProxyShared::new(fleet.proxy.clone(), ledger, events_tx)?);
+        proxy.gate.fit_to_fleet(fleet.agents.len());
         let (alerter, _delivery) =
             Alerter::with_redaction(fleet.alerts.clone(), fleet_name, proxy.redaction.clone());
         let (proxy_shutdown, _) = watch::channel(false);
@@ -946,6 +947,7 @@ impl Supervisor {
         if let Err(err) = self.ensure_proxy(&resolved.fleet).await {
             return reject_reload(&format!("{err:#}"));
         }
+        self.proxy.gate.fit_to_fleet(resolved.fleet.agents.len());
         let running: BTreeMap<String, LaunchPlan> = self
             .agents
             .iter()
