@@ -145,6 +145,32 @@ fn six_hundred_agents_start_under_a_soft_limit_of_1024() {
     );
 }
 
+/// Near the limit, the supervisor says so: a WARN in its log with the
+/// figures, and the header of `supervisor status`.
+#[test]
+fn descriptors_near_the_limit_are_reported() {
+    // 280 agents cost 840 descriptors: over 80% of a hard limit of 1024.
+    let fleet = FleetDir::new();
+    let mut yaml = String::from("version: 1\nagents:\n");
+    for i in 0..280 {
+        yaml.push_str(&format!("  a{i}:\n    command: [sleep, '3600']\n"));
+    }
+    fleet.write_fleet(&yaml);
+    let supervisor = run_with_nofile(&fleet, 1024, Some(1024));
+    supervisor.wait_log("open-file descriptors in use (over 80%)");
+    let out = Command::new(bin())
+        .args(["status", "-f"])
+        .arg(fleet.file("fleet.yaml"))
+        .output()
+        .expect("run supervisor status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("descriptors: ") && first.ends_with("of 1,024 (NEAR THE LIMIT)"),
+        "{text}"
+    );
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
