@@ -294,6 +294,8 @@ fn descriptor_figures() -> String {
         crate::fdlimit::soft_limit(),
     ) {
         (Ok(open), Some(limit)) => format!("{open} descriptors open of a limit of {limit}"),
+        // Counting needs a descriptor too, which EMFILE may leave none for.
+        (Err(_), Some(limit)) => format!("the open-file limit is {limit}"),
         _ => "descriptor use unknown".to_owned(),
     }
 }
@@ -686,11 +688,16 @@ fn body_lease(parts: &hyper::http::request::Parts) -> Option<Arc<BodyLease>> {
 
 fn too_large(max: u64) -> Refuser {
     Box::new(move |api| {
-        refuse(
+        let mut response = refuse(
             api,
             RefusalKind::TooLarge,
             format!("request body is larger than `proxy.max_body` ({max} bytes)"),
-        )
+        );
+        // The rest of the body is not read: the connection cannot be reused.
+        response
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        response
     })
 }
 
