@@ -64,7 +64,7 @@ pub fn ask_control(control: ControlHandle) -> impl AgentStatusSource {
         let control = control.clone();
         async move {
             match control.request(Command::Status).await {
-                ControlResponse::Status { agents } => Some(agents),
+                ControlResponse::Status { agents, .. } => Some(agents),
                 _ => None,
             }
         }

@@ -8,6 +8,7 @@ pub mod budget;
 pub mod check;
 pub mod cli;
 pub mod control;
+pub mod fdlimit;
 pub mod fleet;
 pub mod ledger;
 pub mod logging;

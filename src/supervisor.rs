@@ -224,6 +224,66 @@ impl ResolvedFleet {
     }
 }
 
+/// Descriptors and the proxy's use of its caps, as `status` shows them.
+fn host_status(proxy: &ProxyShared) -> crate::control::protocol::HostStatus {
+    let snapshot = proxy.gate.snapshot();
+    let limits = snapshot.limits;
+    crate::control::protocol::HostStatus {
+        descriptors_open: crate::fdlimit::open_descriptors().ok(),
+        descriptor_limit: crate::fdlimit::soft_limit(),
+        proxy_connections: snapshot.connections as u64,
+        proxy_unidentified: snapshot.unidentified as u64,
+        proxy_max_connections: limits.max_connections as u64,
+        proxy_max_unidentified_connections: limits.max_unidentified_connections as u64,
+        proxy_max_connections_per_agent: limits.max_connections_per_agent as u64,
+        proxy_body_in_flight: snapshot.body_in_flight,
+        proxy_max_body_in_flight: limits.max_body_in_flight,
+        proxy_max_body_in_flight_per_agent: limits.max_body_in_flight_per_agent,
+    }
+}
+
+/// How often descriptor use is checked against the limit.
+const DESCRIPTOR_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Logs a WARN when open descriptors pass 80% of the limit (and once when
+/// they fall back under 70%), with the proxy's figures, so an operator sees
+/// the pressure before anything fails with EMFILE.
+async fn watch_descriptors(proxy: Arc<ProxyShared>) {
+    let mut warned = false;
+    let mut every = tokio::time::interval(DESCRIPTOR_CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let (Ok(open), Some(limit)) = (
+            crate::fdlimit::open_descriptors(),
+            crate::fdlimit::soft_limit(),
+        ) else {
+            continue;
+        };
+        match crate::fdlimit::pressure_change(open, limit, warned) {
+            Some(true) => {
+                let snapshot = proxy.gate.snapshot();
+                tracing::warn!(
+                    "{open} of {limit} open-file descriptors in use (over {}%); proxy connections: {} of {} ({} unidentified); raise `LimitNOFILE=` or lower `proxy.max_connections`",
+                    crate::fdlimit::WARN_PERCENT,
+                    snapshot.connections,
+                    snapshot.limits.max_connections,
+                    snapshot.unidentified
+                );
+                warned = true;
+            }
+            Some(false) => {
+                tracing::info!(
+                    "{open} of {limit} open-file descriptors in use, below {}% again",
+                    crate::fdlimit::CLEAR_PERCENT
+                );
+                warned = false;
+            }
+            None => {}
+        }
+    }
+}
+
 fn shared_providers(fleet: &Fleet) -> BTreeMap<String, Arc<ProviderSpec>> {
     fleet
         .providers
@@ -265,6 +325,20 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
         tracing::warn!(
             "cannot mark the supervisor non-dumpable ({err}); processes of the same user may read its memory"
         );
+    }
+    // Before anything opens a descriptor in bulk: the proxy's connections and
+    // each agent's pipes need far more than systemd's default soft 1024.
+    match crate::fdlimit::raise_to_hard() {
+        Ok(limits) if limits.soft > limits.original_soft => tracing::info!(
+            "raised the open-file limit from {} to {} (the hard limit); agents start with {}",
+            limits.original_soft,
+            limits.soft,
+            limits.original_soft
+        ),
+        Ok(_) => {}
+        Err(err) => tracing::warn!(
+            "cannot raise the open-file limit (RLIMIT_NOFILE) to its hard limit: {err}"
+        ),
     }
     let resolved = match load_and_resolve(fleet_path) {
         Ok(resolved) => resolved,
@@ -416,6 +490,8 @@ impl Supervisor {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "fleet".to_owned());
         let proxy = Arc::new(ProxyShared::new(fleet.proxy.clone(), ledger, events_tx)?);
+        proxy.gate.fit_to_fleet(fleet.agents.len());
+        tokio::spawn(watch_descriptors(proxy.clone()));
         let (alerter, _delivery) =
             Alerter::with_redaction(fleet.alerts.clone(), fleet_name, proxy.redaction.clone());
         let (proxy_shutdown, _) = watch::channel(false);
@@ -947,6 +1023,7 @@ impl Supervisor {
         if let Err(err) = self.ensure_proxy(&resolved.fleet).await {
             return reject_reload(&format!("{err:#}"));
         }
+        self.proxy.gate.fit_to_fleet(resolved.fleet.agents.len());
         let running: BTreeMap<String, LaunchPlan> = self
             .agents
             .iter()
@@ -1140,6 +1217,7 @@ impl Supervisor {
             Command::Status => Deferred::Now(
                 Response::Status {
                     agents: self.status_rows(),
+                    host: Some(self.host_status()),
                 },
                 reply,
             ),
@@ -1300,6 +1378,11 @@ impl Supervisor {
 
     /// A row per agent of the fleet (quarantined ones included), then removed
     /// agents whose processes are still stopping.
+    /// Descriptors and the proxy's use of its caps, for `status`.
+    fn host_status(&self) -> crate::control::protocol::HostStatus {
+        host_status(&self.proxy)
+    }
+
     fn status_rows(&self) -> Vec<AgentStatusRow> {
         use crate::control::status::{RowInput, row};
         let now = Instant::now();

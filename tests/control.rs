@@ -192,9 +192,14 @@ fn status_shows_each_agent_its_state_usage_and_rate() {
         "a quarantined agent never ran"
     );
 
-    // The table: a header and a line per agent.
+    // The supervisor's figures, then the table: a header and a line per agent.
     let table = ok(&fleet, &["status"]);
-    let lines: Vec<&str> = table.lines().collect();
+    assert!(table.starts_with("descriptors: "), "{table}");
+    assert!(table.contains("\nproxy: "), "{table}");
+    let lines: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("AGENT"))
+        .collect();
     assert!(
         lines[0].starts_with("AGENT") && lines[0].contains("STATE") && lines[0].contains("TOKENS"),
         "{table}"

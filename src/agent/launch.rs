@@ -92,6 +92,7 @@ pub fn command(spec: &AgentSpec, env: Vec<(OsString, OsString)>) -> Option<Comma
         // Only a backstop if the actor task is dropped without stopping; the
         // actor itself always stops the whole group.
         .kill_on_drop(true);
+    crate::fdlimit::restore_in_child(&mut cmd);
     if let Some(run_as) = &spec.run_as {
         switch_account(&mut cmd, run_as, &spec.cwd);
     }
@@ -140,6 +141,9 @@ pub fn describe_spawn_error(spec: &AgentSpec, err: &io::Error, cwd_is_dir: bool)
     let Some(program) = spec.command.first() else {
         return "`command` is empty (hint: give the program and its arguments as a list)".into();
     };
+    if let Some(hint) = descriptor_hint(err) {
+        return format!("cannot start `{program}` in `{cwd}`: {err} ({hint})");
+    }
     if !cwd_is_dir {
         return format!(
             "cannot start `{program}`: working directory `{cwd}` does not exist or is not a directory ({err}) (hint: check `cwd`)"
@@ -174,6 +178,20 @@ pub fn describe_spawn_error(spec: &AgentSpec, err: &io::Error, cwd_is_dir: bool)
         _ => "hint: check `command` and `cwd`".into(),
     };
     format!("cannot start `{program}` in `{cwd}`: {err} ({hint})")
+}
+
+/// The hint for running out of descriptors, which says nothing about the
+/// agent's `command` or `cwd`.
+fn descriptor_hint(err: &io::Error) -> Option<&'static str> {
+    match err.raw_os_error()? {
+        libc::EMFILE => Some(
+            "hint: the supervisor has reached its open-file limit (RLIMIT_NOFILE); raise `LimitNOFILE=` in its unit (or `ulimit -n`), or lower `proxy.max_connections`; `supervisor status` shows descriptors in use",
+        ),
+        libc::ENFILE => Some(
+            "hint: the system-wide open-file table is full (`fs.file-max`); see what holds descriptors, or raise `fs.file-max`",
+        ),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -419,6 +437,14 @@ mod tests {
             "cannot start `./agent.sh` in `/tmp`: No such file or directory (os error 2) \
              (hint: `./agent.sh` is resolved against `/tmp`; check `command`)"
         );
+        for (errno, want) in [
+            (libc::EMFILE, "LimitNOFILE="),
+            (libc::ENFILE, "fs.file-max"),
+        ] {
+            let text = describe_spawn_error(&s, &io::Error::from_raw_os_error(errno), true);
+            assert!(text.contains(want), "{text}");
+            assert!(!text.contains("check `command`"), "{text}");
+        }
         s.command.clear();
         assert!(describe_spawn_error(&s, &not_found, true).starts_with("`command` is empty"));
     }

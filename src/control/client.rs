@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::protocol::{AgentStatusRow, Command, PROTOCOL_VERSION, Request, Response};
+use super::protocol::{AgentStatusRow, Command, HostStatus, PROTOCOL_VERSION, Request, Response};
 use super::server::{MAX_REQUEST_BYTES, REPLY_TIMEOUT};
 use super::{runtime_directory, socket_path, status};
 use crate::cli::exit;
@@ -344,13 +344,16 @@ fn unexpected(response: &Response) -> u8 {
 /// `supervisor status [--json]`.
 pub fn status_command(fleet_path: &Path, json: bool) -> u8 {
     run(fleet_path, Command::Status, |response| match response {
-        Response::Status { agents } => print_status(&agents, json),
+        Response::Status { agents, host } => print_status(&agents, host.as_ref(), json),
         other => unexpected(&other),
     })
 }
 
-fn print_status(agents: &[AgentStatusRow], json: bool) -> u8 {
+fn print_status(agents: &[AgentStatusRow], host: Option<&HostStatus>, json: bool) -> u8 {
     if !json {
+        if let Some(host) = host {
+            print!("{}", status::host_header(host));
+        }
         print!("{}", status::table(agents));
         return exit::OK;
     }

@@ -59,6 +59,25 @@ pub struct AgentStatusRow {
     pub secrets: Vec<SecretVersion>,
 }
 
+/// The supervisor's descriptors and the proxy's caps, as `supervisor
+/// status` shows them above the agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// Descriptors open now and the soft `RLIMIT_NOFILE` (`None`: unknown).
+    pub descriptors_open: Option<u64>,
+    pub descriptor_limit: Option<u64>,
+    /// Client connections to the proxy, and those not yet identified.
+    pub proxy_connections: u64,
+    pub proxy_unidentified: u64,
+    pub proxy_max_connections: u64,
+    pub proxy_max_unidentified_connections: u64,
+    pub proxy_max_connections_per_agent: u64,
+    /// Request-body bytes buffered now.
+    pub proxy_body_in_flight: u64,
+    pub proxy_max_body_in_flight: u64,
+    pub proxy_max_body_in_flight_per_agent: u64,
+}
+
 /// One secret of an agent in `supervisor status`: fingerprints, never values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretVersion {
@@ -84,6 +103,9 @@ pub struct SecretVersion {
 pub enum Response {
     Status {
         agents: Vec<AgentStatusRow>,
+        /// The supervisor's own resources (absent from older supervisors).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<HostStatus>,
     },
     /// A reload was applied (counts by agent name).
     Reloaded {

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use super::protocol::AgentStatusRow;
+use super::protocol::{AgentStatusRow, HostStatus};
 use crate::agent::{AgentState, AgentStatus};
 use crate::budget::{CeilingSnapshot, Month, RateSnapshot, group_thousands};
 
@@ -137,6 +137,58 @@ fn rate_cell(r: &AgentStatusRow) -> String {
     }
 }
 
+/// The lines above the table: descriptors against the limit, the proxy's
+/// connections and buffered body bytes against their caps; a figure at 80%
+/// of its limit or more is flagged.
+pub fn host_header(host: &HostStatus) -> String {
+    let near = |used: u64, limit: u64| {
+        if limit > 0 && used.saturating_mul(100) / limit >= crate::fdlimit::WARN_PERCENT {
+            " (NEAR THE LIMIT)"
+        } else {
+            ""
+        }
+    };
+    let mut out = String::new();
+    if let (Some(open), Some(limit)) = (host.descriptors_open, host.descriptor_limit) {
+        out.push_str(&format!(
+            "descriptors: {} open of {}{}\n",
+            group_thousands(open),
+            group_thousands(limit),
+            near(open, limit)
+        ));
+    }
+    out.push_str(&format!(
+        "proxy: {} connections of {}{} ({} unidentified of {}, {} per agent); {} of request bodies in flight of {}{} ({} per agent)\n\n",
+        group_thousands(host.proxy_connections),
+        group_thousands(host.proxy_max_connections),
+        near(host.proxy_connections, host.proxy_max_connections),
+        group_thousands(host.proxy_unidentified),
+        group_thousands(host.proxy_max_unidentified_connections),
+        group_thousands(host.proxy_max_connections_per_agent),
+        bytes(host.proxy_body_in_flight),
+        bytes(host.proxy_max_body_in_flight),
+        near(host.proxy_body_in_flight, host.proxy_max_body_in_flight),
+        bytes(host.proxy_max_body_in_flight_per_agent),
+    ));
+    out
+}
+
+/// `512 B`, `1.5 MiB`, `1 GiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 /// The table `supervisor status` prints. TOKENS and USD are this month's,
 /// against the ceilings; RATE is what the rate buckets hold right now.
 pub fn table(rows: &[AgentStatusRow]) -> String {
@@ -210,6 +262,33 @@ pub fn table(rows: &[AgentStatusRow]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn host_header_flags_figures_near_their_limit() {
+        let host = HostStatus {
+            descriptors_open: Some(850),
+            descriptor_limit: Some(1024),
+            proxy_connections: 12,
+            proxy_unidentified: 3,
+            proxy_max_connections: 253,
+            proxy_max_unidentified_connections: 63,
+            proxy_max_connections_per_agent: 63,
+            proxy_body_in_flight: 3 << 19,
+            proxy_max_body_in_flight: 1 << 30,
+            proxy_max_body_in_flight_per_agent: 128 << 20,
+        };
+        assert_eq!(
+            host_header(&host),
+            "descriptors: 850 open of 1,024 (NEAR THE LIMIT)\n\
+             proxy: 12 connections of 253 (3 unidentified of 63, 63 per agent); \
+             1.5 MiB of request bodies in flight of 1 GiB (128 MiB per agent)\n\n"
+        );
+        let quiet = HostStatus {
+            descriptors_open: None,
+            ..host
+        };
+        assert!(host_header(&quiet).starts_with("proxy: 12 connections"));
+    }
+
     use std::time::{Duration, SystemTime};
 
     use super::*;

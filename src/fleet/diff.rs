@@ -76,6 +76,58 @@ pub fn non_reloadable_changes(old: &Fleet, new: &Fleet) -> Vec<String> {
             humantime::format_duration(now.upstream_timeout),
         ));
     }
+    let or_derived = |n: Option<u64>| n.map_or_else(|| "derived".to_owned(), |n| n.to_string());
+    let usize_caps = [
+        (
+            "proxy.max_connections",
+            was.max_connections,
+            now.max_connections,
+        ),
+        (
+            "proxy.max_unidentified_connections",
+            was.max_unidentified_connections,
+            now.max_unidentified_connections,
+        ),
+        (
+            "proxy.max_connections_per_agent",
+            was.max_connections_per_agent,
+            now.max_connections_per_agent,
+        ),
+    ];
+    for (field, was, now) in usize_caps {
+        if was != now {
+            let as_u64 = |n: Option<usize>| n.map(|n| n as u64);
+            out.push(refusal(
+                field,
+                or_derived(as_u64(was)),
+                or_derived(as_u64(now)),
+            ));
+        }
+    }
+    let byte_caps = [
+        (
+            "proxy.max_body_in_flight",
+            was.max_body_in_flight,
+            now.max_body_in_flight,
+        ),
+        (
+            "proxy.max_body_in_flight_per_agent",
+            was.max_body_in_flight_per_agent,
+            now.max_body_in_flight_per_agent,
+        ),
+    ];
+    for (field, was, now) in byte_caps {
+        if was != now {
+            out.push(refusal(field, or_derived(was), or_derived(now)));
+        }
+    }
+    if was.header_timeout != now.header_timeout {
+        out.push(refusal(
+            "proxy.header_timeout",
+            humantime::format_duration(was.header_timeout),
+            humantime::format_duration(now.header_timeout),
+        ));
+    }
     let admin_listen = |fleet: &Fleet| {
         fleet
             .admin

@@ -18,8 +18,8 @@ use crate::vault::SecretName;
 
 pub(super) fn resolve_proxy(cx: &mut Cx, raw: Option<RawProxy>) -> ProxySpec {
     let mut spec = ProxySpec::default();
-    let Some(raw) = raw else { return spec };
-    if let Some(listen) = raw.listen {
+    let Some(mut raw) = raw else { return spec };
+    if let Some(listen) = raw.listen.take() {
         match listen.value.trim().parse::<SocketAddr>() {
             Ok(addr) => spec.listen = addr,
             Err(_) => cx.push(
@@ -32,14 +32,14 @@ pub(super) fn resolve_proxy(cx: &mut Cx, raw: Option<RawProxy>) -> ProxySpec {
             ),
         }
     }
-    if let Some(max) = raw.max_body {
+    if let Some(max) = raw.max_body.take() {
         if max.value.0 == 0 {
             cx.push(max.pos, None, "`proxy.max_body` must be larger than zero");
         } else {
             spec.max_body = max.value.0;
         }
     }
-    if let Some(timeout) = raw.upstream_timeout {
+    if let Some(timeout) = raw.upstream_timeout.take() {
         if timeout.value.0.is_zero() {
             cx.push(
                 timeout.pos,
@@ -50,7 +50,98 @@ pub(super) fn resolve_proxy(cx: &mut Cx, raw: Option<RawProxy>) -> ProxySpec {
             spec.upstream_timeout = timeout.value.0;
         }
     }
+    resolve_proxy_caps(cx, raw, &mut spec);
     spec
+}
+
+/// The connection and body caps of `proxy:`; each must be above zero, and
+/// those set together must fit each other (the rest is derived at start
+/// from the host, `proxy::capacity`).
+fn resolve_proxy_caps(cx: &mut Cx, raw: RawProxy, spec: &mut ProxySpec) {
+    let mut count = |value: Option<At<u32>>, field: &str| -> Option<(usize, Pos)> {
+        let value = value?;
+        if value.value == 0 {
+            cx.push(
+                value.pos,
+                None,
+                format!("`proxy.{field}` must be larger than zero"),
+            );
+            return None;
+        }
+        Some((value.value as usize, value.pos))
+    };
+    let total = count(raw.max_connections, "max_connections");
+    let unidentified = count(
+        raw.max_unidentified_connections,
+        "max_unidentified_connections",
+    );
+    let per_agent = count(raw.max_connections_per_agent, "max_connections_per_agent");
+    for (part, field) in [
+        (unidentified, "max_unidentified_connections"),
+        (per_agent, "max_connections_per_agent"),
+    ] {
+        if let (Some((total, _)), Some((part, pos))) = (total, part)
+            && part > total
+        {
+            cx.push(
+                pos,
+                None,
+                format!(
+                    "`proxy.{field}` ({part}) is larger than `proxy.max_connections` ({total})"
+                ),
+            );
+        }
+    }
+    spec.max_connections = total.map(|(n, _)| n);
+    spec.max_unidentified_connections = unidentified.map(|(n, _)| n);
+    spec.max_connections_per_agent = per_agent.map(|(n, _)| n);
+
+    let max_body = spec.max_body;
+    let mut bytes = |value: Option<At<super::schema::ByteSize>>, field: &str| {
+        let value = value?;
+        if value.value.0 < max_body {
+            cx.push(
+                value.pos,
+                None,
+                format!(
+                    "`proxy.{field}` ({} bytes) is smaller than `proxy.max_body` ({max_body} bytes), so a request of the largest size accepted could never be read",
+                    value.value.0
+                ),
+            );
+            return None;
+        }
+        Some((value.value.0, value.pos))
+    };
+    let body_total = bytes(raw.max_body_in_flight, "max_body_in_flight");
+    let body_agent = bytes(
+        raw.max_body_in_flight_per_agent,
+        "max_body_in_flight_per_agent",
+    );
+    if let (Some((total, _)), Some((agent, pos))) = (body_total, body_agent)
+        && agent > total
+    {
+        cx.push(
+                pos,
+                None,
+                format!(
+                    "`proxy.max_body_in_flight_per_agent` ({agent} bytes) is larger than `proxy.max_body_in_flight` ({total} bytes)"
+                ),
+            );
+    }
+    spec.max_body_in_flight = body_total.map(|(n, _)| n);
+    spec.max_body_in_flight_per_agent = body_agent.map(|(n, _)| n);
+
+    if let Some(timeout) = raw.header_timeout {
+        if timeout.value.0.is_zero() {
+            cx.push(
+                timeout.pos,
+                None,
+                "`proxy.header_timeout` must be longer than zero",
+            );
+        } else {
+            spec.header_timeout = timeout.value.0;
+        }
+    }
 }
 
 fn default_upstream(kind: ProviderKindName) -> &'static str {
@@ -474,6 +565,39 @@ providers:
         assert_eq!(b.llm[0].api, Api::OpenAi);
         assert_eq!(b.llm[0].key, None);
         assert_eq!(b.llm[0].key_env, "OPENAI_API_KEY");
+    }
+
+    #[test]
+    fn proxy_caps_are_read_and_checked_against_each_other() {
+        let fleet = parse(&format!(
+            "{PROVIDERS}proxy: {{ max_connections: 100, max_unidentified_connections: 10, max_connections_per_agent: 20, max_body_in_flight: 64MiB, max_body_in_flight_per_agent: 32MiB, header_timeout: 5s }}\nagents: {{}}\n"
+        ))
+        .unwrap();
+        let p = &fleet.proxy;
+        assert_eq!(p.max_connections, Some(100));
+        assert_eq!(p.max_unidentified_connections, Some(10));
+        assert_eq!(p.max_connections_per_agent, Some(20));
+        assert_eq!(p.max_body_in_flight, Some(64 << 20));
+        assert_eq!(p.max_body_in_flight_per_agent, Some(32 << 20));
+        assert_eq!(p.header_timeout, std::time::Duration::from_secs(5));
+
+        let errors = parse(&format!(
+            "{PROVIDERS}proxy:\n  max_body: 1MiB\n  max_connections: 10\n  max_unidentified_connections: 0\n  max_connections_per_agent: 11\n  max_body_in_flight: 512KiB\n  max_body_in_flight_per_agent: 4MiB\n  header_timeout: 0s\nagents: {{}}\n"
+        ))
+        .unwrap_err();
+        let want = [
+            "fleet.yaml:11:33: `proxy.max_unidentified_connections` must be larger than zero",
+            "fleet.yaml:12:30: `proxy.max_connections_per_agent` (11) is larger than `proxy.max_connections` (10)",
+            "fleet.yaml:13:23: `proxy.max_body_in_flight` (524288 bytes) is smaller than `proxy.max_body` (1048576 bytes), so a request of the largest size accepted could never be read",
+            "fleet.yaml:15:19: `proxy.header_timeout` must be longer than zero",
+        ];
+        assert_eq!(errors.len(), want.len(), "{errors:#?}");
+        for w in want {
+            assert!(
+                errors.iter().any(|e| e == w),
+                "missing {w:?} in {errors:#?}"
+            );
+        }
     }
 
     #[test]

@@ -60,6 +60,24 @@ pub struct ProxySpec {
     pub max_body: u64,
     /// Longest wait for an upstream answer to start, and between its chunks (default 10m).
     pub upstream_timeout: Duration,
+    /// Client connections open at once, in total (default: what the
+    /// descriptor limit affords, see `proxy::capacity`).
+    pub max_connections: Option<usize>,
+    /// Connections whose first request's headers have not arrived yet
+    /// (default a quarter of `max_connections`); the oldest is evicted.
+    pub max_unidentified_connections: Option<usize>,
+    /// Connections one agent may hold, in flight or idle (default a quarter
+    /// of `max_connections`, within 4..=256).
+    pub max_connections_per_agent: Option<usize>,
+    /// Request-body bytes buffered at once, in total (default a sixteenth of
+    /// memory, within 2×`max_body`..=1GiB).
+    pub max_body_in_flight: Option<u64>,
+    /// Request-body bytes one agent may have buffered at once (default an
+    /// eighth of the total, within `max_body`..=4×`max_body`).
+    pub max_body_in_flight_per_agent: Option<u64>,
+    /// How long a request's headers may take, and a keep-alive connection
+    /// may idle (default 10s).
+    pub header_timeout: Duration,
 }
 
 impl Default for ProxySpec {
@@ -68,6 +86,12 @@ impl Default for ProxySpec {
             listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
             max_body: 32 << 20,
             upstream_timeout: Duration::from_secs(600),
+            max_connections: None,
+            max_unidentified_connections: None,
+            max_connections_per_agent: None,
+            max_body_in_flight: None,
+            max_body_in_flight_per_agent: None,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -55,13 +55,21 @@ pub struct RawDefaults {
     pub runaway: Option<RawRunaway>,
 }
 
-/// `proxy: { listen, max_body, upstream_timeout }`.
+/// `proxy: { listen, max_body, upstream_timeout, max_connections,
+/// max_unidentified_connections, max_connections_per_agent,
+/// max_body_in_flight, max_body_in_flight_per_agent, header_timeout }`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProxy {
     pub listen: Option<At<String>>,
     pub max_body: Option<At<ByteSize>>,
     pub upstream_timeout: Option<At<Dur>>,
+    pub max_connections: Option<At<u32>>,
+    pub max_unidentified_connections: Option<At<u32>>,
+    pub max_connections_per_agent: Option<At<u32>>,
+    pub max_body_in_flight: Option<At<ByteSize>>,
+    pub max_body_in_flight_per_agent: Option<At<ByteSize>>,
+    pub header_timeout: Option<At<Dur>>,
 }
 
 /// `admin: { listen }`.

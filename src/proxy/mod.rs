@@ -6,9 +6,12 @@
 //! detector wants) from answers; `estimate` bounds a request's worst case before
 //! it is forwarded; `refusal` shapes the proxy's own answers; `route` is the allow-list
 //! (canonical path, exact routes, the upstream URL); `simulated` is the
-//! offline model. The shell (`server`) calls these per request and per chunk.
+//! offline model; `capacity` counts connections and buffered body bytes
+//! against the caps. The shell (`server`) calls these per request and per chunk.
 
+mod admission;
 mod answer;
+pub mod capacity;
 mod client_io;
 pub mod estimate;
 pub mod meter;

@@ -23,6 +23,9 @@ pub enum RefusalKind {
     Unauthenticated,
     /// Per-agent rate bucket empty (429 + retry-after; the SDKs retry).
     RateLimited { retry_after: Duration },
+    /// The proxy as a whole is at a cap shared by every agent (503 +
+    /// retry-after; the SDKs retry).
+    Overloaded { retry_after: Duration },
     /// Monthly ceiling reached (429 + `x-should-retry: false`).
     CeilingReached,
     /// Agent quarantined as a runaway (403, `x-should-retry: false`).
@@ -66,6 +69,9 @@ impl Refusal {
                 "rate_limit_error",
                 "rate_limit_exceeded",
             ),
+            RefusalKind::Overloaded { .. } => {
+                (503, "overloaded_error", "server_error", "overloaded")
+            }
             RefusalKind::CeilingReached => (
                 429,
                 "rate_limit_error",
@@ -97,7 +103,7 @@ impl Refusal {
         };
         let mut headers = Vec::new();
         match &kind {
-            RefusalKind::RateLimited { retry_after } => {
+            RefusalKind::RateLimited { retry_after } | RefusalKind::Overloaded { retry_after } => {
                 // Whole seconds, at least 1, at most 60: the SDKs sleep for it and retry.
                 let secs = retry_after.as_secs_f64().ceil().clamp(1.0, 60.0) as u64;
                 headers.push(("retry-after", secs.to_string()));
@@ -178,6 +184,28 @@ mod tests {
                 r.headers
             );
         }
+    }
+
+    #[test]
+    fn overloaded_is_503_and_retried() {
+        let r = Refusal::new(
+            Api::Anthropic,
+            RefusalKind::Overloaded {
+                retry_after: Duration::from_secs(1),
+            },
+            "busy",
+        );
+        assert_eq!(r.status, 503);
+        assert_eq!(r.body["error"]["type"], "overloaded_error");
+        assert!(r.headers.contains(&("retry-after", "1".to_owned())));
+        let o = Refusal::new(
+            Api::OpenAi,
+            RefusalKind::Overloaded {
+                retry_after: Duration::from_secs(1),
+            },
+            "busy",
+        );
+        assert_eq!(o.body["error"]["code"], "overloaded");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -39,12 +39,14 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use super::admission::{BodyLease, Gate};
 use super::answer::{AnswerBody, Reader, Source};
+use super::capacity;
 use super::client_io::WriteStallLimit;
 use super::estimate::{EstimateConfig, estimate_request};
 use super::meter::{AgentMeter, Credential, Meters, Target};
 use super::refusal::{Api, Refusal, RefusalKind};
-use super::route::{self, Endpoint, Refused};
+use super::route::{self, Endpoint};
 use super::simulated;
 use super::tokens::TokenTable;
 use super::usage::{
@@ -112,6 +114,8 @@ pub struct ProxyShared {
     events: mpsc::UnboundedSender<ProxyEvent>,
     /// Models already logged as unpriced, so each is logged once.
     unpriced: Mutex<std::collections::HashSet<(String, String)>>,
+    /// Connection and body-byte caps (`proxy::capacity`).
+    pub gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for ProxyShared {
@@ -137,7 +141,9 @@ impl ProxyShared {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the upstream HTTP client: {e}"))?;
+        let gate = Arc::new(Gate::new(&settings, 0));
         Ok(Self {
+            gate,
             tokens: TokenTable::new(),
             meters: Meters::default(),
             ledger,
@@ -211,40 +217,70 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// Serves until `shutdown` turns true, then stops accepting and lets requests
 /// in flight finish (each bounded by its own timeouts).
+///
+/// Every connection takes a slot of the gate first: while no slot is free
+/// (every connection identified and within its agent's cap, the total
+/// reached) accept waits, so the descriptor reserve is never touched; a
+/// connection still unidentified is evicted to make room for a new one.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<ProxyShared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let gate = shared.gate.clone();
+    let mut accept_warned: Option<Instant> = None;
     loop {
+        if !gate.can_admit() {
+            tokio::select! {
+                _ = gate.room() => continue,
+                _ = shutdown.changed() => break,
+            }
+        }
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(pair) => pair,
                     Err(err) => {
-                        tracing::warn!("proxy: accept failed: {err}");
+                        if accept_warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                            accept_warned = Some(Instant::now());
+                            tracing::warn!("proxy: accept failed: {err} ({})", descriptor_figures());
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
+                let Some(slot) = gate.admit() else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let stream = WriteStallLimit::new(stream, shared.settings.upstream_timeout);
+                let header_timeout = shared.settings.header_timeout;
                 let shared = shared.clone();
+                let id = slot.id;
                 let service = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
+                    async move { Ok::<_, Infallible>(admit_and_handle(&shared, id, req, peer).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .keep_alive(true)
-                    .header_read_timeout(Duration::from_secs(30))
+                    .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    if let Err(err) = conn.await {
-                        tracing::debug!("proxy: connection from {peer}: {err}");
+                    let mut slot = slot;
+                    tokio::select! {
+                        result = conn => {
+                            if let Err(err) = result {
+                                tracing::debug!("proxy: connection from {peer}: {err}");
+                            }
+                        }
+                        _ = &mut slot.evicted => {
+                            tracing::debug!("proxy: closed {peer}'s connection, which sent no request headers, to admit a newer one");
+                        }
                     }
+                    drop(slot);
                 });
             }
             _ = shutdown.changed() => break,
@@ -260,6 +296,100 @@ pub async fn serve(
             );
         }
     }
+}
+
+/// How often a failing accept is logged.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// `N descriptors open of a limit of M`, for logs.
+fn descriptor_figures() -> String {
+    match (
+        crate::fdlimit::open_descriptors(),
+        crate::fdlimit::soft_limit(),
+    ) {
+        (Ok(open), Some(limit)) => format!("{open} descriptors open of a limit of {limit}"),
+        // Counting needs a descriptor too, which EMFILE may leave none for.
+        (Err(_), Some(limit)) => format!("the open-file limit is {limit}"),
+        _ => "descriptor use unknown".to_owned(),
+    }
+}
+
+/// Identifies the agent of a request for the gate (its connection is the
+/// agent's from now on, within `proxy.max_connections_per_agent`), gives it
+/// a body lease, then runs the pipeline. A request without a known token
+/// leaves its connection unidentified, and `handle` answers it 401.
+async fn admit_and_handle(
+    shared: &ProxyShared,
+    conn: super::capacity::ConnId,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let agent = presented_token(req.headers())
+        .and_then(|token| shared.tokens.lookup(token))
+        .map(|grant| grant.agent.clone());
+    let Some(agent) = agent else {
+        return handle(shared, req, peer).await;
+    };
+    if let Err(refused) = shared.gate.identify(conn, &agent) {
+        let mut response =
+            refused_response(shared, route::shape_of(req.uri().path()), &agent, &refused);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    let lease = shared.gate.lease(&agent);
+    req.extensions_mut().insert(lease.clone());
+    let response = handle(shared, req, peer).await;
+    // The body the lease paid for is gone with the handler; the answer
+    // streams on without it.
+    drop(lease);
+    response
+}
+
+/// A refusal by the gate, in the provider's shape: the agent's own caps are
+/// 429 (its SDK backs off), the proxy's shared ones 503; both retry.
+fn refused_response(
+    shared: &ProxyShared,
+    api: Api,
+    agent: &str,
+    refused: &capacity::Refused,
+) -> Response<ProxyBody> {
+    if let Some(meter) = shared.meters.get(agent) {
+        meter.metrics.count_request(RequestOutcome::Throttled);
+    }
+    refused_body(api, agent, refused)
+}
+
+/// [`refused_response`] without the metrics.
+fn refused_body(api: Api, agent: &str, refused: &capacity::Refused) -> Response<ProxyBody> {
+    let retry_after = Duration::from_secs(1);
+    let (kind, message) = match refused {
+        capacity::Refused::AgentConnections { limit } => (
+            RefusalKind::RateLimited { retry_after },
+            format!(
+                "agent \"{agent}\" already holds {limit} connections to the supervisor's proxy (`proxy.max_connections_per_agent`); send fewer requests at once"
+            ),
+        ),
+        capacity::Refused::AgentBody { limit } => (
+            RefusalKind::RateLimited { retry_after },
+            format!(
+                "agent \"{agent}\" already has {limit} bytes of request bodies in flight (`proxy.max_body_in_flight_per_agent`); send fewer large requests at once"
+            ),
+        ),
+        capacity::Refused::TotalBody { limit } => (
+            RefusalKind::Overloaded { retry_after },
+            format!(
+                "the supervisor's proxy has {limit} bytes of request bodies in flight from all agents (`proxy.max_body_in_flight`); retry shortly"
+            ),
+        ),
+        capacity::Refused::Evicted => (
+            RefusalKind::Overloaded { retry_after },
+            "the supervisor's proxy closed this connection: too many connections had not sent their request headers".to_owned(),
+        ),
+    };
+    tracing::debug!(agent, "proxy refused a request at a cap: {message}");
+    refuse(api, kind, message)
 }
 
 fn refusal_response(refusal: Refusal) -> Response<ProxyBody> {
@@ -374,13 +504,13 @@ fn refuse_path(
     agent: &str,
     method: &Method,
     path: &str,
-    refused: Refused,
+    refused: route::Refused,
     shared: &ProxyShared,
 ) -> Response<ProxyBody> {
     let shown = route::shown(path);
     let routes = route::routes_for(api);
     match refused {
-        Refused::Malformed(why) => {
+        route::Refused::Malformed(why) => {
             tracing::warn!(
                 agent,
                 "proxy: refused `{method} {}`: {why}",
@@ -394,7 +524,7 @@ fn refuse_path(
                 ),
             )
         }
-        Refused::NotRouted => refuse(
+        route::Refused::NotRouted => refuse(
             api,
             RefusalKind::NotFound,
             format!(
@@ -588,7 +718,7 @@ async fn forward_unmetered(
         );
     }
     let (parts, body) = req.into_parts();
-    let body = match read_body(body, shared.settings.max_body).await {
+    let body = match read_body(body, shared.settings.max_body, body_lease(&parts)).await {
         Ok(b) => b,
         Err(resp) => return resp(api),
     };
@@ -708,37 +838,82 @@ fn unanswered_message(provider: &str, what: &str, charged: Option<Amount>) -> St
 
 type Refuser = Box<dyn FnOnce(Api) -> Response<ProxyBody> + Send>;
 
-/// Reads the request body within `max` bytes and `BODY_READ_TIMEOUT`.
-async fn read_body(body: Incoming, max: u64) -> Result<Bytes, Refuser> {
-    let limited = Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX));
-    match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(err))
-            if err
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
+/// The body lease the gate gave this request (none for a request whose
+/// agent is unknown, which never gets this far).
+fn body_lease(parts: &hyper::http::request::Parts) -> Option<Arc<BodyLease>> {
+    parts.extensions.get::<Arc<BodyLease>>().cloned()
+}
+
+fn too_large(max: u64) -> Refuser {
+    Box::new(move |api| {
+        let mut response = refuse(
+            api,
+            RefusalKind::TooLarge,
+            format!("request body is larger than `proxy.max_body` ({max} bytes)"),
+        );
+        // The rest of the body is not read: the connection cannot be reused.
+        response
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    })
+}
+
+/// Reads the request body within `max` bytes and `BODY_READ_TIMEOUT`,
+/// taking each chunk from `lease` (the agent's and the proxy's budgets of
+/// bytes in flight) as it arrives, so slow bodies cannot pile up memory. A
+/// `Content-Length` above `max` is refused before a byte is read.
+async fn read_body(
+    mut body: Incoming,
+    max: u64,
+    lease: Option<Arc<BodyLease>>,
+) -> Result<Bytes, Refuser> {
+    if hyper::body::Body::size_hint(&body).lower() > max {
+        return Err(too_large(max));
+    }
+    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+    let mut buffer = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => return Ok(buffer.freeze()),
+            Ok(Some(Err(err))) => {
+                let message = format!("could not read the request body: {err}");
+                return Err(Box::new(move |api| {
+                    refuse(api, RefusalKind::BadRequest, message)
+                }));
+            }
+            Err(_) => {
+                return Err(Box::new(|api| {
+                    refuse(
+                        api,
+                        RefusalKind::BadRequest,
+                        "the request body did not arrive within 60s",
+                    )
+                }));
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let len = data.len() as u64;
+        if buffer.len() as u64 + len > max {
+            return Err(too_large(max));
+        }
+        if let Some(lease) = &lease
+            && let Err(refused) = lease.grow(len)
         {
-            Err(Box::new(move |api| {
-                refuse(
-                    api,
-                    RefusalKind::TooLarge,
-                    format!("request body is larger than `proxy.max_body` ({max} bytes)"),
-                )
-            }))
+            let agent = lease.agent().to_owned();
+            return Err(Box::new(move |api| {
+                let mut response = refused_body(api, &agent, &refused);
+                // The rest of the body is not read: the connection cannot be reused.
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                response
+            }));
         }
-        Ok(Err(err)) => {
-            let message = format!("could not read the request body: {err}");
-            Err(Box::new(move |api| {
-                refuse(api, RefusalKind::BadRequest, message)
-            }))
-        }
-        Err(_) => Err(Box::new(|api| {
-            refuse(
-                api,
-                RefusalKind::BadRequest,
-                "the request body did not arrive within 60s",
-            )
-        })),
+        buffer.extend_from_slice(&data);
     }
 }
 
@@ -766,7 +941,7 @@ async fn handle_metered(
     let bad_request = || meter.metrics.count_request(RequestOutcome::BadRequest);
 
     // 3. body and worst case
-    let body = match read_body(body, shared.settings.max_body).await {
+    let body = match read_body(body, shared.settings.max_body, body_lease(&parts)).await {
         Ok(b) => b,
         Err(resp) => {
             bad_request();
