@@ -212,8 +212,8 @@ pub fn failure_hint(err: &anyhow::Error, state_dir: &Path) -> String {
     if is_corrupt(err) {
         let dir = state_dir.display();
         format!(
-            "`{dir}/{LEDGER_FILE}` is corrupt (not a SQLite database, or damaged). Stop the supervisor, \
-             move `{LEDGER_FILE}`, `{LEDGER_FILE}-wal` and `{LEDGER_FILE}-shm` aside (e.g. into \
+            "`{dir}/{LEDGER_FILE}` is corrupt (not a SQLite database, or damaged). With the supervisor \
+             stopped, move `{LEDGER_FILE}`, `{LEDGER_FILE}-wal` and `{LEDGER_FILE}-shm` aside (e.g. into \
              `{dir}/corrupt/`) and start again: a new ledger is created and `{JOURNAL_FILE}` (keep it) \
              charges the last run's reservations into it. Lost with the old file: earlier request rows \
              (this month's totals restart from what the journal holds, so ceilings allow that much again), \
