@@ -101,26 +101,49 @@ fn mkfifo(path: &Path) {
 /// Runs the CLI with its own per-user runtime folder (`XDG_RUNTIME_DIR`),
 /// as a shell of the supervisor's user would, outside systemd.
 fn cli(fleet: &FleetDir, xdg: &Path, args: &[&str]) -> Output {
-    let started = Instant::now();
-    let out = Command::new(bin())
-        .args(args)
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
         .arg("-f")
         .arg(fleet.file("fleet.yaml"))
         .env_remove("RUNTIME_DIRECTORY")
         .env_remove("STATE_DIRECTORY")
-        .env("XDG_RUNTIME_DIR", xdg)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the CLI");
+        .env("XDG_RUNTIME_DIR", xdg);
     // Well under the client's own patience (a reload waits up to 40s): an
     // answer this late would mean a read blocked somewhere.
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "`supervisor {}` took {:?}",
-        args.join(" "),
-        started.elapsed()
-    );
-    out
+    output_within(cmd, Duration::from_secs(20), &args.join(" "))
+}
+
+/// Runs `cmd` to completion, failing the test (and killing it) if it takes
+/// longer than `limit`: a blocked read must fail the test, not hang it.
+fn output_within(mut cmd: Command, limit: Duration, what: &str) -> Output {
+    let out = tempfile::tempdir().unwrap();
+    let (stdout, stderr) = (out.path().join("stdout"), out.path().join("stderr"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("run the CLI");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`supervisor {what}` did not answer within {limit:?}; stderr:\n{}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&stdout).unwrap(),
+        stderr: std::fs::read(&stderr).unwrap(),
+    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -327,28 +350,10 @@ fn check_and_run_refuse_a_fifo_at_once() {
     let fleet = FleetDir::new();
     mkfifo(&fleet.file("fleet.yaml"));
     for (args, code) in [(&["check"][..], 1), (&["run", "--log-format", "plain"], 78)] {
-        let mut child = Command::new(bin())
-            .args(args)
-            .arg("-f")
-            .arg(fleet.file("fleet.yaml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if started.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("`supervisor {}` blocked on the FIFO", args[0]);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let out = child.wait_with_output().unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.args(args).arg("-f").arg(fleet.file("fleet.yaml"));
+        let out = output_within(cmd, Duration::from_secs(20), args[0]);
+        let status = out.status;
         assert_eq!(status.code(), Some(code), "{args:?}");
         let err = text(&out.stderr);
         assert!(
