@@ -274,6 +274,29 @@ pub fn lookup(fleet_path: &Path) -> Option<Record> {
     live.then_some(record)
 }
 
+/// Removes the records of supervisors that are gone (killed before they
+/// could remove their own), so the folder does not grow with every fleet
+/// ever killed. A record is written only once its supervisor holds its
+/// state dir's lock, so a live one is never taken for stale.
+fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let live = fleet::read_regular_file(&path, MAX_RECORD_BYTES)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+            .is_some_and(|r| crate::orphans::running_supervisor(&r.state_dir) == Some(r.pid));
+        if !live {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// A supervisor's discovery record; removed when dropped, unless another
 /// supervisor of the same fleet file has replaced it meanwhile.
 #[derive(Debug)]
@@ -309,6 +332,7 @@ pub fn register(
          $TMPDIR/agent-supervisor-UID, ours and mode 0700)"
             .to_owned()
     })?;
+    sweep(&dir);
     let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
     let record = Record {
         fleet: canonical.clone(),
