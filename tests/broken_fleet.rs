@@ -212,6 +212,27 @@ fn every_command_answers_while_fleet_yaml_is_broken() {
         },
     )
     .unwrap();
+    // Another fleet file with the same state dir reaches the same
+    // supervisor, which answers for its own file: the CLI says so.
+    std::fs::write(fleet.file("other.yaml"), GOOD).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["status", "-f"])
+        .arg(fleet.file("other.yaml"))
+        .env("XDG_RUNTIME_DIR", xdg.path());
+    let out = output_within(cmd, Duration::from_secs(20), "status -f other.yaml");
+    expect(&out, 0, "status -f other.yaml");
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "runs `{}`, not `{}`",
+            std::fs::canonicalize(fleet.path())
+                .unwrap()
+                .join("fleet.yaml")
+                .display(),
+            fleet.file("other.yaml").display()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
     // A CLI that has no discovery record (another runtime folder) still
     // finds it through the `state_dir:` line.
     let elsewhere = xdg_dir();

@@ -279,6 +279,9 @@ fn run(
     if note_broken && let Some(note) = found.broken_note() {
         eprintln!("{note}");
     }
+    if let Some(note) = found.other_note(fleet_path) {
+        eprintln!("{note}");
+    }
     match request(fleet_path, &found.socket, command) {
         Ok(Response::Error { message, hint }) => {
             eprintln!("error: {message}");

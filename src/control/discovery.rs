@@ -62,9 +62,24 @@ pub struct Found {
     /// The running supervisor's pid, when its record was found.
     pub pid: Option<i32>,
     pub fleet: Result<Fleet, ConfigErrors>,
+    /// The fleet file of a supervisor that holds this state dir but runs
+    /// another file than the one named (`-f other/fleet.yaml`): it answers
+    /// for its own file, which the user should know.
+    pub runs_other: Option<PathBuf>,
 }
 
 impl Found {
+    /// A warning line when the supervisor found runs another fleet file.
+    pub fn other_note(&self, fleet_path: &Path) -> Option<String> {
+        let other = self.runs_other.as_ref()?;
+        Some(format!(
+            "warning: the supervisor using `{}` runs `{}`, not `{}`; it answers for its own file",
+            self.state_dir.display(),
+            other.display(),
+            fleet_path.display()
+        ))
+    }
+
     /// One line for stderr when the fleet file does not load, saying where
     /// the state dir came from; `None` when it loads.
     pub fn broken_note(&self) -> Option<String> {
@@ -121,13 +136,30 @@ pub fn find(fleet_path: &Path) -> Found {
         (None, Some(r)) => r.socket.clone(),
         (None, None) => socket_path(&state_dir, None),
     };
+    let runs_other = match record {
+        Some(_) => None,
+        None => supervisor_of(&state_dir).map(|r| r.fleet),
+    };
     Found {
         state_dir,
         socket,
         source,
         pid: record.map(|r| r.pid),
         fleet,
+        runs_other,
     }
+}
+
+/// The live record of whichever supervisor holds `state_dir`, if it wrote one.
+fn supervisor_of(state_dir: &Path) -> Option<Record> {
+    let pid = crate::orphans::running_supervisor(state_dir)?;
+    let wanted = std::path::absolute(state_dir).ok()?;
+    std::fs::read_dir(registry_dir(false)?)
+        .ok()?
+        .flatten()
+        .filter_map(|e| fleet::read_regular_file(&e.path(), MAX_RECORD_BYTES).ok())
+        .filter_map(|b| serde_json::from_slice::<Record>(&b).ok())
+        .find(|r| r.pid == pid && r.state_dir == wanted)
 }
 
 /// The control socket of the supervisor holding `state_dir` (known from a
