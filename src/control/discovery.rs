@@ -99,7 +99,7 @@ impl Found {
             }
         };
         Some(format!(
-            "warning: {} ({}); {from}",
+            "warning: {}: {}; {from}",
             errors.headline(),
             first_problem(errors)
         ))
