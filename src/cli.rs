@@ -20,6 +20,8 @@ pub mod exit {
     /// `status`, `reload`, `start`, `stop`, `restart`: no supervisor is
     /// running for the fleet (no control socket, or nobody listening on it).
     pub const NOT_RUNNING: u8 = 3;
+    /// `run`: `ledger.db` is corrupt (EX_DATAERR); restarting cannot help.
+    pub const DATA: u8 = 65;
     /// `run` was refused because fleet.yaml is not valid (EX_CONFIG).
     pub const CONFIG: u8 = 78;
 }
@@ -30,6 +32,7 @@ Exit codes:
   1   failure (`check`: the fleet is not valid)
   2   usage error (bad arguments)
   3   `status`, `reload`, `start`, `stop`, `restart`: no supervisor is running for the fleet
+  65  `run`: ledger.db (in state_dir) is corrupt, nothing was started
   78  `run`: fleet.yaml is not valid, nothing was started";
 
 #[derive(Debug, Parser)]

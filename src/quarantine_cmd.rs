@@ -103,6 +103,8 @@ fn velocity_lines(evidence: &Value) -> Option<Vec<String>> {
     ])
 }
 
+/// The state dir of a fleet that loads; `release` needs one (a fleet that
+/// does not load could not start the released agent).
 fn state_dir(fleet_path: &Path) -> Result<std::path::PathBuf, u8> {
     match fleet::load(fleet_path) {
         Ok(f) => Ok(f.state_dir),
@@ -122,13 +124,19 @@ fn read_records(dir: &Path) -> Result<Vec<QuarantineRecord>, u8> {
         for cause in err.chain() {
             eprintln!("caused by: {cause}");
         }
+        eprintln!("hint: {}", ledger::failure_hint(&err, dir));
         exit::FAILURE
     })
 }
 
-/// `supervisor quarantine [--json]`.
+/// `supervisor quarantine [--json]`: from the ledger, also while the fleet
+/// file does not load (the records do not depend on it).
 pub fn quarantine_command(fleet_path: &Path, json: bool) -> u8 {
-    let records = match state_dir(fleet_path).and_then(|d| read_records(&d)) {
+    let found = crate::control::discovery::find(fleet_path);
+    if let Some(note) = found.broken_note() {
+        eprintln!("{note}");
+    }
+    let records = match read_records(&found.state_dir) {
         Ok(r) => r,
         Err(code) => return code,
     };
@@ -172,7 +180,8 @@ pub fn release_command(fleet_path: &Path, agent: &str) -> u8 {
         Ok(d) => d,
         Err(code) => {
             eprintln!(
-                "hint: nothing was released; fix the file, then run `supervisor release {agent}` again"
+                "hint: nothing was released: a fleet file that does not load could not start the agent; \
+                 fix the file, then run `supervisor release {agent}` again"
             );
             return code;
         }

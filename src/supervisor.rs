@@ -357,6 +357,7 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
         }
     };
     crate::orphans::reap_orphans(&resolved.fleet.state_dir);
+    let fleet_state_dir = resolved.fleet.state_dir.clone();
     let recorder = crate::orphans::Recorder::new(&resolved.fleet.state_dir);
     // Orphaned grandchildren must be re-parented to us, not to a pid 1 that may
     // never reap them: otherwise their zombies keep a process group "alive".
@@ -391,6 +392,15 @@ pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
                 eprintln!("error: cannot start the fleet");
                 for cause in err.chain() {
                     eprintln!("caused by: {cause}");
+                }
+                // Restarting cannot mend a corrupt ledger: a distinct code
+                // that the unit's `RestartPreventExitStatus=` lists.
+                if crate::ledger::is_corrupt(&err) {
+                    eprintln!(
+                        "hint: {}",
+                        crate::ledger::failure_hint(&err, &fleet_state_dir)
+                    );
+                    return exit::DATA;
                 }
                 exit::FAILURE
             }
@@ -1193,8 +1203,20 @@ impl Supervisor {
     fn start_control(&mut self) {
         let runtime_dir = crate::control::runtime_directory();
         match crate::control::server::bind(&self.current.state_dir, runtime_dir.as_deref()) {
-            Ok((listener, files)) => {
+            Ok((listener, mut files)) => {
                 tracing::info!(socket = %files.socket.display(), "control socket listening");
+                // Lets the CLI find this socket while fleet.yaml is broken or gone.
+                match crate::control::discovery::register(
+                    &self.fleet_path,
+                    &self.current.state_dir,
+                    &files.socket,
+                ) {
+                    Ok(record) => files.discovery = Some(record),
+                    Err(err) => tracing::warn!(
+                        "{err}; while `{}` does not load, the CLI finds this supervisor only through the file's `state_dir:` line",
+                        self.fleet_path.display()
+                    ),
+                }
                 tokio::spawn(crate::control::server::serve(
                     listener,
                     self.control.clone(),

@@ -40,6 +40,7 @@ use crate::budget::{Amount, Month, group_thousands as group};
 use crate::cli::exit;
 use crate::fleet::{self, BudgetSpec};
 use crate::ledger::{self, UsageSample};
+use crate::usage_report::CeilingsFrom;
 
 /// Days of history `tune` looks at.
 pub const WINDOW_DAYS: i64 = 30;
@@ -369,6 +370,10 @@ pub struct TuneReport {
     pub month: String,
     pub window_days: i64,
     pub headroom_percent: u32,
+    /// Where `current` comes from: `fleet`, or while the fleet file does not
+    /// load, `running_supervisor` (its monthly ceilings; `tokens_per_minute`
+    /// unknown, null) or `unavailable` (every `current` field null, unknown).
+    pub current_from: CeilingsFrom,
     pub agents: Vec<TuneRow>,
 }
 
@@ -377,6 +382,7 @@ pub fn report(month: Month, headroom_percent: u32, analyses: &[Analysis]) -> Tun
         month: month.to_string(),
         window_days: WINDOW_DAYS,
         headroom_percent,
+        current_from: CeilingsFrom::Fleet,
         agents: analyses
             .iter()
             .map(|a| TuneRow {
@@ -562,10 +568,12 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     name.push(format!(".tmp.{}", std::process::id()));
     let tmp = path.with_file_name(name);
     let written = (|| {
+        use std::os::unix::fs::OpenOptionsExt as _;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)?;
         file.write_all(text.as_bytes())?;
         file.sync_all()
@@ -586,35 +594,80 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
 
 /// Runs `supervisor tune` and returns the exit code.
 pub fn tune_command(fleet_path: &Path, json: bool, apply: bool, headroom_percent: u32) -> u8 {
-    let fleet = match fleet::load(fleet_path) {
-        Ok(f) => f,
-        Err(errors) => {
+    let found = crate::control::discovery::find(fleet_path);
+    let (budgets, current_from): (BTreeMap<String, BudgetSpec>, _) = match &found.fleet {
+        Ok(fleet) => (
+            fleet
+                .agents
+                .iter()
+                .map(|(name, a)| (name.clone(), a.budget))
+                .collect(),
+            CeilingsFrom::Fleet,
+        ),
+        Err(errors) if apply => {
             eprint!("{}", errors.report());
+            eprintln!(
+                "error: `tune --apply` needs `{}` to load: the overlay is only written if the fleet \
+                 still loads with it; nothing was written",
+                fleet_path.display()
+            );
             return exit::FAILURE;
         }
+        Err(_) => {
+            if let Some(note) = found.broken_note() {
+                eprintln!("{note}");
+            }
+            match crate::control::client::running_rows(fleet_path, &found) {
+                Some(rows) => {
+                    eprintln!(
+                        "note: the current ceilings shown are the running supervisor's; its token rates \
+                         are not known here (shown as `-`)"
+                    );
+                    let ceilings = crate::usage_report::Ceilings::of_running(&rows);
+                    let budgets = ceilings
+                        .agents
+                        .into_iter()
+                        .map(|(agent, (tokens, micro_usd))| {
+                            let budget = BudgetSpec {
+                                monthly_tokens: tokens,
+                                monthly_micro_usd: micro_usd,
+                                ..BudgetSpec::default()
+                            };
+                            (agent, budget)
+                        })
+                        .collect();
+                    (budgets, CeilingsFrom::RunningSupervisor)
+                }
+                None => {
+                    eprintln!(
+                        "note: current ceilings are unavailable (no supervisor answers and the file does \
+                         not load); `-` in CURRENT means unknown here, not unset"
+                    );
+                    (BTreeMap::new(), CeilingsFrom::Unavailable)
+                }
+            }
+        }
     };
+    let state_dir = found.state_dir.clone();
     let now_ms = ledger::unix_millis_now();
     let month = Month::from_unix_secs(now_ms.div_euclid(1000));
     let since = (now_ms - WINDOW_DAYS * DAY_MS).min(month_start_day(month) * DAY_MS);
-    let samples = match ledger::usage_samples(&fleet.state_dir, since) {
+    let samples = match ledger::usage_samples(&state_dir, since) {
         Ok(s) => s,
         Err(err) => {
             print_err(
-                &format!("cannot read the ledger in `{}`", fleet.state_dir.display()),
+                &format!("cannot read the ledger in `{}`", state_dir.display()),
                 &err,
-                "the ledger is `ledger.db` in `state_dir`; check its permissions",
+                &ledger::failure_hint(&err, &state_dir),
             );
             return exit::FAILURE;
         }
     };
-    let budgets: BTreeMap<String, BudgetSpec> = fleet
-        .agents
-        .iter()
-        .map(|(name, a)| (name.clone(), a.budget))
-        .collect();
     let analyses = analyse(&samples, &budgets, now_ms, headroom_percent);
     if json {
-        match serde_json::to_string_pretty(&report(month, headroom_percent, &analyses)) {
+        let mut report = report(month, headroom_percent, &analyses);
+        report.current_from = current_from;
+        match serde_json::to_string_pretty(&report) {
             Ok(text) => println!("{text}"),
             Err(err) => {
                 eprintln!("error: cannot encode the recommendations as JSON: {err}");
@@ -627,7 +680,7 @@ pub fn tune_command(fleet_path: &Path, json: bool, apply: bool, headroom_percent
     if !apply {
         return exit::OK;
     }
-    apply_overlay(fleet_path, &fleet.state_dir, &analyses, json)
+    apply_overlay(fleet_path, &state_dir, &analyses, json)
 }
 
 /// `--apply`: writes the overlay (only if the fleet still loads with it) and

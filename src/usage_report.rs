@@ -1,6 +1,8 @@
 //! `supervisor usage`: per-agent usage for a month, read straight from the
 //! ledger (no running supervisor needed), shown against the ceilings in
-//! fleet.yaml. Owns the table and JSON shapes; must not write anything.
+//! fleet.yaml — or, while that file does not load, the running supervisor's
+//! ceilings, or none, saying which. Owns the table and JSON shapes; must not
+//! write anything.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -30,18 +32,80 @@ pub struct UsageRow {
     pub monthly_usd_ceiling: Option<f64>,
     /// Requests in flight (or left unsettled by a crash), counted at their reservation.
     pub unsettled_requests: u64,
+    /// Where the ceilings come from: `fleet` (the file), `running_supervisor`
+    /// (the file does not load; what the running fleet enforces) or
+    /// `unavailable` (the file does not load and no supervisor answers: the
+    /// ceilings are null because they are unknown, not because they are unset).
+    pub ceilings_from: CeilingsFrom,
+}
+
+/// Where the ceilings shown next to the usage come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CeilingsFrom {
+    Fleet,
+    RunningSupervisor,
+    Unavailable,
+}
+
+/// Each agent's monthly ceilings, `(tokens, micro-USD)`, and their source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ceilings {
+    pub from: CeilingsFrom,
+    pub agents: BTreeMap<String, (Option<u64>, Option<u64>)>,
+}
+
+impl Ceilings {
+    pub fn of_fleet(fleet: &fleet::Fleet) -> Self {
+        Self {
+            from: CeilingsFrom::Fleet,
+            agents: fleet
+                .agents
+                .iter()
+                .map(|(name, a)| {
+                    (
+                        name.clone(),
+                        (a.budget.monthly_tokens, a.budget.monthly_micro_usd),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// From the running supervisor's status rows (dollars back to micro-USD).
+    pub fn of_running(rows: &[crate::control::protocol::AgentStatusRow]) -> Self {
+        Self {
+            from: CeilingsFrom::RunningSupervisor,
+            agents: rows
+                .iter()
+                .map(|r| {
+                    let usd = r
+                        .monthly_usd_ceiling
+                        .map(|d| (d * 1e6).round().max(0.0) as u64);
+                    (r.agent.clone(), (r.monthly_tokens_ceiling, usd))
+                })
+                .collect(),
+        }
+    }
+
+    pub fn unavailable() -> Self {
+        Self {
+            from: CeilingsFrom::Unavailable,
+            agents: BTreeMap::new(),
+        }
+    }
 }
 
 fn usd(micro: u64) -> f64 {
     micro as f64 / 1e6
 }
 
-/// Rows for every agent in the fleet, plus any agent the ledger knows that the
-/// fleet no longer lists.
-pub fn rows(fleet: &fleet::Fleet, month: Month, usage: Vec<AgentMonthUsage>) -> Vec<UsageRow> {
+/// Rows for every agent the ceilings name, plus any agent the ledger knows
+/// that they do not.
+pub fn rows(ceilings: &Ceilings, month: Month, usage: Vec<AgentMonthUsage>) -> Vec<UsageRow> {
     let mut by_agent: BTreeMap<String, AgentMonthUsage> =
         usage.into_iter().map(|u| (u.agent.clone(), u)).collect();
-    for name in fleet.agents.keys() {
+    for name in ceilings.agents.keys() {
         by_agent
             .entry(name.clone())
             .or_insert_with(|| AgentMonthUsage {
@@ -53,11 +117,7 @@ pub fn rows(fleet: &fleet::Fleet, month: Month, usage: Vec<AgentMonthUsage>) -> 
     by_agent
         .into_values()
         .map(|u| {
-            let budget = fleet
-                .agents
-                .get(&u.agent)
-                .map(|a| a.budget)
-                .unwrap_or_default();
+            let (tokens, micro_usd) = ceilings.agents.get(&u.agent).copied().unwrap_or_default();
             UsageRow {
                 month: month.to_string(),
                 requests: u.requests,
@@ -67,9 +127,10 @@ pub fn rows(fleet: &fleet::Fleet, month: Month, usage: Vec<AgentMonthUsage>) -> 
                 cache_read_input_tokens: u.cache_read_input_tokens,
                 charged_tokens: u.charged_tokens,
                 cost_usd: usd(u.charged_micro_usd),
-                monthly_tokens_ceiling: budget.monthly_tokens,
-                monthly_usd_ceiling: budget.monthly_micro_usd.map(usd),
+                monthly_tokens_ceiling: tokens,
+                monthly_usd_ceiling: micro_usd.map(usd),
                 unsettled_requests: u.unsettled,
+                ceilings_from: ceilings.from,
                 agent: u.agent,
             }
         })
@@ -123,35 +184,50 @@ pub fn table(rows: &[UsageRow]) -> String {
 
 /// Runs `supervisor usage` and returns the exit code.
 pub fn usage_command(fleet_path: &Path, month: Option<Month>, json: bool) -> u8 {
-    let fleet = match fleet::load(fleet_path) {
-        Ok(f) => f,
-        Err(errors) => {
-            eprint!("{}", errors.report());
-            return exit::FAILURE;
-        }
-    };
+    let found = crate::control::discovery::find(fleet_path);
     let month = month.unwrap_or_else(Month::current);
-    if let Err(err) = crate::control::client::flush_ledger(fleet_path, &fleet.state_dir) {
+    if let Err(err) = crate::control::client::flush_ledger(fleet_path, &found.socket) {
         eprintln!(
             "warning: cannot ask the running supervisor to commit its ledger: {err}; \
              requests that ended in the last moments may still show as in flight"
         );
     }
-    let usage = match ledger::month_usage(&fleet.state_dir, month) {
+    let ceilings = match &found.fleet {
+        Ok(fleet) => Ceilings::of_fleet(fleet),
+        Err(_) => {
+            if let Some(note) = found.broken_note() {
+                eprintln!("{note}");
+            }
+            match crate::control::client::running_rows(fleet_path, &found) {
+                Some(rows) => {
+                    eprintln!(
+                        "note: the ceilings shown are the running supervisor's, not the file's"
+                    );
+                    Ceilings::of_running(&rows)
+                }
+                None => {
+                    eprintln!(
+                        "note: ceilings are unavailable (no supervisor answers and the file does not load); \
+                         usage is complete"
+                    );
+                    Ceilings::unavailable()
+                }
+            }
+        }
+    };
+    let state_dir = &found.state_dir;
+    let usage = match ledger::month_usage(state_dir, month) {
         Ok(u) => u,
         Err(err) => {
-            eprintln!(
-                "error: cannot read the ledger in `{}`",
-                fleet.state_dir.display()
-            );
+            eprintln!("error: cannot read the ledger in `{}`", state_dir.display());
             for cause in err.chain() {
                 eprintln!("caused by: {cause}");
             }
-            eprintln!("hint: the ledger is `ledger.db` in `state_dir`; check its permissions");
+            eprintln!("hint: {}", ledger::failure_hint(&err, state_dir));
             return exit::FAILURE;
         }
     };
-    let rows = rows(&fleet, month, usage);
+    let rows = rows(&ceilings, month, usage);
     if json {
         match serde_json::to_string_pretty(&rows) {
             Ok(text) => println!("{text}"),
@@ -185,6 +261,7 @@ mod tests {
             monthly_tokens_ceiling: Some(40_000_000),
             monthly_usd_ceiling: Some(150.0),
             unsettled_requests: 0,
+            ceilings_from: CeilingsFrom::Fleet,
         }];
         let text = table(&rows);
         let lines: Vec<&str> = text.lines().collect();

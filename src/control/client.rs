@@ -8,13 +8,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
+use super::discovery::{self, Found};
 use super::protocol::{AgentStatusRow, Command, HostStatus, PROTOCOL_VERSION, Request, Response};
 use super::server::{MAX_REQUEST_BYTES, REPLY_TIMEOUT};
-use super::{runtime_directory, socket_path, status};
+use super::status;
 use crate::cli::exit;
-use crate::fleet::{self, ConfigErrors, LoadEnv};
 
 /// Answers are a few KiB per agent; this bounds a confused peer.
 const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
@@ -58,47 +56,6 @@ impl ClientError {
             ClientError::NotRunning { .. } => exit::NOT_RUNNING,
             _ => exit::FAILURE,
         }
-    }
-}
-
-/// Where the control socket of the fleet at `fleet_path` is. A fleet file
-/// that does not validate (a reload about to be rejected) must still lead
-/// to its supervisor, so only its `state_dir` is read then.
-pub fn locate(fleet_path: &Path) -> Result<PathBuf, ConfigErrors> {
-    let runtime = runtime_directory();
-    if let Some(dir) = &runtime {
-        return Ok(socket_path(Path::new(""), Some(dir)));
-    }
-    let state_dir = match fleet::load(fleet_path) {
-        Ok(fleet) => fleet.state_dir,
-        Err(errors) if errors.unreadable.is_some() => return Err(errors),
-        Err(_) => lenient_state_dir(fleet_path, &LoadEnv::from_process()),
-    };
-    Ok(socket_path(&state_dir, None))
-}
-
-/// The `state_dir` of a fleet file that does not validate, resolved as
-/// `fleet::load` would (relative to the file's folder; default
-/// `$STATE_DIRECTORY`, else `.supervisor` beside the file).
-fn lenient_state_dir(fleet_path: &Path, env: &LoadEnv) -> PathBuf {
-    #[derive(Deserialize)]
-    struct OnlyStateDir {
-        state_dir: Option<String>,
-    }
-    let parent = match fleet_path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_owned());
-    let written = std::fs::read_to_string(fleet_path)
-        .ok()
-        .and_then(|text| serde_saphyr::from_str::<OnlyStateDir>(&text).ok())
-        .and_then(|f| f.state_dir)
-        .filter(|d| !d.trim().is_empty());
-    match (written, &env.state_directory) {
-        (Some(dir), _) => base.join(dir),
-        (None, Some(dir)) => dir.clone(),
-        (None, None) => base.join(".supervisor"),
     }
 }
 
@@ -209,7 +166,7 @@ pub fn ask_reload(fleet_path: &Path, state_dir: &Path) -> ReloadAsked {
     let Some(pid) = crate::orphans::running_supervisor(state_dir) else {
         return ReloadAsked::NotRunning;
     };
-    let socket = socket_path(state_dir, runtime_directory().as_deref());
+    let socket = discovery::socket_for(fleet_path, state_dir);
     let why = match request(fleet_path, &socket, Command::Reload) {
         Ok(Response::Reloaded {
             added,
@@ -298,28 +255,34 @@ impl ReloadAsked {
 /// of `ledger.db` right after sees every request that has already ended (the
 /// writer batches for a few milliseconds). No supervisor is not an error:
 /// then nothing is queued.
-pub fn flush_ledger(fleet_path: &Path, state_dir: &Path) -> Result<(), ClientError> {
-    let socket = socket_path(state_dir, runtime_directory().as_deref());
+pub fn flush_ledger(fleet_path: &Path, socket: &Path) -> Result<(), ClientError> {
     // The loop answers between its other work; a reload stuck on a slow
     // vault must not stall a read of the ledger for minutes.
-    match request_within(fleet_path, &socket, Command::FlushLedger, FLUSH_PATIENCE) {
+    match request_within(fleet_path, socket, Command::FlushLedger, FLUSH_PATIENCE) {
         Ok(Response::Ok { .. }) | Err(ClientError::NotRunning { .. }) => Ok(()),
         Ok(other) => Err(ClientError::BadAnswer(format!("{other:?}"))),
         Err(err) => Err(err),
     }
 }
 
-/// Locates the socket, sends `command`, and hands the answer to `on_answer`
-/// (which prints it and returns the exit code); prints failures.
-fn run(fleet_path: &Path, command: Command, on_answer: impl FnOnce(Response) -> u8) -> u8 {
-    let socket = match locate(fleet_path) {
-        Ok(socket) => socket,
-        Err(errors) => {
-            eprint!("{}", errors.report());
-            return exit::FAILURE;
-        }
-    };
-    match request(fleet_path, &socket, command) {
+/// Finds the socket (whatever state the fleet file is in), sends `command`,
+/// and hands the answer to `on_answer` (which prints it and returns the
+/// exit code); prints failures. `note_broken`: say on stderr when the fleet
+/// file does not load (what is shown is then the running fleet, not the file).
+fn run(
+    fleet_path: &Path,
+    command: Command,
+    note_broken: bool,
+    on_answer: impl FnOnce(Response) -> u8,
+) -> u8 {
+    let found = discovery::find(fleet_path);
+    if note_broken && let Some(note) = found.broken_note() {
+        eprintln!("{note}");
+    }
+    if let Some(note) = found.other_note(fleet_path) {
+        eprintln!("{note}");
+    }
+    match request(fleet_path, &found.socket, command) {
         Ok(Response::Error { message, hint }) => {
             eprintln!("error: {message}");
             if let Some(hint) = hint {
@@ -330,9 +293,22 @@ fn run(fleet_path: &Path, command: Command, on_answer: impl FnOnce(Response) -> 
         Ok(response) => on_answer(response),
         Err(err) => {
             eprintln!("error: {err}");
-            eprintln!("hint: {}", err.hint());
+            if let (ClientError::NotRunning { .. }, Err(errors)) = (&err, &found.fleet) {
+                // Nobody to ask, and the file would not start one either.
+                eprint!("{}", errors.report());
+            } else {
+                eprintln!("hint: {}", err.hint());
+            }
             err.exit_code()
         }
+    }
+}
+
+/// The running supervisor's agent rows, if one answers at `found.socket`.
+pub fn running_rows(fleet_path: &Path, found: &Found) -> Option<Vec<AgentStatusRow>> {
+    match request_within(fleet_path, &found.socket, Command::Status, FLUSH_PATIENCE) {
+        Ok(Response::Status { agents, .. }) => Some(agents),
+        _ => None,
     }
 }
 
@@ -343,10 +319,15 @@ fn unexpected(response: &Response) -> u8 {
 
 /// `supervisor status [--json]`.
 pub fn status_command(fleet_path: &Path, json: bool) -> u8 {
-    run(fleet_path, Command::Status, |response| match response {
-        Response::Status { agents, host } => print_status(&agents, host.as_ref(), json),
-        other => unexpected(&other),
-    })
+    run(
+        fleet_path,
+        Command::Status,
+        true,
+        |response| match response {
+            Response::Status { agents, host } => print_status(&agents, host.as_ref(), json),
+            other => unexpected(&other),
+        },
+    )
 }
 
 fn print_status(agents: &[AgentStatusRow], host: Option<&HostStatus>, json: bool) -> u8 {
@@ -371,31 +352,36 @@ fn print_status(agents: &[AgentStatusRow], host: Option<&HostStatus>, json: bool
 
 /// `supervisor reload`: the applied diff, or the errors (exit 1).
 pub fn reload_command(fleet_path: &Path) -> u8 {
-    run(fleet_path, Command::Reload, |response| match response {
-        Response::Reloaded {
-            added,
-            removed,
-            changed,
-            unchanged,
-        } => {
-            print!(
-                "{}",
-                reload_summary(fleet_path, &added, &removed, &changed, unchanged)
-            );
-            exit::OK
-        }
-        Response::Rejected { errors } => {
-            eprintln!("error: reload rejected; the running fleet is unchanged");
-            for line in errors {
-                eprintln!("{line}");
+    run(
+        fleet_path,
+        Command::Reload,
+        false,
+        |response| match response {
+            Response::Reloaded {
+                added,
+                removed,
+                changed,
+                unchanged,
+            } => {
+                print!(
+                    "{}",
+                    reload_summary(fleet_path, &added, &removed, &changed, unchanged)
+                );
+                exit::OK
             }
-            eprintln!(
-                "hint: fix each problem (`supervisor check` shows the same report), then run `supervisor reload` again"
-            );
-            exit::FAILURE
-        }
-        other => unexpected(&other),
-    })
+            Response::Rejected { errors } => {
+                eprintln!("error: reload rejected; the running fleet is unchanged");
+                for line in errors {
+                    eprintln!("{line}");
+                }
+                eprintln!(
+                    "hint: fix each problem (`supervisor check` shows the same report), then run `supervisor reload` again"
+                );
+                exit::FAILURE
+            }
+            other => unexpected(&other),
+        },
+    )
 }
 
 /// What a reload did, one line per kind of change.
@@ -419,7 +405,7 @@ pub fn reload_summary(
 
 /// `supervisor start|stop|restart AGENT`.
 pub fn agent_command(fleet_path: &Path, command: Command) -> u8 {
-    run(fleet_path, command, |response| match response {
+    run(fleet_path, command, true, |response| match response {
         Response::Ok { message } => {
             println!("{message}");
             exit::OK
@@ -486,37 +472,6 @@ mod tests {
         assert_eq!(
             reload_summary(Path::new("f.yaml"), &[], &[], &[], 1),
             "reloaded `f.yaml`\nunchanged: 1 agent\n"
-        );
-    }
-
-    #[test]
-    fn a_fleet_that_does_not_validate_still_names_its_state_dir() {
-        let dir = tempfile::tempdir().unwrap();
-        let fleet = dir.path().join("fleet.yaml");
-        let env = LoadEnv {
-            state_directory: Some(PathBuf::from("/var/lib/x")),
-            ..LoadEnv::default()
-        };
-        let cases = [
-            (
-                "state_dir: st\nagents: { a: { comand: [x] } }\n",
-                dir.path().join("st"),
-            ),
-            (
-                "agents: { a: { comand: [x] } }\n",
-                PathBuf::from("/var/lib/x"),
-            ),
-            ("agents: [\n", PathBuf::from("/var/lib/x")),
-            ("state_dir: ''\n", PathBuf::from("/var/lib/x")),
-        ];
-        for (text, want) in cases {
-            std::fs::write(&fleet, text).unwrap();
-            assert_eq!(lenient_state_dir(&fleet, &env), want, "{text:?}");
-        }
-        std::fs::write(&fleet, "agents: [\n").unwrap();
-        assert_eq!(
-            lenient_state_dir(&fleet, &LoadEnv::default()),
-            dir.path().join(".supervisor")
         );
     }
 

@@ -5,6 +5,7 @@
 //! forwarded to the supervisor task, which owns them.
 
 pub mod client;
+pub mod discovery;
 pub mod protocol;
 pub mod server;
 pub mod status;

@@ -107,6 +107,8 @@ impl BindError {
 pub struct SocketFiles {
     pub socket: PathBuf,
     link: Option<PathBuf>,
+    /// The discovery record naming this socket, removed with it.
+    pub discovery: Option<super::discovery::Registration>,
 }
 
 impl Drop for SocketFiles {
@@ -170,6 +172,7 @@ pub fn bind(
     let mut files = SocketFiles {
         socket: path.clone(),
         link: None,
+        discovery: None,
     };
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
         .map_err(io_err("restrict the permissions of", &path))?;

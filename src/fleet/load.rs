@@ -186,18 +186,47 @@ fn fleet_dir(path: &Path) -> std::io::Result<PathBuf> {
     std::path::absolute(parent)
 }
 
-fn read_source(path: &Path) -> Result<String, ConfigErrors> {
-    let unreadable = |e| ConfigErrors::unreadable(path, e);
-    let file = std::fs::File::open(path).map_err(unreadable)?;
-    if file.metadata().map_err(unreadable)?.is_dir() {
-        return Err(unreadable(std::io::Error::from(
-            std::io::ErrorKind::IsADirectory,
-        )));
+/// Reads at most `limit + 1` bytes of `path` if it is a regular file (a
+/// symlink to one is fine), so a caller can tell "too large" from "fits".
+/// Opened with `O_NONBLOCK` and checked with `fstat` before any read: a FIFO,
+/// a socket or a device put in place of a config file fails at once instead
+/// of blocking the reader (a reload, the CLI) forever.
+pub fn read_regular_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    let not = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {what}, not a regular file"),
+        )
+    };
+    if kind.is_dir() {
+        return Err(std::io::Error::from(std::io::ErrorKind::IsADirectory));
+    }
+    if kind.is_fifo() {
+        return Err(not("a FIFO (named pipe)"));
+    }
+    if kind.is_socket() {
+        return Err(not("a socket"));
+    }
+    if kind.is_char_device() || kind.is_block_device() {
+        return Err(not("a device"));
+    }
+    if !kind.is_file() {
+        return Err(not("neither a file nor a folder"));
     }
     let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(unreadable)?;
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn read_source(path: &Path) -> Result<String, ConfigErrors> {
+    let unreadable = |e| ConfigErrors::unreadable(path, e);
+    let bytes = read_regular_file(path, MAX_FILE_BYTES).map_err(unreadable)?;
     let at = |pos: Pos, message: String| {
         ConfigErrors::invalid(path, vec![error_at(path, pos, None, message)])
     };
@@ -1890,6 +1919,20 @@ agents:
         );
         let folder = read_source(dir.path()).unwrap_err();
         assert!(folder.unreadable.is_some() && folder.errors.is_empty());
+        // A FIFO nobody writes to, or a device, in place of the file: refused
+        // at once (a blocking open or read would never return).
+        let fifo = dir.path().join("fifo.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let refused = read_source(&fifo).unwrap_err();
+        assert_eq!(
+            refused.unreadable.map(|e| e.to_string()).as_deref(),
+            Some("it is a FIFO (named pipe), not a regular file")
+        );
+        let device = read_source(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(
+            device.unreadable.map(|e| e.to_string()).as_deref(),
+            Some("it is a device, not a regular file")
+        );
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub use diff::{FleetDiff, diff, non_reloadable_changes};
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{
     LoadEnv, Located, MAX_FILE_BYTES, SourceMap, VERSION, check_overlay_text, load, load_located,
-    overlay_path, parse_fleet, parse_fleet_with_overlay, valid_agent_name, valid_env_name,
+    overlay_path, parse_fleet, parse_fleet_with_overlay, read_regular_file, valid_agent_name,
+    valid_env_name,
 };
 pub use model::*;
 pub use node::Pos;

@@ -192,15 +192,73 @@ impl fmt::Debug for Ledger {
     }
 }
 
+/// Whether `err` (from opening or reading the ledger) says `ledger.db` is
+/// not a SQLite database or is damaged: retrying cannot help, and the fix is
+/// moving it aside, not a permission change.
+pub fn is_corrupt(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<rusqlite::Error>(),
+            Some(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+                )
+        )
+    })
+}
+
+/// What to do about a ledger that cannot be opened or read, for a `hint:` line.
+pub fn failure_hint(err: &anyhow::Error, state_dir: &Path) -> String {
+    if is_corrupt(err) {
+        let dir = state_dir.display();
+        format!(
+            "`{dir}/{LEDGER_FILE}` is corrupt (not a SQLite database, or damaged). With the supervisor \
+             stopped, move `{LEDGER_FILE}`, `{LEDGER_FILE}-wal` and `{LEDGER_FILE}-shm` aside (e.g. into \
+             `{dir}/corrupt/`) and start again: a new ledger is created and `{JOURNAL_FILE}` (keep it) \
+             charges the last run's reservations into it. Lost with the old file: earlier request rows \
+             (this month's totals restart from what the journal holds, so ceilings allow that much again), \
+             quarantine records (quarantined agents start again) and rotation history; \
+             `sqlite3 OLD.db .recover` may salvage rows"
+        )
+    } else {
+        format!(
+            "the ledger is `{LEDGER_FILE}` in `{}`; check that it and its folder are readable and \
+             writable by the supervisor's user",
+            state_dir.display()
+        )
+    }
+}
+
+/// Creates the ledger file 0600 before SQLite sees it, whatever the umask:
+/// SQLite gives its `-wal` and `-shm` files the database file's mode.
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(err) => {
+            Err(err).with_context(|| format!("cannot create the ledger `{}`", path.display()))
+        }
+    }
+}
+
 fn open_connection(path: &Path) -> Result<Connection> {
+    create_private(path)?;
     let conn = Connection::open(path)
         .with_context(|| format!("cannot open the ledger `{}`", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
     // WAL + NORMAL: a committed transaction survives a crash of this process
     // (kill -9); only power loss can lose the last few. The journal gives
     // reservations the same guarantee before they reach SQLite.
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .and_then(|()| conn.pragma_update(None, "synchronous", "NORMAL"))
+        .with_context(|| format!("cannot read the ledger `{}`", path.display()))?;
     Ok(conn)
 }
 
@@ -433,9 +491,11 @@ impl Appender {
 }
 
 fn open_append(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .with_context(|| {
             format!(

@@ -183,24 +183,27 @@ pub fn history_lines(records: &[RotationRecord]) -> Vec<String> {
 }
 
 /// `supervisor rotate --history [AGENT] [--json]`.
+///
+/// From the ledger, also while the fleet file does not load.
 pub fn history_command(fleet_path: &Path, agent: Option<&str>, json: bool) -> u8 {
-    let fleet = match crate::fleet::load(fleet_path) {
-        Ok(f) => f,
-        Err(errors) => {
-            eprint!("{}", errors.report());
-            return exit::FAILURE;
-        }
-    };
-    let records = match rotation_ledger::rotations(&fleet.state_dir) {
+    let found = crate::control::discovery::find(fleet_path);
+    if let Some(note) = found.broken_note() {
+        eprintln!("{note}");
+    }
+    let records = match rotation_ledger::rotations(&found.state_dir) {
         Ok(r) => r,
         Err(err) => {
             eprintln!(
                 "error: cannot read the rotation history in `{}`",
-                fleet.state_dir.display()
+                found.state_dir.display()
             );
             for cause in err.chain() {
                 eprintln!("caused by: {cause}");
             }
+            eprintln!(
+                "hint: {}",
+                crate::ledger::failure_hint(&err, &found.state_dir)
+            );
             return exit::FAILURE;
         }
     };
