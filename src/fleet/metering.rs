@@ -388,22 +388,32 @@ pub(super) fn resolve_runaway(
     own: Option<&RawRunaway>,
 ) -> RunawayConfig {
     let mut config = RunawayConfig::default();
-    let mut at = None;
+    // Where each numeric field was last set, so an error points at it.
+    let mut at: Vec<(&'static str, _)> = Vec::new();
     for layer in [defaults, own].into_iter().flatten() {
         if let Some(v) = &layer.failing_retries {
             config.failing_retries = v.value;
-            at = Some(v.pos);
+            at.push(("failing_retries", v.pos));
         }
         if let Some(v) = &layer.no_progress_repeats {
             config.no_progress_repeats = v.value;
-            at = Some(v.pos);
+            at.push(("no_progress_repeats", v.pos));
+        }
+        if let Some(v) = &layer.poll_interval {
+            config.poll_interval_ms = u64::try_from(v.value.0.as_millis()).unwrap_or(u64::MAX);
+        }
+        if let Some(v) = &layer.poll_budget_tokens {
+            config.poll_budget_tokens = v.value.0;
+            at.push(("poll_budget_tokens", v.pos));
         }
         if let Some(action) = layer.action {
             config.action = action;
         }
     }
-    if let (Err(err), Some(pos)) = (config.validate(), at) {
-        cx.push(pos, agent, err.to_string());
+    if let Err(err) = config.validate()
+        && let Some((_, pos)) = at.iter().rev().find(|(field, _)| *field == err.field)
+    {
+        cx.push(*pos, agent, err.to_string());
     }
     config
 }

@@ -7,7 +7,9 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::normalize::{EXCERPT_CHARS, Fingerprint, excerpt, normalize, reads_as_error};
+use super::normalize::{
+    EXCERPT_CHARS, Fingerprint, excerpt, is_opaque_block, normalize, reads_as_error,
+};
 
 /// The request shape of an upstream API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -33,9 +35,34 @@ impl Api {
 }
 
 /// Identifies one conversation of an agent: system prompt (normalised, so a
-/// clock in it does not split the conversation) plus the first message.
+/// clock in it does not split the conversation) plus the first message (in
+/// canonical form, so cache markers do not split it either). A request that
+/// continues server-side state is keyed by that state instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConversationKey(pub Fingerprint);
+
+impl ConversationKey {
+    /// The key of a request continuing the answer `response_id`; the detector
+    /// resolves it to the conversation that answer belongs to.
+    pub fn continuing(response_id: Fingerprint) -> Self {
+        Self(Fingerprint(0x9e37_79b9).combine(response_id))
+    }
+
+    /// The key of a provider-side conversation object (`conversation: conv_…`).
+    pub fn server_conversation(id: Fingerprint) -> Self {
+        Self(Fingerprint(0xc0_7e55).combine(id))
+    }
+}
+
+/// Server-side conversation state a request continues (OpenAI Responses):
+/// the provider holds the history, the request carries only the new items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerState {
+    /// `previous_response_id`: fingerprint of the answer it continues.
+    PreviousResponse(Fingerprint),
+    /// `conversation`: fingerprint of the conversation id.
+    Conversation(Fingerprint),
+}
 
 /// Why a body could not be summarised; the proxy forwards such requests
 /// without runaway detection (upstream will judge them).
@@ -94,28 +121,149 @@ impl ToolCall {
             name,
         }
     }
+
+    /// A call whose arguments were already reduced to a digest (by the
+    /// proxy's answer tap, the same for streamed and JSON answers).
+    pub fn from_digest(name: &str, arguments_digest: u64) -> Self {
+        let name: String = name.chars().take(TOOL_NAME_CHARS).collect();
+        Self {
+            fingerprint: Fingerprint::of_str(&name).combine(Fingerprint(arguments_digest)),
+            name,
+        }
+    }
+}
+
+/// Distinct lines kept per failure; further lines fold into the last one.
+pub const MAX_FAILURE_LINES: usize = 48;
+/// Lines two reports of one failure may differ in (none of them an error line).
+const MAX_DIFFERING_LINES: usize = 2;
+/// A line longer than this that keeps its first characters and changes its
+/// end (an id or detail appended to a stable message) is the same statement.
+const LINE_HEAD_CHARS: usize = 64;
+
+/// One normalised line of a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FailureLine {
+    pub text: Fingerprint,
+    /// Its first [`LINE_HEAD_CHARS`] characters (the whole line if shorter).
+    pub head: Fingerprint,
+    /// The line states an error itself (exception, "failed", status line).
+    pub is_error: bool,
+}
+
+/// A failure reduced to what identifies it: fingerprints of its normalised
+/// lines. Comparable without the text (see [`FailureId::same_failure`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureId {
+    /// Fingerprint of the whole normalised text.
+    pub full: Fingerprint,
+    /// Distinct normalised lines, sorted; at most [`MAX_FAILURE_LINES`].
+    pub lines: Vec<FailureLine>,
+}
+
+impl FailureId {
+    /// Two reports are one failure when their normalised texts are equal, or
+    /// when every line that states an error is shared (or kept its first
+    /// [`LINE_HEAD_CHARS`] characters, a detail appended to a stable message)
+    /// and they differ in at most two other lines — a quoted payload, a
+    /// progress line, an id normalisation missed — while sharing more than
+    /// they differ. So a changing payload under a stable error still matches,
+    /// while two pytest runs failing differently under one long session
+    /// banner differ: their failure lines (test names, assertions) are not
+    /// shared, whatever the banner's length.
+    pub fn same_failure(&self, other: &FailureId) -> bool {
+        if self.full == other.full {
+            return true;
+        }
+        let only = |x: &FailureId, y: &FailureId| -> Vec<FailureLine> {
+            x.lines
+                .iter()
+                .filter(|l| y.lines.binary_search_by(|m| m.text.cmp(&l.text)).is_err())
+                .copied()
+                .collect()
+        };
+        let (only_a, only_b) = (only(self, other), only(other, self));
+        let common = self.lines.len() - only_a.len();
+        let mut used = vec![false; only_b.len()];
+        let mut paired = 0;
+        let mut unpaired_a = 0;
+        for line in &only_a {
+            let partner = only_b
+                .iter()
+                .enumerate()
+                .position(|(k, m)| !used[k] && m.head == line.head);
+            match partner {
+                Some(k) => {
+                    used[k] = true;
+                    paired += 1;
+                }
+                None if line.is_error => return false,
+                None => unpaired_a += 1,
+            }
+        }
+        let mut unpaired_b = 0;
+        for (line, used) in only_b.iter().zip(&used) {
+            if !used {
+                if line.is_error {
+                    return false;
+                }
+                unpaired_b += 1;
+            }
+        }
+        let differing = unpaired_a.max(unpaired_b);
+        let shared = common + paired;
+        shared > 0 && differing <= MAX_DIFFERING_LINES && shared >= 2 * differing
+    }
 }
 
 /// A failure text reduced to what the detector compares and shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailureText {
-    /// Fingerprint of the whole normalised text.
-    pub full: Fingerprint,
-    /// Fingerprint of its first [`EXCERPT_CHARS`] normalised characters, so a
-    /// failure that quotes changing payload after a stable head still matches.
-    pub head: Fingerprint,
+    pub id: FailureId,
     /// Normalised and truncated; never the raw text.
     pub excerpt: String,
 }
 
 impl FailureText {
     pub fn from_text(text: &str) -> Self {
-        let normalized = normalize(text);
-        let head = excerpt(&normalized, EXCERPT_CHARS);
+        let mut joined = String::new();
+        let mut lines: Vec<FailureLine> = Vec::new();
+        for line in text.lines() {
+            let normalized = normalize(line);
+            if normalized.is_empty() {
+                continue;
+            }
+            let fp = Fingerprint::of_str(&normalized);
+            let is_error = reads_as_error(line);
+            if let Some(seen) = lines.iter_mut().find(|l| l.text == fp) {
+                seen.is_error |= is_error;
+            } else if lines.len() < MAX_FAILURE_LINES {
+                let head = match normalized.char_indices().nth(LINE_HEAD_CHARS) {
+                    Some((i, _)) => Fingerprint::of_str(&normalized[..i]),
+                    None => fp,
+                };
+                lines.push(FailureLine {
+                    text: fp,
+                    head,
+                    is_error,
+                });
+            } else if let Some(last) = lines.last_mut() {
+                last.text = last.text.combine(fp);
+                last.head = last.text;
+                last.is_error |= is_error;
+            }
+            if !joined.is_empty() {
+                joined.push(' ');
+            }
+            joined.push_str(&normalized);
+        }
+        lines.sort_unstable_by_key(|l| l.text);
         Self {
-            full: Fingerprint::of_str(&normalized),
-            head: Fingerprint::of_str(&head),
-            excerpt: head,
+            id: FailureId {
+                full: Fingerprint::of_str(&joined),
+                lines,
+            },
+            excerpt: excerpt(&joined, EXCERPT_CHARS),
         }
     }
 }
@@ -166,6 +314,12 @@ pub struct RequestSummary {
     pub estimated_input_tokens: u64,
     /// `x-stainless-retry-count` of this request (0 when absent).
     pub transport_retry: u32,
+    /// Server-side state this request continues; then `prefix` covers only
+    /// the request's own (new) items.
+    pub server_state: Option<ServerState>,
+    /// When the proxy received the request: milliseconds on a monotonic
+    /// clock of the proxy's choosing (the detector never reads a clock).
+    pub at_ms: u64,
 }
 
 /// Parses an `x-stainless-retry-count` header value; anything unreadable is 0.
@@ -193,12 +347,21 @@ impl RequestSummary {
             _ => return Err(SummaryError::NoMessages { field }),
         };
 
-        // Leading system/developer messages belong to the key, not the chain.
+        // Leading system/developer messages belong to the key, not the
+        // chain; reasoning items are opaque state frameworks drop at will.
         let lead = items
             .iter()
             .take_while(|m| matches!(role_str(m), Some("system" | "developer")))
             .count();
-        let messages = &items[lead..];
+        let messages: Vec<&Value> = items[lead..]
+            .iter()
+            .filter(|m| !is_opaque_block(m))
+            .collect();
+        let server_state = if api == Api::OpenAiResponses {
+            server_state(obj)
+        } else {
+            None
+        };
 
         let mut key = Fingerprint(0x5eed);
         for sys in obj
@@ -213,15 +376,22 @@ impl RequestSummary {
         let mut size = 0u64;
         let mut prefix = Vec::with_capacity(messages.len());
         let mut chain = Fingerprint(0);
-        for m in messages {
-            let (fp, n) = Fingerprint::of_value(m);
+        let mut first = None;
+        for m in &messages {
+            let (fp, n) = Fingerprint::of_message(m);
             size += n;
+            first.get_or_insert(fp);
             chain = chain.combine(fp);
             prefix.push(chain);
         }
-        if let Some(first) = messages.first() {
-            key = key.combine(Fingerprint::of_value(first).0);
+        if let Some(first) = first {
+            key = key.combine(first);
         }
+        let conversation = match server_state {
+            Some(ServerState::PreviousResponse(id)) => ConversationKey::continuing(id),
+            Some(ServerState::Conversation(id)) => ConversationKey::server_conversation(id),
+            None => ConversationKey(key),
+        };
 
         let mut body_fp = chain;
         for (k, v) in obj {
@@ -232,24 +402,44 @@ impl RequestSummary {
             }
         }
 
-        let recent_start = recent_start(messages, api);
+        let recent_start = recent_start(&messages, api);
         let recent = summarize_recent(api, &messages[recent_start..]);
 
         Ok(Self {
             api,
-            conversation: ConversationKey(key),
+            conversation,
             prefix,
             body: body_fp,
             recent_start,
             recent,
             estimated_input_tokens: size / 4,
             transport_retry,
+            server_state,
+            at_ms: 0,
         })
+    }
+
+    /// Stamps the time the proxy received the request (monotonic ms).
+    pub fn at(mut self, at_ms: u64) -> Self {
+        self.at_ms = at_ms;
+        self
     }
 
     pub fn message_count(&self) -> usize {
         self.prefix.len()
     }
+}
+
+/// `previous_response_id` or `conversation` (a string or `{ "id": … }`).
+fn server_state(obj: &serde_json::Map<String, Value>) -> Option<ServerState> {
+    if let Some(id) = obj.get("previous_response_id").and_then(Value::as_str) {
+        return Some(ServerState::PreviousResponse(Fingerprint::of_str(id)));
+    }
+    let conversation = obj.get("conversation")?;
+    let id = conversation
+        .as_str()
+        .or_else(|| conversation.get("id").and_then(Value::as_str))?;
+    Some(ServerState::Conversation(Fingerprint::of_str(id)))
 }
 
 fn role_str(m: &Value) -> Option<&str> {
@@ -274,12 +464,12 @@ fn role_of(api: Api, m: &Value) -> Role {
 }
 
 /// Walks back from the end through the latest contiguous assistant turn.
-fn recent_start(messages: &[Value], api: Api) -> usize {
+fn recent_start(messages: &[&Value], api: Api) -> usize {
     let floor = messages.len().saturating_sub(MAX_RECENT);
     let mut seen_assistant = false;
     let mut i = messages.len();
     while i > floor {
-        let is_assistant = role_of(api, &messages[i - 1]) == Role::Assistant;
+        let is_assistant = role_of(api, messages[i - 1]) == Role::Assistant;
         if seen_assistant && !is_assistant {
             break;
         }
@@ -289,7 +479,7 @@ fn recent_start(messages: &[Value], api: Api) -> usize {
     i
 }
 
-fn summarize_recent(api: Api, messages: &[Value]) -> Vec<MessageSummary> {
+fn summarize_recent(api: Api, messages: &[&Value]) -> Vec<MessageSummary> {
     let mut out: Vec<MessageSummary> = messages
         .iter()
         .map(|m| MessageSummary {
@@ -391,7 +581,7 @@ fn result_id(api: Api, m: &Value, block_index: usize) -> Option<&str> {
     }
 }
 
-fn link_results_to_calls(api: Api, messages: &[Value], out: &mut [MessageSummary]) {
+fn link_results_to_calls(api: Api, messages: &[&Value], out: &mut [MessageSummary]) {
     let mut calls: Vec<(&str, ToolCall)> = Vec::new();
     for (m, summary) in messages.iter().zip(out.iter_mut()) {
         for (i, block) in summary.blocks.iter_mut().enumerate() {
@@ -464,7 +654,7 @@ fn tool_result_block(content: &Value, is_error: bool) -> BlockSummary {
         is_error,
         text: failure
             .as_ref()
-            .map(|f| f.full)
+            .map(|f| f.id.full)
             .or_else(|| Some(Fingerprint::of_str(&normalize(&text)))),
         failure,
         result: Some(Fingerprint::of_value(content).0),
@@ -510,6 +700,12 @@ pub struct ResponseSummary {
     /// Tool calls the model asked for (from JSON, or assembled from SSE deltas).
     pub tool_calls: Vec<ToolCall>,
     pub usage: Option<InputUsage>,
+    /// Fingerprint of the answer's id (OpenAI Responses `resp_…`), so a
+    /// later `previous_response_id` finds its conversation.
+    pub response_id: Option<Fingerprint>,
+    /// When the answer ended (the proxy's monotonic ms, as
+    /// [`RequestSummary::at_ms`]); `None` when unknown.
+    pub at_ms: Option<u64>,
 }
 
 impl ResponseSummary {
@@ -612,12 +808,21 @@ impl ResponseSummary {
                     })
             }
         };
+        let response_id = match api {
+            Api::OpenAiResponses => body
+                .get("id")
+                .and_then(Value::as_str)
+                .map(Fingerprint::of_str),
+            _ => None,
+        };
         Self {
             status,
             error_type: None,
             error: None,
             tool_calls,
             usage,
+            response_id,
+            at_ms: None,
         }
     }
 }
