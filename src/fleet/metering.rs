@@ -519,6 +519,39 @@ providers:
         );
     }
 
+    #[test]
+    fn runaway_poll_settings_resolve_and_are_located() {
+        let fleet = parse(&format!(
+            "{PROVIDERS}defaults:\n  runaway: {{ poll_interval: 30s }}\nagents:\n  a:\n    command: [x]\n    llm: [ {{ provider: sim }} ]\n    runaway: {{ poll_budget_tokens: 250k, no_progress_repeats: 6 }}\n"
+        ))
+        .unwrap();
+        let r = fleet.agents["a"].runaway;
+        assert_eq!(r.poll_interval_ms, 30_000, "from defaults");
+        assert_eq!(r.poll_budget_tokens, 250_000);
+        assert_eq!(r.no_progress_repeats, 6);
+        assert_eq!(r.failing_retries, 4);
+
+        let errors = parse(&format!(
+            "{PROVIDERS}agents:\n  a:\n    command: [x]\n    llm: [ {{ provider: sim }} ]\n    runaway: {{ failing_retries: 3, poll_budget_tokens: 0 }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            errors.iter().any(|e| e
+                == "fleet.yaml:12:56: agent \"a\": `runaway.poll_budget_tokens` is 0: it must be at least 1; hint: the default is 1000000"),
+            "{errors:#?}"
+        );
+        let errors = parse(&format!(
+            "{PROVIDERS}agents:\n  a:\n    command: [x]\n    llm: [ {{ provider: sim }} ]\n    runaway: {{ poll_interval: soon }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("fleet.yaml:12:") && e.contains("invalid duration `soon`")),
+            "{errors:#?}"
+        );
+    }
+
     fn parse_with_overlay(
         source: &str,
         overlay: &str,

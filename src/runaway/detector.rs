@@ -445,12 +445,22 @@ impl Detector {
                 .run
                 .iter()
                 .rev()
-                .position(|prev| prev.repeats(&step))
-                .map(|i| i as u32 + 1);
+                .enumerate()
+                .find(|(_, prev)| prev.repeats(&step))
+                .map(|(i, prev)| (i as u32 + 1, intersects(&prev.calls, &step.calls)));
             conv.failing_retries = match period {
                 // The first repeat proves the steps since the repeated one
-                // were retries already.
-                Some(p) if conv.failing_retries == 0 => p,
+                // were retries already — for a long period only when the
+                // call came back too: a failure recurring after different
+                // calls failing differently (a full test run, each test
+                // alone, then `--lf`) is one repeat, not a loop's worth.
+                Some((p, same_call)) if conv.failing_retries == 0 => {
+                    if p <= 2 || same_call {
+                        p
+                    } else {
+                        1
+                    }
+                }
                 Some(_) => conv.failing_retries + 1,
                 None => 0,
             };
@@ -992,6 +1002,139 @@ mod tests {
         step(&mut d, &kept);
         step(&mut d, &Chat::new("y"));
         assert_eq!(failing_loop(&mut d, &mut kept, &["malformed"; 10]), Some(2));
+    }
+
+    /// One Responses request continuing `prev` with a failing output; the
+    /// answer (a call, with id `resp_{n}`) is observed `latency` ms later.
+    fn chain_step(d: &mut Detector, prev: Option<&str>, n: u32, output: &str) -> Verdict {
+        let mut body = json!({"model": "gpt-4.1", "instructions": "Sync.", "input": [
+            {"type": "function_call_output", "call_id": format!("call_{n}"), "output": output}]});
+        match prev {
+            Some(p) => body["previous_response_id"] = json!(p),
+            None => body["input"] = json!([{"role": "user", "content": "Sync now."}]),
+        }
+        let s = RequestSummary::from_json(Api::OpenAiResponses, &body, 0).unwrap();
+        let v = d.observe_request(&s);
+        let answer = json!({"id": format!("resp_{n}"), "output": [
+            {"type": "function_call", "call_id": format!("call_{}", n + 1), "name": "sync", "arguments": "{}"}],
+            "usage": {"input_tokens": 100 * u64::from(n + 1)}});
+        d.observe_response(
+            s.conversation,
+            &ResponseSummary::from_json(Api::OpenAiResponses, 200, &answer),
+        );
+        v
+    }
+
+    #[test]
+    fn previous_response_id_chains_are_one_conversation() {
+        let mut d = detector();
+        assert!(!chain_step(&mut d, None, 0, "").is_tripped());
+        let mut tripped_at = None;
+        for n in 1..10 {
+            let prev = format!("resp_{}", n - 1);
+            if chain_step(&mut d, Some(&prev), n, "sync failed: invalid calendar id").is_tripped() {
+                tripped_at = Some(n);
+                break;
+            }
+        }
+        assert_eq!(tripped_at, Some(5), "failing_retries + 1 looping calls");
+        assert_eq!(d.tracked_conversations(), 1);
+
+        // A healthy chain never trips, and forking from an older answer
+        // starts a fresh chain rather than counting.
+        let mut d = detector();
+        chain_step(&mut d, None, 0, "");
+        for n in 1..45 {
+            let prev = format!("resp_{}", n - 1);
+            let out = format!(
+                "synced team {}",
+                ["a", "b", "c", "d", "e", "f", "g"][n as usize % 7]
+            );
+            assert!(
+                !chain_step(&mut d, Some(&prev), n, &out).is_tripped(),
+                "{n}"
+            );
+        }
+        for n in 100..110 {
+            assert!(
+                !chain_step(&mut d, Some("resp_3"), n, "sync failed").is_tripped(),
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn chain_aliases_are_bounded() {
+        let mut d = Detector::with_capacity(RunawayConfig::default(), 2);
+        chain_step(&mut d, None, 0, "");
+        for n in 1..500 {
+            let prev = format!("resp_{}", n - 1);
+            chain_step(&mut d, Some(&prev), n, &format!("page {n} synced"));
+        }
+        assert!(d.aliases.len() <= 2 * ALIASES_PER_CONVERSATION);
+        assert!(d.alias_order.len() <= 4 * ALIASES_PER_CONVERSATION + 1);
+        assert_eq!(
+            d.tracked_conversations(),
+            1,
+            "the chain stayed one conversation"
+        );
+    }
+
+    /// Polls `n` times with a byte-identical answer, `wait_ms` after each
+    /// answer; returns the 1-based poll that tripped, with the reason.
+    fn poll(d: &mut Detector, n: u32, wait_ms: u64) -> Option<(u32, TripReason)> {
+        let mut chat = Chat::new("wait for CI");
+        let mut clock = 0;
+        for i in 1..=n {
+            chat.tool(
+                "get_ci_status",
+                json!({"pr": 4821}),
+                "status: pending",
+                false,
+            );
+            clock += wait_ms;
+            let s = chat.summary(0).at(clock);
+            let v = d.observe_request(&s);
+            clock += 900;
+            d.observe_response(
+                s.conversation,
+                &ResponseSummary {
+                    at_ms: Some(clock),
+                    ..ok_answer()
+                },
+            );
+            if let Verdict::Tripped(e) = v {
+                return Some((i, e.reason));
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn polls_with_waits_never_trip_by_count_but_by_budget() {
+        assert_eq!(poll(&mut detector(), 60, 5_000), None, "a poller waits");
+        assert_eq!(
+            poll(&mut detector(), 60, 150),
+            Some((9, TripReason::NoProgress)),
+            "back to back is no progress"
+        );
+        let mut d = Detector::new(RunawayConfig {
+            poll_budget_tokens: 1_000,
+            ..RunawayConfig::default()
+        });
+        // Call 1 starts the conversation, call 2 is the first answer seen,
+        // calls 3.. are polls; each answer reports 100 input tokens, so call
+        // 13 finds the 1,000-token budget spent.
+        assert_eq!(poll(&mut d, 60, 5_000), Some((13, TripReason::PollBudget)));
+        let mut d = Detector::new(RunawayConfig {
+            poll_interval_ms: 0,
+            ..RunawayConfig::default()
+        });
+        assert_eq!(
+            poll(&mut d, 60, 5_000),
+            Some((9, TripReason::NoProgress)),
+            "poll_interval 0 turns polling off"
+        );
     }
 
     #[test]

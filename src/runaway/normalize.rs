@@ -314,7 +314,9 @@ fn is_volatile(word: &str) -> bool {
     {
         return true;
     }
-    word.split('_').any(looks_random)
+    word.split('_').any(|part| {
+        (part.len() >= 8 && part.bytes().all(|b| b.is_ascii_hexdigit())) || looks_random(part)
+    })
 }
 
 /// The length of a uuid-like chain at the start of `s`: 3+ groups of hex
@@ -635,6 +637,129 @@ mod tests {
         for (input, want) in table {
             assert_eq!(normalize(input), want, "input {input:?}");
         }
+    }
+
+    #[test]
+    fn normalize_strips_digit_free_random_tokens() {
+        let table = [
+            // uuid4 with digit-free groups, in any case
+            (
+                "job deadbeef-cafe-4abc-beef-facefeedbead done",
+                "job # done",
+            ),
+            (
+                "job DEADBEEF-CAFE-ABCD-BEEF-FACEFEEDBEAD done",
+                "job # done",
+            ),
+            ("job {abcdefab-cdef-abcd-efab-cdefabcdefab}", "job {#}"),
+            // Python tempfile and mktemp names, temp dirs
+            (
+                "wrote /tmp/tmp_hod_zdo/orders.csv",
+                "wrote /tmp/#/orders.csv",
+            ),
+            ("scratch tmpkqzwxjvb ready", "scratch # ready"),
+            ("dir /tmp/tmp.AbCdEfGhIj gone", "dir /tmp/# gone"),
+            ("dir ./tmp.QwErTyUiOp gone", "dir ./tmp.# gone"),
+            ("in /var/folders/zz/T/ok", "in /var/folders/#/t/ok"),
+            // base62 / base32 ids without digits
+            (
+                "request req_KqPzXwLmNbVcRtYu rejected",
+                "request # rejected",
+            ),
+            ("trace qxzvbnmlkjhgfdsw end", "trace # end"),
+            // timestamps with names
+            ("at Wed, 02 Dec 2026 05:57:11 GMT", "at #, # # # # gmt"),
+            ("at Thu, 03 Dec 2026 17:01:09 GMT", "at #, # # # # gmt"),
+            ("Wed Dec  2 05:57:11 UTC 2026", "# # # # utc #"),
+            // words and identifiers stay
+            (
+                "JSONDecodeError in getElementById",
+                "jsondecodeerror in getelementbyid",
+            ),
+            (
+                "AssertionError: expected dictionary",
+                "assertionerror: expected dictionary",
+            ),
+            ("you may retry in March", "you may retry in march"),
+        ];
+        for (input, want) in table {
+            assert_eq!(normalize(input), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn random_ids_rarely_pass_as_words() {
+        // A fixed xorshift stream: no flakiness, many samples.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let letters = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        let mut escaped = 0;
+        for _ in 0..2_000 {
+            let id: String = (0..16)
+                .map(|_| char::from(letters[(next() % 52) as usize]))
+                .collect();
+            escaped += usize::from(!looks_random(&id));
+        }
+        assert!(
+            escaped <= 4,
+            "{escaped} of 2000 16-letter ids read as words"
+        );
+        for word in [
+            "deadline",
+            "Exception",
+            "unexpected",
+            "permission",
+            "connection",
+            "ValueError",
+            "NotFoundError",
+            "TimeoutError",
+            "configuration",
+            "directory",
+            "summarize",
+        ] {
+            assert!(!looks_random(word), "{word}");
+        }
+    }
+
+    #[test]
+    fn message_fingerprint_ignores_what_frameworks_move() {
+        let of = |v: Value| Fingerprint::of_message(&v).0;
+        let plain = serde_json::json!({"role": "user", "content": "Summarise  the notes."});
+        let cached = serde_json::json!({"role": "user", "content": [
+            {"type": "text", "text": "Summarise the notes. ", "cache_control": {"type": "ephemeral"}}]});
+        assert_eq!(of(plain.clone()), of(cached));
+        let call = |id: &str, sig: &str, ws: &str| {
+            serde_json::json!({"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hmm", "signature": sig},
+                {"type": "text", "text": format!("Reading.{ws}")},
+                {"type": "tool_use", "id": id, "name": "read", "input": {"b": 1, "a": "x"}}]})
+        };
+        let without_thinking = serde_json::json!({"role": "assistant", "content": [
+            {"type": "text", "text": "Reading."},
+            {"type": "tool_use", "id": "toolu_other", "name": "read", "input": {"a": "x", "b": 1}}]});
+        assert_eq!(
+            of(call("toolu_a", "sig1", "\n")),
+            of(call("toolu_b", "sig2", ""))
+        );
+        assert_eq!(of(call("toolu_a", "sig1", "")), of(without_thinking));
+        let result = |id: &str| {
+            serde_json::json!({"type": "function_call", "id": format!("fc_{id}"), "call_id": id,
+                "name": "sync", "arguments": "{\"a\": 1}", "status": "completed"})
+        };
+        assert_eq!(of(result("call_1")), of(result("call_2")));
+        // Meaning still counts: other arguments, other text.
+        let mut other = result("call_1");
+        other["arguments"] = Value::String("{\"a\": 2}".into());
+        assert_ne!(of(result("call_1")), of(other));
+        assert_ne!(
+            of(plain),
+            of(serde_json::json!({"role": "user", "content": "Summarise the note."}))
+        );
     }
 
     #[test]

@@ -137,16 +137,14 @@ impl ToolCall {
 pub const MAX_FAILURE_LINES: usize = 48;
 /// Lines two reports of one failure may differ in (none of them an error line).
 const MAX_DIFFERING_LINES: usize = 2;
-/// A line longer than this that keeps its first characters and changes its
-/// end (an id or detail appended to a stable message) is the same statement.
-const LINE_HEAD_CHARS: usize = 64;
 
 /// One normalised line of a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FailureLine {
     pub text: Fingerprint,
-    /// Its first [`LINE_HEAD_CHARS`] characters (the whole line if shorter).
-    pub head: Fingerprint,
+    /// The line without a trailing bracketed detail and end punctuation
+    /// (`… immediately after. (request_id: #)` → `… immediately after`).
+    pub stem: Fingerprint,
     /// The line states an error itself (exception, "failed", status line).
     pub is_error: bool,
 }
@@ -163,9 +161,8 @@ pub struct FailureId {
 
 impl FailureId {
     /// Two reports are one failure when their normalised texts are equal, or
-    /// when every line that states an error is shared (or kept its first
-    /// [`LINE_HEAD_CHARS`] characters, a detail appended to a stable message)
-    /// and they differ in at most two other lines — a quoted payload, a
+    /// when every line that states an error is shared (or has the same stem:
+    /// a bracketed detail appended to a stable message) and they differ in at most two other lines — a quoted payload, a
     /// progress line, an id normalisation missed — while sharing more than
     /// they differ. So a changing payload under a stable error still matches,
     /// while two pytest runs failing differently under one long session
@@ -191,7 +188,7 @@ impl FailureId {
             let partner = only_b
                 .iter()
                 .enumerate()
-                .position(|(k, m)| !used[k] && m.head == line.head);
+                .position(|(k, m)| !used[k] && m.stem == line.stem);
             match partner {
                 Some(k) => {
                     used[k] = true;
@@ -238,18 +235,14 @@ impl FailureText {
             if let Some(seen) = lines.iter_mut().find(|l| l.text == fp) {
                 seen.is_error |= is_error;
             } else if lines.len() < MAX_FAILURE_LINES {
-                let head = match normalized.char_indices().nth(LINE_HEAD_CHARS) {
-                    Some((i, _)) => Fingerprint::of_str(&normalized[..i]),
-                    None => fp,
-                };
                 lines.push(FailureLine {
                     text: fp,
-                    head,
+                    stem: Fingerprint::of_str(stem(&normalized)),
                     is_error,
                 });
             } else if let Some(last) = lines.last_mut() {
                 last.text = last.text.combine(fp);
-                last.head = last.text;
+                last.stem = last.text;
                 last.is_error |= is_error;
             }
             if !joined.is_empty() {
@@ -266,6 +259,36 @@ impl FailureText {
             excerpt: excerpt(&joined, EXCERPT_CHARS),
         }
     }
+}
+
+/// A normalised line without its trailing `(…)` / `[…]` / `{…}` group and
+/// end punctuation.
+fn stem(line: &str) -> &str {
+    fn trim(s: &str) -> &str {
+        s.trim_end_matches(|c: char| c.is_whitespace() || ".,;:-".contains(c))
+    }
+    let line = trim(line);
+    let Some(close) = line.chars().last() else {
+        return line;
+    };
+    let open = match close {
+        ')' => '(',
+        ']' => '[',
+        '}' => '{',
+        _ => return line,
+    };
+    let mut depth = 0usize;
+    for (i, c) in line.char_indices().rev() {
+        if c == close {
+            depth += 1;
+        } else if c == open {
+            depth -= 1;
+            if depth == 0 {
+                return trim(&line[..i]);
+            }
+        }
+    }
+    line
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -945,6 +968,130 @@ mod tests {
         let bare = json!({"model": "gpt-4.1", "input": "hello"});
         let s = RequestSummary::from_json(Api::OpenAiResponses, &bare, 0).unwrap();
         assert_eq!(s.message_count(), 1);
+    }
+
+    fn same(a: &str, b: &str) -> bool {
+        FailureText::from_text(a)
+            .id
+            .same_failure(&FailureText::from_text(b).id)
+    }
+
+    #[test]
+    fn failure_identity_table() {
+        let banner = "=== test session starts ===\nplatform linux -- Python 3.12.3, pytest-8.3.2\n\
+            rootdir: /home/dev/shop\nplugins: anyio-4.4.0, cov-5.0.0, xdist-3.6.1\n\
+            cachedir: .pytest_cache\nconfigfile: pyproject.toml\ntestpaths: tests\n";
+        let pytest = |test: &str, err: &str| {
+            format!(
+                "{banner}collected 1 item\n\ntests/test_api.py::{test} FAILED\n\
+                 === FAILURES ===\n___ {test} ___\n    def {test}():\nE       {err}\n\
+                 tests/test_api.py:12: AssertionError\n\
+                 FAILED tests/test_api.py::{test} - {err}\n=== 1 failed in 0.12s ==="
+            )
+        };
+        let traceback = |line: u32, id: &str| {
+            format!(
+                "Traceback (most recent call last):\n  File \"/srv/x.py\", line {line}, in run\n\
+                 ValueError: malformed record {id}\n(raw output: {{\"notes\": [{line}, \"x\"]}})"
+            )
+        };
+        let cases = [
+            // Two different pytest failures under one long banner differ.
+            (
+                pytest("test_create", "assert 500 == 201"),
+                pytest("test_update", "KeyError: 'sku'"),
+                false,
+            ),
+            (
+                pytest("test_create", "assert 500 == 201"),
+                pytest("test_cancel", "assert 500 == 201"),
+                false,
+            ),
+            // One failure, other line numbers, durations, ids: the same.
+            (
+                pytest("test_create", "assert 500 == 201"),
+                pytest("test_create", "assert 404 == 201"),
+                true,
+            ),
+            (
+                traceback(88, "4f1c0a2b"),
+                traceback(91, "deadbeef-cafe-abcd-beef-facefeedbead"),
+                true,
+            ),
+            // A changing quoted payload line under a stable error still matches.
+            (
+                "ParseError: expected JSON\nline 1\ngot: Sure! Here is the summary.".into(),
+                "ParseError: expected JSON\nline 1\ngot: Of course. The notes say".into(),
+                true,
+            ),
+            // A detail appended to a stable message.
+            (
+                "tool_use ids were found without tool_result blocks.".into(),
+                "tool_use ids were found without tool_result blocks. (request_id: req_x)".into(),
+                true,
+            ),
+            // Different single-line errors differ.
+            (
+                "HTTP 503 Service Unavailable".into(),
+                "HTTP 404 Not Found".into(),
+                false,
+            ),
+            (
+                "file a.txt: permission denied".into(),
+                "file b.txt: no such file or directory".into(),
+                false,
+            ),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(same(&a, &b), want, "{a:?}\nvs\n{b:?}");
+            assert_eq!(same(&b, &a), want, "symmetric: {b:?}\nvs\n{a:?}");
+        }
+    }
+
+    #[test]
+    fn cache_markers_keep_key_and_prefix() {
+        let plain = anthropic_loop(&[("one", false), ("two", false)]);
+        let mut cached = plain.clone();
+        cached["system"] = json!([{"type": "text", "text": "You are helpful. Now: 2025-01-01T10:00:00Z",
+            "cache_control": {"type": "ephemeral"}}]);
+        cached["messages"][0]["content"] = json!([{"type": "text", "text": "Summarise my notes.", "cache_control": {"type": "ephemeral"}}]);
+        cached["messages"][4]["content"][0]["cache_control"] = json!({"type": "ephemeral"});
+        let a = RequestSummary::from_json(Api::AnthropicMessages, &plain, 0).unwrap();
+        let b = RequestSummary::from_json(Api::AnthropicMessages, &cached, 0).unwrap();
+        assert_eq!(a.conversation, b.conversation);
+        assert_eq!(a.prefix, b.prefix);
+    }
+
+    #[test]
+    fn responses_server_state_and_answer_ids() {
+        let body = json!({"model": "gpt-4.1", "previous_response_id": "resp_abc", "input": [
+            {"type": "function_call_output", "call_id": "call_9", "output": "invalid calendar id"}]});
+        let s = RequestSummary::from_json(Api::OpenAiResponses, &body, 0)
+            .unwrap()
+            .at(1234);
+        let id = Fingerprint::of_str("resp_abc");
+        assert_eq!(s.server_state, Some(ServerState::PreviousResponse(id)));
+        assert_eq!(s.conversation, ConversationKey::continuing(id));
+        assert_eq!(s.at_ms, 1234);
+        assert_eq!(s.message_count(), 1);
+        for conversation in [json!("conv_1"), json!({"id": "conv_1"})] {
+            let body = json!({"model": "gpt-4.1", "conversation": conversation, "input": "next"});
+            let s = RequestSummary::from_json(Api::OpenAiResponses, &body, 0).unwrap();
+            assert_eq!(
+                s.server_state,
+                Some(ServerState::Conversation(Fingerprint::of_str("conv_1")))
+            );
+        }
+        let answer = json!({"id": "resp_abc", "output": [], "usage": {"input_tokens": 5}});
+        let r = ResponseSummary::from_json(Api::OpenAiResponses, 200, &answer);
+        assert_eq!(r.response_id, Some(id));
+        // Reasoning items are opaque: dropped from the chain.
+        let with_reasoning = json!({"model": "gpt-4.1", "input": [
+            {"role": "user", "content": "go"},
+            {"type": "reasoning", "id": "rs_1", "encrypted_content": "gAAA", "summary": []},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]});
+        let s = RequestSummary::from_json(Api::OpenAiResponses, &with_reasoning, 0).unwrap();
+        assert_eq!(s.message_count(), 2);
     }
 
     #[test]
