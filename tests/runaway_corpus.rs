@@ -3,7 +3,7 @@
 //! the detector exactly as the proxy would drive them, and must meet its
 //! expected outcome. Runaway shapes must trip within `failing_retries + 1`
 //! looping calls (or `no_progress_repeats` for the no-progress wire); healthy
-//! shapes must never trip. Time is simulated: each step may say how long the
+//! shapes must run 40+ calls and never trip. Time is simulated: each step may say how long the
 //! agent waited after the previous answer (`wait_ms`), and each answer takes
 //! `latency_ms` (default 1.2 s) — the detector only sees the timestamps. Prints the table the README quotes
 //! (`cargo test --test runaway_corpus -- --nocapture`).
@@ -279,6 +279,13 @@ fn every_trace_meets_its_expected_outcome() {
         if let Err(e) = judge(&trace, &out) {
             problems.push(format!("{}: {e}", trace.name));
         }
+        if trace.expect.never_trips && trace.steps.len() < 40 {
+            problems.push(format!(
+                "{}: a healthy trace must run 40+ calls, this one has {}",
+                trace.name,
+                trace.steps.len()
+            ));
+        }
         if trace.expect.never_trips {
             healthy += 1;
             false_positives += usize::from(out.trip.is_some());
@@ -346,6 +353,18 @@ fn every_trace_meets_its_expected_outcome() {
         "healthy_parallel_conversations",
         "healthy_compaction",
         "healthy_sdk_transport_retries",
+        "anthropic_cache_breakpoints_malformed_output",
+        "healthy_cache_breakpoints_long_tool_loop",
+        "openai_responses_previous_response_id",
+        "openai_responses_conversation_id",
+        "healthy_responses_previous_response_id_chain",
+        "random_ids_seed_1",
+        "random_ids_seed_8",
+        "healthy_pytest_shared_banner",
+        "pytest_same_failure_repeated",
+        "healthy_ci_polling_with_waits",
+        "ci_polling_back_to_back",
+        "ci_polling_over_budget",
     ] {
         assert!(
             names.iter().any(|n| n == required),

@@ -299,7 +299,14 @@ impl Detector {
     /// goes on trips again after as many steps.
     pub fn observe_request(&mut self, req: &RequestSummary) -> Verdict {
         self.tick += 1;
-        let (tick, config) = (self.tick, self.config);
+        let tick = self.tick;
+        let RunawayConfig {
+            failing_retries,
+            no_progress_repeats,
+            poll_interval_ms,
+            poll_budget_tokens,
+            ..
+        } = self.config;
         let key = self.resolve(req.conversation);
         let conv = self.conversation(key);
         conv.last_used = tick;
@@ -391,7 +398,7 @@ impl Detector {
             Some(at) => req.at_ms.saturating_sub(at),
             None => 0,
         };
-        let is_poll = config.poll_interval_ms > 0 && waited >= config.poll_interval_ms;
+        let is_poll = poll_interval_ms > 0 && waited >= poll_interval_ms;
 
         let previous_estimate = conv.history.back().map(|s| s.estimated_input_tokens);
         let mut tools: Vec<String> = Vec::new();
@@ -468,7 +475,7 @@ impl Detector {
                 conv.run.pop_front();
             }
             conv.run.push_back(step);
-            if conv.failing_retries >= config.failing_retries.max(1) {
+            if conv.failing_retries >= failing_retries.max(1) {
                 tripped = Some((TripReason::FailingRetries, conv.failing_retries));
             }
         }
@@ -488,10 +495,10 @@ impl Detector {
             conv.polls = 0;
             conv.poll_tokens = 0;
         }
-        if tripped.is_none() && conv.identical_answers >= config.no_progress_repeats.max(2) {
+        if tripped.is_none() && conv.identical_answers >= no_progress_repeats.max(2) {
             tripped = Some((TripReason::NoProgress, conv.identical_answers));
         }
-        if tripped.is_none() && conv.polling && conv.poll_tokens >= config.poll_budget_tokens {
+        if tripped.is_none() && conv.polling && conv.poll_tokens >= poll_budget_tokens {
             tripped = Some((TripReason::PollBudget, conv.polls));
         }
 

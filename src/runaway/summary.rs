@@ -225,7 +225,12 @@ impl FailureText {
     pub fn from_text(text: &str) -> Self {
         let mut joined = String::new();
         let mut lines: Vec<FailureLine> = Vec::new();
-        for line in text.lines() {
+        // Line by line up to a bound; a longer text's remainder is one more
+        // (folded) line, so a huge tool result costs one pass, not a scan
+        // for error words per line.
+        let cut = floor_boundary(text, MAX_LINE_SCAN_BYTES);
+        let (scanned, rest) = text.split_at(cut);
+        for line in scanned.lines().chain((!rest.is_empty()).then_some(rest)) {
             let normalized = normalize(line);
             if normalized.is_empty() {
                 continue;
@@ -259,6 +264,20 @@ impl FailureText {
             excerpt: excerpt(&joined, EXCERPT_CHARS),
         }
     }
+}
+
+/// Bytes of a failure text read line by line; the rest folds into one line.
+const MAX_LINE_SCAN_BYTES: usize = 256 * 1024;
+
+fn floor_boundary(s: &str, at: usize) -> usize {
+    if at >= s.len() {
+        return s.len();
+    }
+    let mut i = at;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 /// A normalised line without its trailing `(…)` / `[…]` / `{…}` group and

@@ -259,7 +259,7 @@ def long_loop():
     c = Anthropic("You are a research agent.", "Write a report on Rust async runtimes.")
     c.first(lambda: c.call("search", {"q": "rust async runtime comparison"}))
     topics = ["tokio", "async-std", "smol", "glommio", "monoio", "embassy", "bastion", "actix-rt",
-              "futures-executor", "compio", "may", "nuclei"]
+              "futures-executor", "compio", "may", "nuclei", "tokio-uring"]
     n = 0
     for t in topics:
         for kind in ("search", "fetch", "write_summary"):
@@ -276,7 +276,7 @@ def long_loop():
                 nxt = lambda t=t: c.call("search", {"q": f"{t} benchmarks"})
             c.result(res, nxt)
     c.result("done", lambda: c.text("The report is written."))
-    trace("healthy_long_tool_loop", "36 steps of novel calls with successful, changing results (one page "
+    trace("healthy_long_tool_loop", "41 steps of novel calls with successful, changing results (one page "
           "mentions error handling).", c, NEVER)
 
 
@@ -285,12 +285,12 @@ def polling():
     c.first(lambda: c.call("start_export", {"table": "orders"}))
     c.result("export exp_7f3a started", lambda: c.call("poll_export", {"id": "exp_7f3a"}))
     total = 13005
-    for i in range(25):
-        done = min(total, 520 * (i + 1))
+    for i in range(38):
+        done = min(total, 330 * (i + 1))
         c.result(f"status: running, {100 * done // total}% ({done:,}/{total:,} rows), updated {ts(30 + i // 4, (i * 13) % 60)}",
                  lambda: c.call("poll_export", {"id": "exp_7f3a"}, "Still running; polling again."))
     c.result("status: done, file: s3://exports/orders.csv", lambda: c.text("The export is ready."))
-    trace("healthy_polling_changing_results", "Polling the same job 26 times; each answer differs "
+    trace("healthy_polling_changing_results", "Polling the same job 39 times; each answer differs "
           "(progress, timestamp).", c, NEVER)
 
 
@@ -301,7 +301,7 @@ def transport_retries():
     # The SDK retries the identical body: retry counts 1 and 2.
     c.append([], lambda: c.error(529, "overloaded_error", "Overloaded"), retry_count=1)
     c.append([], lambda: c.call("list_notes", {"dir": "notes"}), retry_count=2)
-    files = [f"note-{i}.md" for i in range(10)]
+    files = [f"note-{i}.md" for i in range(32)]
     c.result(json.dumps(files), lambda: c.call("read_notes", {"path": "notes/note-0.md"}))
     for i, f in enumerate(files[:-1]):
         result = f"# Note {i}\nitem {i * 3}: follow up with team {chr(65 + i)}"
@@ -336,7 +336,7 @@ def compaction():
     c.cached = 0
     c.steps.append({"request": json.loads(json.dumps(c.body)),
                     "answer": c.call("fetch", {"url": "https://desk.example.com/t/114"})})
-    for i in range(14, 26):
+    for i in range(14, 40):
         c.result(f"ticket {100 + i}: customer asks about invoice {2000 + 17 * i}; answered.",
                  lambda i=i: c.call("fetch", {"url": f"https://desk.example.com/t/{101 + i}"}))
     trace("healthy_compaction", "A long support session whose history is compacted (prefix broken, "
@@ -404,7 +404,7 @@ def chat_parallel():
         for k, c in convs.items():
             c.result(steps, "HTTP 503 Service Unavailable: ticket backend overloaded",
                      lambda c=c, k=k: c.call("get_ticket", {"id": int(k)}), conversation=k)
-    for r in range(8):
+    for r in range(11):
         for k, c in convs.items():
             c.result(steps, f"ticket {k} page {r}: {['billing', 'login', 'export'][r % 3]} issue, {r + int(k) % 7} comments",
                      lambda c=c, k=k, r=r: c.call("post_comment", {"id": int(k), "text": f"step {r}"}), conversation=k)
@@ -454,7 +454,7 @@ def responses_transient():
     c = Responses("You keep calendars in sync.", "Sync each team calendar once.")
     steps = []
     c.first(steps, lambda: c.call("sync_calendar", {"team": "t0"}))
-    for i in range(14):
+    for i in range(40):
         if i == 3:
             c.result(steps, "sync failed: 503 Service Unavailable", lambda: c.call("sync_calendar", {"team": "t3"}))
         else:
