@@ -4,9 +4,11 @@
 Each trace: {name, story, api, expect, steps}. A step either sets a full
 request body (`request`) or appends messages to its conversation's previous
 request (`append`; `[]` resends the identical body), optionally with an SDK
-`retry_count`, and gives the upstream answer: `{"status", "body"}` for JSON
-answers or `{"status", "stream": {"tool_calls", "usage"}}` for the summary the
-SSE tap assembles. `expect` is `{"never_trips": true}` or
+`retry_count` and the milliseconds the agent waited after the previous answer
+(`wait_ms`, default 0), and gives the upstream answer: `{"status", "body"}`
+for JSON answers or `{"status", "stream": {"tool_calls", "usage", "id"}}` for
+the summary the SSE tap assembles, optionally with its `latency_ms` (default
+1200). A trace may set `config` (the `runaway:` settings, interval in ms). `expect` is `{"never_trips": true}` or
 `{"trips_by_step": N, "loop_starts_at_step": M, "reason": ...}` (1-based).
 
 Regenerate with: python3 tests/traces/generate.py
