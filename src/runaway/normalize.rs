@@ -1,6 +1,9 @@
-//! Failure-text normalisation, the "reads as an error" heuristic, and the
-//! 64-bit fingerprints the detector compares. Pure functions over strings and
-//! JSON values; must not keep state, allocate per call beyond the output, or
+//! Failure-text normalisation (volatile tokens, digit-free random ids
+//! included), the "reads as an error" heuristic, and the 64-bit fingerprints
+//! the detector compares — including the canonical form of a message that
+//! ignores cache markers, provider ids and reasoning blobs. Pure functions
+//! over strings and JSON values; must not keep state, allocate per call
+//! beyond the output (and the parse of tool arguments sent as JSON text), or
 //! ever return raw text longer than an excerpt.
 
 use std::fmt;
