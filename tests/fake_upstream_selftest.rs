@@ -1078,3 +1078,41 @@ fn official_sdks_parse_every_answer() {
         (fake.in_flight() == 0).then_some(())
     });
 }
+
+#[test]
+fn responses_previous_response_id_bills_the_chain_and_unknown_ids_are_refused() {
+    let first = json!({"model": "gpt-4.1", "input": "Sync the calendars."});
+    let reply = answer(Api::OpenAiResponses, &first);
+    let answer1: Value = serde_json::from_str(&body_text(&reply)).unwrap();
+    let id = answer1["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("resp_fake"), "{id}");
+    assert_eq!(answer1["previous_response_id"], Value::Null);
+    let items = (json!("Sync the calendars.").to_string().len() as u64).div_ceil(4);
+    assert_eq!(
+        id,
+        format!("resp_fake{:016}c{}", 7, items + reply.billed.output_tokens)
+    );
+
+    // Continuing it bills the carried context plus the new prompt.
+    let next = json!({"model": "gpt-4.1", "previous_response_id": id, "input": [
+        {"role": "user", "content": "Again."}]});
+    let reply2 = answer(Api::OpenAiResponses, &next);
+    assert_eq!(reply2.status, 200);
+    let own = prompt_tokens(Api::OpenAiResponses, &next);
+    assert_eq!(
+        reply2.billed.input_tokens,
+        items + reply.billed.output_tokens + own
+    );
+    let answer2: Value = serde_json::from_str(&body_text(&reply2)).unwrap();
+    assert_eq!(answer2["previous_response_id"], json!(id));
+    assert_eq!(
+        answer2["usage"]["input_tokens"],
+        json!(reply2.billed.input_tokens)
+    );
+
+    let unknown = json!({"model": "gpt-4.1", "previous_response_id": "resp_abc", "input": "x"});
+    let refused = answer(Api::OpenAiResponses, &unknown);
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.billed.requests, 0);
+    assert!(body_text(&refused).contains("Previous response with id 'resp_abc' not found."));
+}

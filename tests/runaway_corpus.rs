@@ -3,7 +3,9 @@
 //! the detector exactly as the proxy would drive them, and must meet its
 //! expected outcome. Runaway shapes must trip within `failing_retries + 1`
 //! looping calls (or `no_progress_repeats` for the no-progress wire); healthy
-//! shapes must never trip. Prints the table the README quotes
+//! shapes must run 40+ calls and never trip. Time is simulated: each step may say how long the
+//! agent waited after the previous answer (`wait_ms`), and each answer takes
+//! `latency_ms` (default 1.2 s) — the detector only sees the timestamps. Prints the table the README quotes
 //! (`cargo test --test runaway_corpus -- --nocapture`).
 
 use std::collections::HashMap;
@@ -11,8 +13,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use agent_supervisor::runaway::{
-    Api, Detector, Evidence, InputUsage, RequestSummary, ResponseSummary, RunawayConfig, ToolCall,
-    TripReason, Verdict,
+    Api, Detector, Evidence, Fingerprint, InputUsage, RequestSummary, ResponseSummary,
+    RunawayConfig, ToolCall, TripReason, Verdict,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -49,6 +51,9 @@ struct Step {
     append: Option<Vec<Value>>,
     #[serde(default)]
     retry_count: u32,
+    /// Milliseconds the agent waited after the previous answer.
+    #[serde(default)]
+    wait_ms: u64,
     answer: Answer,
 }
 
@@ -62,6 +67,12 @@ struct Answer {
     status: u16,
     body: Option<Value>,
     stream: Option<Stream>,
+    #[serde(default = "default_latency")]
+    latency_ms: u64,
+}
+
+fn default_latency() -> u64 {
+    1_200
 }
 
 /// What the SSE usage tap hands over for a streamed answer.
@@ -70,6 +81,9 @@ struct Answer {
 struct Stream {
     tool_calls: Vec<StreamCall>,
     usage: Option<InputUsage>,
+    /// The answer's id (`response.created`), for Responses streams.
+    #[serde(default)]
+    id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -108,8 +122,10 @@ fn run(trace: &Trace) -> Result<Outcome, String> {
         loop_tokens_forwarded: 0,
         peak_request_tokens: 0,
     };
+    let mut clock = 0u64;
     for (i, step) in trace.steps.iter().enumerate() {
         let n = i + 1;
+        clock += step.wait_ms;
         let body = match (&step.request, &step.append) {
             (Some(request), None) => {
                 bodies.insert(&step.conversation, request.clone());
@@ -132,7 +148,8 @@ fn run(trace: &Trace) -> Result<Outcome, String> {
             }
         };
         let summary = RequestSummary::from_json(trace.api, body, step.retry_count)
-            .map_err(|e| format!("step {n}: {e}"))?;
+            .map_err(|e| format!("step {n}: {e}"))?
+            .at(clock);
         if let Verdict::Tripped(evidence) = detector.observe_request(&summary) {
             // The proxy refuses this request: it never reaches upstream.
             out.trip = Some((n, evidence));
@@ -148,9 +165,15 @@ fn run(trace: &Trace) -> Result<Outcome, String> {
                     .map(|c| ToolCall::new(&c.name, &c.arguments))
                     .collect(),
                 usage: s.usage,
+                response_id: s.id.as_deref().map(Fingerprint::of_str),
                 ..ResponseSummary::default()
             },
             _ => return Err(format!("step {n}: give exactly one of `body` and `stream`")),
+        };
+        clock += step.answer.latency_ms;
+        let answer = ResponseSummary {
+            at_ms: Some(clock),
+            ..answer
         };
         let tokens = answer.usage.map_or(0, |u| u.total());
         out.tokens_forwarded += tokens;
@@ -178,6 +201,7 @@ fn judge(trace: &Trace, out: &Outcome) -> Result<(), String> {
             let reason = match ev.reason {
                 TripReason::FailingRetries => "failing_retries",
                 TripReason::NoProgress => "no_progress",
+                TripReason::PollBudget => "poll_budget",
             };
             if e.reason.as_deref().unwrap_or("failing_retries") != reason {
                 return Err(format!("tripped for `{reason}`, expected {:?}", e.reason));
@@ -185,6 +209,8 @@ fn judge(trace: &Trace, out: &Outcome) -> Result<(), String> {
             let bound = match ev.reason {
                 TripReason::FailingRetries => trace.config.failing_retries as usize + 1,
                 TripReason::NoProgress => trace.config.no_progress_repeats as usize,
+                // Bounded by tokens, not calls: the trace states its own bound.
+                TripReason::PollBudget => by + 1 - start,
             };
             if by + 1 - start > bound {
                 return Err(format!(
@@ -253,6 +279,13 @@ fn every_trace_meets_its_expected_outcome() {
         if let Err(e) = judge(&trace, &out) {
             problems.push(format!("{}: {e}", trace.name));
         }
+        if trace.expect.never_trips && trace.steps.len() < 40 {
+            problems.push(format!(
+                "{}: a healthy trace must run 40+ calls, this one has {}",
+                trace.name,
+                trace.steps.len()
+            ));
+        }
         if trace.expect.never_trips {
             healthy += 1;
             false_positives += usize::from(out.trip.is_some());
@@ -320,6 +353,18 @@ fn every_trace_meets_its_expected_outcome() {
         "healthy_parallel_conversations",
         "healthy_compaction",
         "healthy_sdk_transport_retries",
+        "anthropic_cache_breakpoints_malformed_output",
+        "healthy_cache_breakpoints_long_tool_loop",
+        "openai_responses_previous_response_id",
+        "openai_responses_conversation_id",
+        "healthy_responses_previous_response_id_chain",
+        "random_ids_seed_1",
+        "random_ids_seed_8",
+        "healthy_pytest_shared_banner",
+        "pytest_same_failure_repeated",
+        "healthy_ci_polling_with_waits",
+        "ci_polling_back_to_back",
+        "ci_polling_over_budget",
     ] {
         assert!(
             names.iter().any(|n| n == required),

@@ -232,3 +232,133 @@ fn a_runaway_is_quarantined_and_stays_down_until_released() {
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success());
 }
+
+/// Waits until `agent` is quarantined or its script gave up (the loop was
+/// missed); returns its log.
+fn quarantined_or_gave_up(fleet: &FleetDir, sup: &mut Supervisor, agent: &str) -> String {
+    let deadline = std::time::Instant::now() + PATIENCE_SDK;
+    loop {
+        let log = fleet.read(&format!("{agent}.log")).unwrap_or_default();
+        if sup
+            .log()
+            .contains(&format!("{agent}: quarantined: runaway"))
+            || log.contains("gave up")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "neither a quarantine nor the agent giving up; agent log:\n{log}\nsupervisor log:\n{}",
+            sup.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = fleet.wait_pid(agent);
+    if !fleet
+        .read(&format!("{agent}.log"))
+        .unwrap_or_default()
+        .contains("gave up")
+    {
+        wait_gone(pid);
+    }
+    fleet.read(&format!("{agent}.log")).unwrap_or_default()
+}
+
+#[test]
+fn a_cache_aware_anthropic_loop_is_quarantined_within_failing_retries_plus_one_calls() {
+    let py = python_with_sdks();
+    let fleet = FleetDir::new();
+    fleet.write_fleet(&format!(
+        "version: 1
+proxy: {{ listen: '127.0.0.1:0' }}
+providers:
+  sim: {{ kind: simulated }}
+agents:
+  cacher:
+    command: ['{py}', '{script}']
+    llm: [ {{ provider: sim }} ]
+    runaway: {{ failing_retries: 3 }}
+",
+        py = py.display(),
+        script = repo_file("tests/sdk/caching_agent.py").display(),
+    ));
+    let mut sup = fleet.run(&[]);
+    let log = quarantined_or_gave_up(&fleet, &mut sup, "cacher");
+    assert!(
+        !log.contains("gave up"),
+        "moving cache_control hid the loop: {log}"
+    );
+    let calls = log.lines().filter(|l| l.starts_with("ok ")).count();
+    assert!(
+        calls <= 4,
+        "first call + failing_retries looping calls: {log}"
+    );
+    assert!(log.contains("refused 403"), "{log}");
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success());
+}
+
+#[test]
+fn a_previous_response_id_loop_is_quarantined_within_failing_retries_plus_one_calls() {
+    let py = python_with_sdks();
+    let fake = FakeUpstream::start(Config::default());
+    let fleet = FleetDir::new();
+    fleet.write_secret("chainer", "openai_key", OPENAI_KEY);
+    fleet.write_fleet(&format!(
+        "version: 1
+proxy: {{ listen: '127.0.0.1:0' }}
+providers:
+  gpt: {{ kind: openai, upstream: '{url}' }}
+agents:
+  chainer:
+    command: ['{py}', '{script}']
+    llm: [ {{ provider: gpt, key: openai_key }} ]
+    runaway: {{ failing_retries: 3 }}
+",
+        url = fake.url(),
+        py = py.display(),
+        script = repo_file("tests/sdk/responses_state_agent.py").display(),
+    ));
+    let mut sup = fleet.run(&[]);
+    let log = quarantined_or_gave_up(&fleet, &mut sup, "chainer");
+    assert!(
+        !log.contains("gave up"),
+        "server-side state hid the loop: {log}"
+    );
+    let calls: Vec<&str> = log.lines().filter(|l| l.starts_with("ok ")).collect();
+    assert!(
+        calls.len() <= 4,
+        "first call + failing_retries looping calls: {log}"
+    );
+    assert!(log.contains("refused 403"), "{log}");
+    // The SDK really chained: each answer continued the one before, and the
+    // provider billed the growing chain although every request was small.
+    let requests = fake.requests();
+    assert_eq!(
+        requests.len(),
+        calls.len(),
+        "the refused call never reached it"
+    );
+    for pair in requests.windows(2) {
+        assert!(
+            pair[1].billed.input_tokens > pair[0].billed.input_tokens,
+            "{log}"
+        );
+    }
+    for pair in calls.windows(2) {
+        let id = pair[0].split(' ').nth(2).unwrap();
+        assert_eq!(pair[1].split(' ').nth(3), Some(id), "{log}");
+    }
+    let listed = cli(&fleet, &["quarantine", "--json"]);
+    let records: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(records[0]["agent"], "chainer");
+    assert!(
+        records[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("failing retries"),
+        "{records}"
+    );
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success());
+}

@@ -479,22 +479,32 @@ pub(super) fn resolve_runaway(
     own: Option<&RawRunaway>,
 ) -> RunawayConfig {
     let mut config = RunawayConfig::default();
-    let mut at = None;
+    // Where each numeric field was last set, so an error points at it.
+    let mut at: Vec<(&'static str, _)> = Vec::new();
     for layer in [defaults, own].into_iter().flatten() {
         if let Some(v) = &layer.failing_retries {
             config.failing_retries = v.value;
-            at = Some(v.pos);
+            at.push(("failing_retries", v.pos));
         }
         if let Some(v) = &layer.no_progress_repeats {
             config.no_progress_repeats = v.value;
-            at = Some(v.pos);
+            at.push(("no_progress_repeats", v.pos));
+        }
+        if let Some(v) = &layer.poll_interval {
+            config.poll_interval_ms = u64::try_from(v.value.0.as_millis()).unwrap_or(u64::MAX);
+        }
+        if let Some(v) = &layer.poll_budget_tokens {
+            config.poll_budget_tokens = v.value.0;
+            at.push(("poll_budget_tokens", v.pos));
         }
         if let Some(action) = layer.action {
             config.action = action;
         }
     }
-    if let (Err(err), Some(pos)) = (config.validate(), at) {
-        cx.push(pos, agent, err.to_string());
+    if let Err(err) = config.validate()
+        && let Some((_, pos)) = at.iter().rev().find(|(field, _)| *field == err.field)
+    {
+        cx.push(*pos, agent, err.to_string());
     }
     config.velocity = super::velocity::resolve(
         cx,
@@ -635,6 +645,39 @@ providers:
         assert!(contains("`runaway.failing_retries` is 0"), "{errors:#?}");
         assert!(
             contains("sets `OPENAI_API_KEY`, which `env` or `secrets` also sets"),
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn runaway_poll_settings_resolve_and_are_located() {
+        let fleet = parse(&format!(
+            "{PROVIDERS}defaults:\n  runaway: {{ poll_interval: 30s }}\nagents:\n  a:\n    command: [x]\n    llm: [ {{ provider: sim }} ]\n    runaway: {{ poll_budget_tokens: 250k, no_progress_repeats: 6 }}\n"
+        ))
+        .unwrap();
+        let r = fleet.agents["a"].runaway;
+        assert_eq!(r.poll_interval_ms, 30_000, "from defaults");
+        assert_eq!(r.poll_budget_tokens, 250_000);
+        assert_eq!(r.no_progress_repeats, 6);
+        assert_eq!(r.failing_retries, 4);
+
+        let errors = parse(&format!(
+            "{PROVIDERS}agents:\n  a:\n    command: [x]\n    llm: [ {{ provider: sim }} ]\n    runaway: {{ failing_retries: 3, poll_budget_tokens: 0 }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            errors.iter().any(|e| e
+                == "fleet.yaml:12:56: agent \"a\": `runaway.poll_budget_tokens` is 0: it must be at least 1; hint: the default is 1000000"),
+            "{errors:#?}"
+        );
+        let errors = parse(&format!(
+            "{PROVIDERS}agents:\n  a:\n    command: [x]\n    llm: [ {{ provider: sim }} ]\n    runaway: {{ poll_interval: soon }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("fleet.yaml:12:") && e.contains("invalid duration `soon`")),
             "{errors:#?}"
         );
     }

@@ -262,12 +262,15 @@ impl FromStr for Percent {
     }
 }
 
-/// `runaway: { failing_retries, no_progress_repeats, action }`, merged per field.
+/// `runaway: { failing_retries, no_progress_repeats, poll_interval,
+/// poll_budget_tokens, action }`, merged per field.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRunaway {
     pub failing_retries: Option<At<u32>>,
     pub no_progress_repeats: Option<At<u32>>,
+    pub poll_interval: Option<At<Dur>>,
+    pub poll_budget_tokens: Option<At<Count>>,
     pub action: Option<crate::runaway::RunawayAction>,
     pub velocity: Option<super::velocity::RawVelocity>,
 }

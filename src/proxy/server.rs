@@ -974,6 +974,7 @@ async fn handle_metered(
     );
     let conversation = match RequestSummary::from_json(runaway_api, &json, retry) {
         Ok(summary) => {
+            let summary = summary.at(monotonic_ms());
             let (verdict, action) = meter.observe_request(&summary);
             if let Verdict::Tripped(evidence) = verdict {
                 let reason = format!("runaway: {evidence}");
@@ -1497,26 +1498,41 @@ impl Pending {
     }
 }
 
-/// What the runaway detector needs of an answer: status, error, usage. Tool
-/// calls come from the next request's own assistant turn, so none are copied.
+/// What the runaway detector needs of an answer: status, error, usage, tool
+/// calls (a request continuing server-side state does not repeat them), the
+/// answer's id (for `previous_response_id` chains) and when it ended.
 fn response_summary(status: u16, report: &TapReport) -> ResponseSummary {
     let mut summary = match &report.error {
         Some(e) => ResponseSummary::upstream_error(status, Some(&e.kind), &e.message),
         None if status >= 400 => ResponseSummary::upstream_error(status, None, ""),
         None => ResponseSummary {
             status,
-            error_type: None,
-            error: None,
-            tool_calls: Vec::new(),
-            usage: None,
+            tool_calls: report
+                .tool_calls
+                .iter()
+                .map(|c| runaway::ToolCall::from_digest(&c.name, c.args_fingerprint))
+                .collect(),
+            response_id: report
+                .response_id
+                .as_deref()
+                .map(runaway::Fingerprint::of_str),
+            ..ResponseSummary::default()
         },
     };
+    summary.at_ms = Some(monotonic_ms());
     summary.usage = report.usage.seen().map(|u| InputUsage {
         input_tokens: u.input_tokens,
         cache_creation_input_tokens: u.cache_creation_input_tokens,
         cache_read_input_tokens: u.cache_read_input_tokens,
     });
     summary
+}
+
+/// Milliseconds since the proxy's first use of this clock (monotonic): the
+/// runaway detector's only notion of time.
+fn monotonic_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    millis(EPOCH.get_or_init(Instant::now).elapsed())
 }
 
 fn millis(d: Duration) -> u64 {

@@ -12,7 +12,8 @@
 //! filtered by their `event:` name before any JSON is parsed: for Anthropic only
 //! `message_start`, `message_delta`, `message_stop`, `error` and, while a
 //! `tool_use` block is open, its deltas; for OpenAI Responses only the terminal
-//! `response.*` events, `error` and, until the model is known, `response.created`.
+//! `response.*` events, `error` and, until the model and the answer's id are
+//! known, `response.created`.
 //! Text deltas, by far the most events, cost the line scan and a string compare.
 //! OpenAI chat chunks carry no event names, so each chunk gets a few substring
 //! checks (`"usage"`, `"finish_reason"`, `"tool_calls"`, `"error"` followed by a
@@ -177,6 +178,9 @@ pub struct TapReport {
     pub stop_reason: Option<String>,
     pub error: Option<UpstreamError>,
     pub tool_calls: Vec<ToolCall>,
+    /// OpenAI Responses: the answer's `id` (`resp_…`, bounded), which a later
+    /// request may continue with `previous_response_id`.
+    pub response_id: Option<String>,
     /// The usage chunk requested on the client's behalf was dropped.
     pub dropped_usage_chunk: bool,
     /// Events too large to buffer, passed through unread.
@@ -196,6 +200,7 @@ impl TapReport {
             stop_reason: None,
             error: None,
             tool_calls: Vec::new(),
+            response_id: None,
             dropped_usage_chunk: false,
             oversized_events: 0,
             unreadable_events: 0,
@@ -410,6 +415,7 @@ impl ResponsesUsage {
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct ResponseObject {
+    id: Option<String>,
     model: Option<String>,
     status: Option<String>,
     usage: Option<ResponsesUsage>,
@@ -672,6 +678,7 @@ struct Collected {
     stop_reason: Option<String>,
     error: Option<UpstreamError>,
     tool_calls: Vec<ToolCall>,
+    response_id: Option<String>,
     dropped_usage_chunk: bool,
     oversized_events: u32,
     unreadable_events: u32,
@@ -687,6 +694,12 @@ impl Collected {
         }
     }
 
+    fn set_response_id(&mut self, id: Option<String>) {
+        if let Some(id) = id {
+            self.response_id = Some(bounded(&id, 128));
+        }
+    }
+
     fn set_model(&mut self, model: Option<String>) {
         if let Some(m) = model {
             self.model = Some(bounded(&m, 128));
@@ -695,6 +708,7 @@ impl Collected {
 
     /// A Responses API response object: JSON answer or terminal stream event.
     fn take_response(&mut self, resp: ResponseObject) {
+        self.set_response_id(resp.id);
         self.set_model(resp.model);
         if let Some(u) = resp.usage {
             self.usage = Some(u.to_usage());
@@ -736,6 +750,7 @@ impl Collected {
             stop_reason: self.stop_reason,
             error: self.error,
             tool_calls: self.tool_calls,
+            response_id: self.response_id,
             dropped_usage_chunk: self.dropped_usage_chunk,
             oversized_events: self.oversized_events,
             unreadable_events: self.unreadable_events,
@@ -968,7 +983,7 @@ impl TapState {
         );
         let wanted = terminal
             || name == "error"
-            || (self.c.model.is_none()
+            || ((self.c.model.is_none() || self.c.response_id.is_none())
                 && matches!(name, "response.created" | "response.in_progress"));
         if !wanted {
             return;
@@ -998,6 +1013,7 @@ impl TapState {
                 self.c.error = Some(upstream_error(ErrorBody::default()));
             }
         } else {
+            self.c.set_response_id(resp.id);
             self.c.set_model(resp.model);
         }
     }

@@ -208,12 +208,22 @@ fn openai_responses_stream() {
     assert_eq!(r.model.as_deref(), Some("gpt-4.1-2025-04-14"));
     assert_eq!(r.stop_reason.as_deref(), Some("completed"));
     assert_eq!(
+        r.response_id.as_deref(),
+        Some("resp_67c9fdcecf488190bdd9a0409de3a1ec07b8b0ad4e5eb654"),
+        "the answer's id, for previous_response_id chains"
+    );
+    assert_eq!(
         r.tool_calls,
         vec![ToolCall {
             name: "get_weather".into(),
             args_fingerprint: weather_paris()
         }]
     );
+    // A stream cut after `response.created` still names its answer.
+    let created = RESPONSES.split("\n\n").next().unwrap_or_default();
+    let cut = tap(ApiKind::OpenAiResponses, &format!("{created}\n\n"));
+    assert_eq!(cut.outcome, Outcome::Cut);
+    assert_eq!(cut.response_id, r.response_id);
     let body = include_bytes!("../../tests/usage_fixtures/openai_responses.json");
     let json = parse_answer(ApiKind::OpenAiResponses, body).map_err(|e| e.to_string());
     let json = json.map(|mut j| {

@@ -16,14 +16,23 @@ pub enum RunawayAction {
     Alert,
 }
 
-/// `runaway: { failing_retries: 4, no_progress_repeats: 8, action: quarantine }`.
+/// `runaway: { failing_retries: 4, no_progress_repeats: 8, poll_interval: 2s,
+/// poll_budget_tokens: 1M, action: quarantine }` (fleet.yaml writes the
+/// interval as a duration; here it is milliseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunawayConfig {
     /// Consecutive failing retries (context grew, failure repeated) that trip.
     pub failing_retries: u32,
-    /// Times in a row the same tool call may get a byte-identical result.
+    /// Times in a row the same tool call may get a byte-identical result
+    /// when the agent fires it back to back.
     pub no_progress_repeats: u32,
+    /// An identical call the agent sends at least this long after the
+    /// previous answer is a poll: it never trips by count. 0 = no polls.
+    pub poll_interval_ms: u64,
+    /// Input tokens a run of polls with identical answers may spend before
+    /// it trips.
+    pub poll_budget_tokens: u64,
     pub action: RunawayAction,
     /// The spend-velocity backstop (`velocity.rs`), with its own action.
     pub velocity: VelocityConfig,
@@ -34,6 +43,8 @@ impl Default for RunawayConfig {
         Self {
             failing_retries: 4,
             no_progress_repeats: 8,
+            poll_interval_ms: 2_000,
+            poll_budget_tokens: 1_000_000,
             action: RunawayAction::Quarantine,
             velocity: VelocityConfig::default(),
         }
@@ -44,9 +55,9 @@ impl Default for RunawayConfig {
 #[error("`runaway.{field}` is {value}: it must be at least {min}; hint: the default is {default}")]
 pub struct RunawayConfigError {
     pub field: &'static str,
-    pub value: u32,
-    pub min: u32,
-    pub default: u32,
+    pub value: u64,
+    pub min: u64,
+    pub default: u64,
 }
 
 impl RunawayConfig {
@@ -54,21 +65,35 @@ impl RunawayConfig {
     /// healthy agent; fleet validation reports it instead.
     pub fn validate(&self) -> Result<(), RunawayConfigError> {
         let defaults = Self::default();
-        if self.failing_retries < 1 {
-            return Err(RunawayConfigError {
-                field: "failing_retries",
-                value: self.failing_retries,
-                min: 1,
-                default: defaults.failing_retries,
-            });
-        }
-        if self.no_progress_repeats < 2 {
-            return Err(RunawayConfigError {
-                field: "no_progress_repeats",
-                value: self.no_progress_repeats,
-                min: 2,
-                default: defaults.no_progress_repeats,
-            });
+        let checks = [
+            (
+                "failing_retries",
+                u64::from(self.failing_retries),
+                1,
+                u64::from(defaults.failing_retries),
+            ),
+            (
+                "no_progress_repeats",
+                u64::from(self.no_progress_repeats),
+                2,
+                u64::from(defaults.no_progress_repeats),
+            ),
+            (
+                "poll_budget_tokens",
+                self.poll_budget_tokens,
+                1,
+                defaults.poll_budget_tokens,
+            ),
+        ];
+        for (field, value, min, default) in checks {
+            if value < min {
+                return Err(RunawayConfigError {
+                    field,
+                    value,
+                    min,
+                    default,
+                });
+            }
         }
         Ok(())
     }

@@ -4,16 +4,26 @@
 //! read clocks, or keep raw texts.
 //!
 //! A step is one request of a conversation. It *grows* the conversation when
-//! it equals the previous request's messages plus an appended tail. A growing
+//! it equals the previous request's messages plus an appended tail, compared
+//! in canonical form (cache markers, provider ids and reasoning blobs left
+//! out, see [`Fingerprint::of_message`]), or when it continues the latest
+//! answer of the conversation on the provider's side (OpenAI Responses
+//! `previous_response_id`, or a `conversation` id): then its own items are
+//! the tail, and the chain of answer ids (an LRU per agent) is the
+//! conversation. A growing
 //! step *fails* when the tail reports a failure (a tool result flagged or
 //! reading as an error, user text reading as an error) or the previous answer
 //! was an upstream error. A failing step *repeats* when a failure or a tool
 //! call of it was already seen in one of the last [`WINDOW`] failing steps of
-//! the current run — so A-B-A-B loops count too. Once a run repeats, every
-//! further repeating step is one more failing retry; a failing step that
-//! repeats nothing restarts the count, a healthy step or a broken prefix ends
-//! the run. A slower second wire counts steps whose tool calls got
-//! byte-identical results to the step before.
+//! the current run — so A-B-A-B loops count too (failures compare with
+//! [`FailureId::same_failure`]). Once a run repeats, every further repeating
+//! step is one more failing retry; a failing step that repeats nothing
+//! restarts the count, a healthy step or a broken prefix ends the run. A
+//! slower second wire counts steps whose tool calls got byte-identical
+//! results to the step before, fired back to back; an identical call sent
+//! after the agent waited `poll_interval` is a poll, which never trips by
+//! count but only once the polls' input tokens exceed `poll_budget_tokens`.
+//! Time comes from the summaries (the proxy's monotonic clock).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -22,8 +32,11 @@ use serde::Serialize;
 
 use super::config::RunawayConfig;
 use super::normalize::Fingerprint;
+#[cfg(doc)]
+use super::summary::FailureId;
 use super::summary::{
-    BlockKind, ConversationKey, FailureText, RequestSummary, ResponseSummary, Role, ToolCall,
+    BlockKind, ConversationKey, FailureText, RequestSummary, ResponseSummary, Role, ServerState,
+    ToolCall,
 };
 
 /// Conversations tracked per agent before the least recently used is dropped.
@@ -36,6 +49,10 @@ const HISTORY: usize = 5;
 const MAX_MARKS: usize = 16;
 /// Tool names kept per evidence step.
 const MAX_TOOL_NAMES: usize = 4;
+/// Failures kept per failing step for comparison (each holds its line set).
+const MAX_FAILURES: usize = 4;
+/// Answer ids remembered per tracked conversation slot, for chains.
+const ALIASES_PER_CONVERSATION: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -44,6 +61,8 @@ pub enum TripReason {
     FailingRetries,
     /// The same tool call answered with a byte-identical result, again and again.
     NoProgress,
+    /// Polls with identical answers spent the poll budget.
+    PollBudget,
 }
 
 /// One step of a conversation as shown in evidence. Never holds a prompt,
@@ -74,8 +93,11 @@ pub struct StepEvidence {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Evidence {
     pub reason: TripReason,
-    /// Failing retries, or identical answers, in a row.
+    /// Failing retries, identical answers or polls, in a row.
     pub count: u32,
+    /// For [`TripReason::PollBudget`]: input tokens the polls spent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub poll_tokens: Option<u64>,
     /// The last few steps of the conversation, oldest first, ending with the
     /// step that tripped.
     pub steps: Vec<StepEvidence>,
@@ -93,6 +115,12 @@ impl fmt::Display for Evidence {
                 f,
                 "the same tool call got a byte-identical result {} times in a row",
                 self.count
+            )?,
+            TripReason::PollBudget => write!(
+                f,
+                "polled {} times with identical answers, spending ~{} input tokens (the poll budget)",
+                self.count,
+                self.poll_tokens.unwrap_or(0)
             )?,
         }
         if let (Some(first), Some(last)) = (self.steps.first(), self.steps.last()) {
@@ -142,8 +170,18 @@ struct Answer {
 
 #[derive(Debug, Clone)]
 struct FailingStep {
-    marks: Vec<Fingerprint>,
+    failures: Vec<super::summary::FailureId>,
     calls: Vec<Fingerprint>,
+}
+
+impl FailingStep {
+    fn repeats(&self, other: &FailingStep) -> bool {
+        intersects(&self.calls, &other.calls)
+            || self
+                .failures
+                .iter()
+                .any(|f| other.failures.iter().any(|g| f.same_failure(g)))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -161,16 +199,38 @@ struct Conversation {
     /// (call, result) pairs of the previous step, sorted.
     observation: Vec<(Fingerprint, Fingerprint)>,
     identical_answers: u32,
+    /// Polls in the current run of identical answers, and their input tokens.
+    polls: u32,
+    poll_tokens: u64,
+    /// The latest step was a poll: its answer's tokens count against the budget.
+    polling: bool,
+    /// When the latest answer ended (proxy ms).
+    answered_at: Option<u64>,
+    /// Id of the latest answer, which a chained request must continue.
+    last_response: Option<Fingerprint>,
+    /// The answer the latest request continued (re-sends repeat it).
+    continued: Option<Fingerprint>,
     history: VecDeque<StepEvidence>,
 }
 
 impl Conversation {
     fn reset_chain(&mut self) {
-        let last_used = self.last_used;
+        let (last_used, last_response) = (self.last_used, self.last_response);
         *self = Self {
             last_used,
+            last_response,
             ..Self::default()
         };
+    }
+
+    fn clear_counts(&mut self) {
+        self.run.clear();
+        self.failing_retries = 0;
+        self.observation.clear();
+        self.identical_answers = 0;
+        self.polls = 0;
+        self.poll_tokens = 0;
+        self.polling = false;
     }
 
     fn push_history(&mut self, step: StepEvidence) {
@@ -190,6 +250,11 @@ pub struct Detector {
     capacity: usize,
     tick: u64,
     conversations: HashMap<ConversationKey, Conversation>,
+    /// `ConversationKey::continuing(answer id)` → the conversation it
+    /// belongs to, with the tick of its last use; `alias_order` evicts the
+    /// least recently used (entries whose tick is stale are skipped).
+    aliases: HashMap<ConversationKey, (ConversationKey, u64)>,
+    alias_order: VecDeque<(ConversationKey, u64)>,
 }
 
 impl Detector {
@@ -204,6 +269,8 @@ impl Detector {
             capacity: conversations.max(1),
             tick: 0,
             conversations: HashMap::new(),
+            aliases: HashMap::new(),
+            alias_order: VecDeque::new(),
         }
     }
 
@@ -219,6 +286,8 @@ impl Detector {
     /// Forgets every conversation (e.g. on `supervisor release`).
     pub fn reset(&mut self) {
         self.conversations.clear();
+        self.aliases.clear();
+        self.alias_order.clear();
     }
 
     pub fn tracked_conversations(&self) -> usize {
@@ -230,32 +299,64 @@ impl Detector {
     /// goes on trips again after as many steps.
     pub fn observe_request(&mut self, req: &RequestSummary) -> Verdict {
         self.tick += 1;
-        let (tick, config) = (self.tick, self.config);
-        let conv = self.conversation(req.conversation);
+        let tick = self.tick;
+        let RunawayConfig {
+            failing_retries,
+            no_progress_repeats,
+            poll_interval_ms,
+            poll_budget_tokens,
+            ..
+        } = self.config;
+        let key = self.resolve(req.conversation);
+        let conv = self.conversation(key);
         conv.last_used = tick;
 
-        let n = req.message_count();
+        let own = req.message_count();
         let last_prefix = req.prefix.last().copied();
         if conv.step > 0 && req.transport_retry > 0 && conv.body == Some(req.body) {
             return Verdict::Healthy;
         }
-        if conv.step > 0 && n == conv.len && last_prefix == conv.last_prefix {
+        let continued = match req.server_state {
+            Some(ServerState::PreviousResponse(id)) => Some(id),
+            _ => None,
+        };
+        let (resend, grew) = match req.server_state {
+            // The provider holds the history: the request's items are the tail.
+            Some(ServerState::PreviousResponse(id)) => (
+                conv.step > 0 && conv.continued == Some(id) && conv.body == Some(req.body),
+                conv.step > 0 && conv.last_response == Some(id),
+            ),
+            Some(ServerState::Conversation(_)) => (false, conv.step > 0),
+            None => (
+                conv.step > 0 && own == conv.len && last_prefix == conv.last_prefix,
+                conv.step > 0
+                    && conv.len > 0
+                    && own > conv.len
+                    && conv.last_prefix.is_some()
+                    && Some(req.prefix[conv.len - 1]) == conv.last_prefix,
+            ),
+        };
+        if resend {
             // A re-send without growth: neither progress nor a failing retry.
             conv.body = Some(req.body);
             return Verdict::Healthy;
         }
-        let grew = conv.step > 0
-            && conv.len > 0
-            && n > conv.len
-            && Some(req.prefix[conv.len - 1]) == conv.last_prefix;
         if !grew {
             conv.reset_chain();
         }
-        let tail_start = if grew { conv.len } else { 0 };
+        let stateful = req.server_state.is_some();
+        // Tail start in the request's own items, and the chain length after it.
+        let (tail_start, n) = match (stateful, grew) {
+            (true, true) => (0, conv.len + own),
+            (true, false) => (0, own),
+            (false, true) => (conv.len, own),
+            (false, false) => (0, own),
+        };
 
         let from = tail_start.max(req.recent_start);
         let tail = &req.recent[from - req.recent_start..];
         let answer = conv.answer.take();
+        let answer_calls: &[ToolCall] = answer.as_ref().map_or(&[], |a| a.calls.as_slice());
 
         let mut calls: Vec<&ToolCall> = tail
             .iter()
@@ -264,10 +365,8 @@ impl Detector {
             .filter(|b| b.kind == BlockKind::ToolUse)
             .filter_map(|b| b.call.as_ref())
             .collect();
-        if calls.is_empty()
-            && let Some(a) = &answer
-        {
-            calls = a.calls.iter().collect();
+        if calls.is_empty() {
+            calls = answer_calls.iter().collect();
         }
         let mut failures: Vec<&FailureText> = tail
             .iter()
@@ -278,14 +377,28 @@ impl Detector {
         if let Some(error) = answer.as_ref().and_then(|a| a.error.as_ref()) {
             failures.push(error);
         }
+        // Results whose call is not in the request (server-side state) pair
+        // with the previous answer's calls by position, never by id.
+        let mut unlinked = 0;
         let mut observation: Vec<(Fingerprint, Fingerprint)> = tail
             .iter()
             .flat_map(|m| &m.blocks)
             .filter(|b| b.kind == BlockKind::ToolResult)
-            .filter_map(|b| Some((b.call.as_ref()?.fingerprint, b.result?)))
+            .filter_map(|b| {
+                let call = b.call.as_ref().or_else(|| {
+                    unlinked += 1;
+                    answer_calls.get(unlinked - 1)
+                })?;
+                Some((call.fingerprint, b.result?))
+            })
             .collect();
         observation.sort_unstable();
         observation.dedup();
+        let waited = match conv.answered_at {
+            Some(at) => req.at_ms.saturating_sub(at),
+            None => 0,
+        };
+        let is_poll = poll_interval_ms > 0 && waited >= poll_interval_ms;
 
         let previous_estimate = conv.history.back().map(|s| s.estimated_input_tokens);
         let mut tools: Vec<String> = Vec::new();
@@ -297,7 +410,7 @@ impl Detector {
         conv.push_history(StepEvidence {
             step: conv.step + 1,
             messages: n,
-            appended: n - tail_start,
+            appended: own - tail_start,
             estimated_input_tokens: req.estimated_input_tokens,
             growth: previous_estimate.map_or(0, |p| {
                 i64::try_from(req.estimated_input_tokens).unwrap_or(i64::MAX)
@@ -310,8 +423,10 @@ impl Detector {
         });
         conv.step += 1;
         conv.len = n;
-        conv.last_prefix = last_prefix;
+        conv.last_prefix = if stateful { None } else { last_prefix };
+        conv.continued = continued;
         conv.body = Some(req.body);
+        conv.polling = false;
         if !grew {
             return Verdict::Healthy;
         }
@@ -322,10 +437,10 @@ impl Detector {
             conv.failing_retries = 0;
         } else {
             let step = FailingStep {
-                marks: failures
+                failures: failures
                     .iter()
-                    .flat_map(|f| [f.full, f.head])
-                    .take(MAX_MARKS)
+                    .take(MAX_FAILURES)
+                    .map(|f| f.id.clone())
                     .collect(),
                 calls: calls
                     .iter()
@@ -337,14 +452,22 @@ impl Detector {
                 .run
                 .iter()
                 .rev()
-                .position(|prev| {
-                    intersects(&prev.marks, &step.marks) || intersects(&prev.calls, &step.calls)
-                })
-                .map(|i| i as u32 + 1);
+                .enumerate()
+                .find(|(_, prev)| prev.repeats(&step))
+                .map(|(i, prev)| (i as u32 + 1, intersects(&prev.calls, &step.calls)));
             conv.failing_retries = match period {
                 // The first repeat proves the steps since the repeated one
-                // were retries already.
-                Some(p) if conv.failing_retries == 0 => p,
+                // were retries already — for a long period only when the
+                // call came back too: a failure recurring after different
+                // calls failing differently (a full test run, each test
+                // alone, then `--lf`) is one repeat, not a loop's worth.
+                Some((p, same_call)) if conv.failing_retries == 0 => {
+                    if p <= 2 || same_call {
+                        p
+                    } else {
+                        1
+                    }
+                }
                 Some(_) => conv.failing_retries + 1,
                 None => 0,
             };
@@ -352,31 +475,42 @@ impl Detector {
                 conv.run.pop_front();
             }
             conv.run.push_back(step);
-            if conv.failing_retries >= config.failing_retries.max(1) {
+            if conv.failing_retries >= failing_retries.max(1) {
                 tripped = Some((TripReason::FailingRetries, conv.failing_retries));
             }
         }
 
         if !observation.is_empty() && observation == conv.observation {
-            conv.identical_answers += 1;
+            if is_poll {
+                // The agent waited: polling, capped by its cost, not its count.
+                conv.polls += 1;
+                conv.polling = true;
+                conv.identical_answers = 1;
+            } else {
+                conv.identical_answers += 1;
+            }
         } else {
             conv.identical_answers = u32::from(!observation.is_empty());
             conv.observation = observation;
+            conv.polls = 0;
+            conv.poll_tokens = 0;
         }
-        if tripped.is_none() && conv.identical_answers >= config.no_progress_repeats.max(2) {
+        if tripped.is_none() && conv.identical_answers >= no_progress_repeats.max(2) {
             tripped = Some((TripReason::NoProgress, conv.identical_answers));
+        }
+        if tripped.is_none() && conv.polling && conv.poll_tokens >= poll_budget_tokens {
+            tripped = Some((TripReason::PollBudget, conv.polls));
         }
 
         match tripped {
             None => Verdict::Healthy,
             Some((reason, count)) => {
-                conv.run.clear();
-                conv.failing_retries = 0;
-                conv.observation.clear();
-                conv.identical_answers = 0;
+                let poll_tokens = (reason == TripReason::PollBudget).then_some(conv.poll_tokens);
+                conv.clear_counts();
                 Verdict::Tripped(Evidence {
                     reason,
                     count,
+                    poll_tokens,
                     steps: conv.history.iter().cloned().collect(),
                 })
             }
@@ -385,9 +519,11 @@ impl Detector {
 
     /// Records the upstream answer to the last request of `conversation`:
     /// its status, error and tool calls feed the next step; its usage fills
-    /// in the evidence. Unknown (evicted) conversations are ignored.
+    /// in the evidence (and the poll budget); its id continues the chain.
+    /// Unknown (evicted) conversations are ignored.
     pub fn observe_response(&mut self, conversation: ConversationKey, resp: &ResponseSummary) {
-        let Some(conv) = self.conversations.get_mut(&conversation) else {
+        let key = self.resolve(conversation);
+        let Some(conv) = self.conversations.get_mut(&key) else {
             return;
         };
         let error = resp.is_error().then(|| {
@@ -403,10 +539,69 @@ impl Detector {
             error,
             calls: resp.tool_calls.clone(),
         });
+        conv.answered_at = resp.at_ms.or(conv.answered_at);
         if let Some(last) = conv.history.back_mut() {
             last.status = Some(resp.status);
             if let Some(usage) = resp.usage {
                 last.input_tokens = Some(usage.total());
+            }
+            if conv.polling {
+                let spent = last.input_tokens.unwrap_or(last.estimated_input_tokens);
+                conv.poll_tokens = conv.poll_tokens.saturating_add(spent);
+            }
+        }
+        if let Some(id) = resp.response_id {
+            conv.last_response = Some(id);
+            self.alias(ConversationKey::continuing(id), key);
+        }
+    }
+
+    /// The conversation a request key stands for: a chained request's key
+    /// (`continuing(id)`) maps to the conversation of answer `id`.
+    fn resolve(&mut self, key: ConversationKey) -> ConversationKey {
+        self.tick += 1;
+        let tick = self.tick;
+        match self.aliases.get_mut(&key) {
+            Some((target, used)) => {
+                *used = tick;
+                let target = *target;
+                self.alias_order.push_back((key, tick));
+                self.trim_aliases();
+                target
+            }
+            None => key,
+        }
+    }
+
+    fn alias(&mut self, from: ConversationKey, to: ConversationKey) {
+        self.tick += 1;
+        self.aliases.insert(from, (to, self.tick));
+        self.alias_order.push_back((from, self.tick));
+        self.trim_aliases();
+    }
+
+    /// Drops least recently used aliases beyond the bound; also compacts the
+    /// order queue, which holds one entry per use.
+    fn trim_aliases(&mut self) {
+        let cap = self.capacity * ALIASES_PER_CONVERSATION;
+        while self.aliases.len() > cap || self.alias_order.len() > 2 * cap {
+            let Some((key, tick)) = self.alias_order.pop_front() else {
+                break;
+            };
+            if self
+                .aliases
+                .get(&key)
+                .is_some_and(|(_, used)| *used == tick)
+            {
+                if self.aliases.len() > cap {
+                    self.aliases.remove(&key);
+                } else {
+                    // Still live and within the bound: keep it, re-queued.
+                    self.alias_order.push_back((key, tick));
+                    if self.alias_order.len() <= 2 * cap {
+                        break;
+                    }
+                }
             }
         }
     }
@@ -618,6 +813,12 @@ mod tests {
         assert_eq!(tripped_at, Some(5));
     }
 
+    const NATO: [&str; 20] = [
+        "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+        "juliett", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo",
+        "sierra", "tango",
+    ];
+
     #[test]
     fn distinct_failures_or_a_success_restart_the_count() {
         let mut d = detector();
@@ -628,7 +829,7 @@ mod tests {
             chat.tool(
                 &format!("tool_{}", char::from(b'a' + i)),
                 json!({}),
-                &format!("{} failed", "x".repeat(i as usize + 1)),
+                &format!("{} failed", NATO[i as usize]),
                 true,
             );
             assert!(!step(&mut d, &chat).is_tripped(), "step {i}");
@@ -808,6 +1009,139 @@ mod tests {
         step(&mut d, &kept);
         step(&mut d, &Chat::new("y"));
         assert_eq!(failing_loop(&mut d, &mut kept, &["malformed"; 10]), Some(2));
+    }
+
+    /// One Responses request continuing `prev` with a failing output; the
+    /// answer (a call, with id `resp_{n}`) is observed `latency` ms later.
+    fn chain_step(d: &mut Detector, prev: Option<&str>, n: u32, output: &str) -> Verdict {
+        let mut body = json!({"model": "gpt-4.1", "instructions": "Sync.", "input": [
+            {"type": "function_call_output", "call_id": format!("call_{n}"), "output": output}]});
+        match prev {
+            Some(p) => body["previous_response_id"] = json!(p),
+            None => body["input"] = json!([{"role": "user", "content": "Sync now."}]),
+        }
+        let s = RequestSummary::from_json(Api::OpenAiResponses, &body, 0).unwrap();
+        let v = d.observe_request(&s);
+        let answer = json!({"id": format!("resp_{n}"), "output": [
+            {"type": "function_call", "call_id": format!("call_{}", n + 1), "name": "sync", "arguments": "{}"}],
+            "usage": {"input_tokens": 100 * u64::from(n + 1)}});
+        d.observe_response(
+            s.conversation,
+            &ResponseSummary::from_json(Api::OpenAiResponses, 200, &answer),
+        );
+        v
+    }
+
+    #[test]
+    fn previous_response_id_chains_are_one_conversation() {
+        let mut d = detector();
+        assert!(!chain_step(&mut d, None, 0, "").is_tripped());
+        let mut tripped_at = None;
+        for n in 1..10 {
+            let prev = format!("resp_{}", n - 1);
+            if chain_step(&mut d, Some(&prev), n, "sync failed: invalid calendar id").is_tripped() {
+                tripped_at = Some(n);
+                break;
+            }
+        }
+        assert_eq!(tripped_at, Some(5), "failing_retries + 1 looping calls");
+        assert_eq!(d.tracked_conversations(), 1);
+
+        // A healthy chain never trips, and forking from an older answer
+        // starts a fresh chain rather than counting.
+        let mut d = detector();
+        chain_step(&mut d, None, 0, "");
+        for n in 1..45 {
+            let prev = format!("resp_{}", n - 1);
+            let out = format!(
+                "synced team {}",
+                ["a", "b", "c", "d", "e", "f", "g"][n as usize % 7]
+            );
+            assert!(
+                !chain_step(&mut d, Some(&prev), n, &out).is_tripped(),
+                "{n}"
+            );
+        }
+        for n in 100..110 {
+            assert!(
+                !chain_step(&mut d, Some("resp_3"), n, "sync failed").is_tripped(),
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn chain_aliases_are_bounded() {
+        let mut d = Detector::with_capacity(RunawayConfig::default(), 2);
+        chain_step(&mut d, None, 0, "");
+        for n in 1..500 {
+            let prev = format!("resp_{}", n - 1);
+            chain_step(&mut d, Some(&prev), n, &format!("page {n} synced"));
+        }
+        assert!(d.aliases.len() <= 2 * ALIASES_PER_CONVERSATION);
+        assert!(d.alias_order.len() <= 4 * ALIASES_PER_CONVERSATION + 1);
+        assert_eq!(
+            d.tracked_conversations(),
+            1,
+            "the chain stayed one conversation"
+        );
+    }
+
+    /// Polls `n` times with a byte-identical answer, `wait_ms` after each
+    /// answer; returns the 1-based poll that tripped, with the reason.
+    fn poll(d: &mut Detector, n: u32, wait_ms: u64) -> Option<(u32, TripReason)> {
+        let mut chat = Chat::new("wait for CI");
+        let mut clock = 0;
+        for i in 1..=n {
+            chat.tool(
+                "get_ci_status",
+                json!({"pr": 4821}),
+                "status: pending",
+                false,
+            );
+            clock += wait_ms;
+            let s = chat.summary(0).at(clock);
+            let v = d.observe_request(&s);
+            clock += 900;
+            d.observe_response(
+                s.conversation,
+                &ResponseSummary {
+                    at_ms: Some(clock),
+                    ..ok_answer()
+                },
+            );
+            if let Verdict::Tripped(e) = v {
+                return Some((i, e.reason));
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn polls_with_waits_never_trip_by_count_but_by_budget() {
+        assert_eq!(poll(&mut detector(), 60, 5_000), None, "a poller waits");
+        assert_eq!(
+            poll(&mut detector(), 60, 150),
+            Some((9, TripReason::NoProgress)),
+            "back to back is no progress"
+        );
+        let mut d = Detector::new(RunawayConfig {
+            poll_budget_tokens: 1_000,
+            ..RunawayConfig::default()
+        });
+        // Call 1 starts the conversation, call 2 is the first answer seen,
+        // calls 3.. are polls; each answer reports 100 input tokens, so call
+        // 13 finds the 1,000-token budget spent.
+        assert_eq!(poll(&mut d, 60, 5_000), Some((13, TripReason::PollBudget)));
+        let mut d = Detector::new(RunawayConfig {
+            poll_interval_ms: 0,
+            ..RunawayConfig::default()
+        });
+        assert_eq!(
+            poll(&mut d, 60, 5_000),
+            Some((9, TripReason::NoProgress)),
+            "poll_interval 0 turns polling off"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub use config::{RunawayAction, RunawayConfig, RunawayConfigError};
 pub use detector::{DEFAULT_CONVERSATIONS, Detector, Evidence, StepEvidence, TripReason, Verdict};
 pub use normalize::Fingerprint;
 pub use summary::{
-    Api, ConversationKey, InputUsage, RequestSummary, ResponseSummary, SummaryError, ToolCall,
-    parse_retry_count,
+    Api, ConversationKey, FailureId, InputUsage, RequestSummary, ResponseSummary, ServerState,
+    SummaryError, ToolCall, parse_retry_count,
 };
 pub use velocity::{VelocityConfig, VelocityEvidence, VelocityWire};

@@ -1,6 +1,9 @@
-//! Failure-text normalisation, the "reads as an error" heuristic, and the
-//! 64-bit fingerprints the detector compares. Pure functions over strings and
-//! JSON values; must not keep state, allocate per call beyond the output, or
+//! Failure-text normalisation (volatile tokens, digit-free random ids
+//! included), the "reads as an error" heuristic, and the 64-bit fingerprints
+//! the detector compares — including the canonical form of a message that
+//! ignores cache markers, provider ids and reasoning blobs. Pure functions
+//! over strings and JSON values; must not keep state, allocate per call
+//! beyond the output (and the parse of tool arguments sent as JSON text), or
 //! ever return raw text longer than an excerpt.
 
 use std::fmt;
@@ -54,6 +57,111 @@ impl Fingerprint {
         hash_value(v, &mut h, &mut size, true);
         Self(h.finish())
     }
+
+    /// Digest of a message or item in its canonical form, plus its rough
+    /// size (as [`Fingerprint::of_value`]). The canonical form drops what
+    /// frameworks and providers move or reassign without changing meaning:
+    /// `cache_control` markers, provider-assigned ids (`id`, `tool_use_id`,
+    /// `tool_call_id`, `call_id`), `signature` / `encrypted_content` blobs,
+    /// `status`, thinking / redacted-thinking / reasoning blocks, whitespace
+    /// differences in strings and the order of object keys; a string
+    /// `content` equals one text block. Tool arguments (`input`, `arguments`)
+    /// are compared as data, whatever their key order or JSON spacing.
+    pub fn of_message(v: &Value) -> (Self, u64) {
+        let mut h = DefaultHasher::new();
+        let mut size = 0u64;
+        hash_canonical(v, &mut h, &mut size);
+        (Self(h.finish()), size)
+    }
+}
+
+/// Keys that carry no meaning for "is this the same conversation".
+const VOLATILE_KEYS: &[&str] = &[
+    "cache_control",
+    "id",
+    "tool_use_id",
+    "tool_call_id",
+    "call_id",
+    "signature",
+    "encrypted_content",
+    "status",
+];
+
+/// Block and item types that hold only opaque reasoning state, which
+/// frameworks drop from older turns (and providers ignore there).
+const OPAQUE_TYPES: &[&str] = &["thinking", "redacted_thinking", "reasoning"];
+
+/// Whether a content block or input item is reasoning state only.
+pub fn is_opaque_block(v: &Value) -> bool {
+    v.get("type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| OPAQUE_TYPES.contains(&t))
+}
+
+fn hash_canonical(v: &Value, h: &mut DefaultHasher, size: &mut u64) {
+    match v {
+        Value::String(s) => {
+            *size += s.len() as u64 + 2;
+            hash_words(s, h);
+        }
+        Value::Array(items) => {
+            4u8.hash(h);
+            for item in items.iter().filter(|i| !is_opaque_block(i)) {
+                hash_canonical(item, h, size);
+            }
+            6u8.hash(h);
+        }
+        Value::Object(map) => {
+            5u8.hash(h);
+            // serde_json's map iterates in key order.
+            for (k, v) in map {
+                *size += k.len() as u64 + 4;
+                if VOLATILE_KEYS.contains(&k.as_str()) {
+                    let mut ignored = DefaultHasher::new();
+                    hash_value(v, &mut ignored, size, false);
+                    continue;
+                }
+                8u8.hash(h);
+                k.hash(h);
+                match (k.as_str(), v) {
+                    ("content", Value::String(s)) => {
+                        // `"content": "x"` ≡ `[{"type": "text", "text": "x"}]`.
+                        *size += s.len() as u64 + 2;
+                        4u8.hash(h);
+                        5u8.hash(h);
+                        8u8.hash(h);
+                        "text".hash(h);
+                        hash_words(s, h);
+                        8u8.hash(h);
+                        "type".hash(h);
+                        hash_words("text", h);
+                        7u8.hash(h);
+                        6u8.hash(h);
+                    }
+                    ("input" | "arguments", Value::String(s)) => {
+                        *size += s.len() as u64 + 2;
+                        match serde_json::from_str::<Value>(s) {
+                            Ok(parsed) => hash_value(&parsed, h, &mut 0, true),
+                            Err(_) => hash_words(s, h),
+                        }
+                    }
+                    ("input" | "arguments", data) => hash_value(data, h, size, true),
+                    _ => hash_canonical(v, h, size),
+                }
+            }
+            7u8.hash(h);
+        }
+        other => hash_value(other, h, size, false),
+    }
+}
+
+/// A string as its whitespace-separated words.
+fn hash_words(s: &str, h: &mut DefaultHasher) {
+    3u8.hash(h);
+    for word in s.split_whitespace() {
+        word.hash(h);
+    }
+    9u8.hash(h);
 }
 
 fn hash_value(v: &Value, h: &mut DefaultHasher, size: &mut u64, sort_keys: bool) {
@@ -107,13 +215,18 @@ fn hash_value(v: &Value, h: &mut DefaultHasher, size: &mut u64, sort_keys: bool)
     }
 }
 
-/// Lower-cases `text`, replaces volatile tokens (numbers, ids with digits,
-/// hex runs, uuids, timestamps) with `#`, and collapses whitespace, so two
-/// reports of the same failure from different attempts compare equal.
+/// Lower-cases `text`, replaces volatile tokens with `#`, and collapses
+/// whitespace, so two reports of the same failure from different attempts
+/// compare equal.
 ///
-/// A "word" is a run of alphanumerics and `_`; a word holding a digit is an
-/// id or a number. Runs of `#` joined by one separator (`12:34:56.789`,
-/// `2024-05-01T12:00Z`, uuids) collapse into one `#`.
+/// Volatile: a "word" (a run of alphanumerics and `_`) holding a digit, a hex
+/// run of 8+, a `_`-separated part that reads as random letters (a base32 /
+/// base62 id without digits, see [`looks_random`]), a Python `tempfile` name
+/// (`tmp_hod_zdo`), the name after `tmp.` (`mktemp`), the entry right below a
+/// temp directory (`/tmp/…`, `/var/folders/…`), a uuid or any chain of 3+ hex
+/// groups joined by `-` (digit-free groups included), and a month or weekday
+/// name next to a number (`Wed, 02 Dec 2026`). Runs of `#` joined by one
+/// separator (`12:34:56.789`, `2024-05-01T12:00Z`) collapse into one `#`.
 pub fn normalize(text: &str) -> String {
     let mut out = String::with_capacity(text.len().min(4096));
     let mut rest = text;
@@ -128,13 +241,36 @@ pub fn normalize(text: &str) -> String {
             out.push(' ');
             pending_space = false;
         }
+        if c == '/'
+            && let Some(dir) = TEMP_DIRS.iter().find(|d| rest.starts_with(**d))
+        {
+            // The entry right below a temp directory is random by design.
+            out.push_str(dir);
+            rest = &rest[dir.len()..];
+            let end = rest
+                .find(|ch: char| ch == '/' || ch.is_whitespace() || "'\"`:;,()[]{}<>".contains(ch))
+                .unwrap_or(rest.len());
+            if end > 0 {
+                push_hash(&mut out);
+                rest = &rest[end..];
+            }
+            continue;
+        }
+        if c.is_ascii_hexdigit()
+            && let Some(len) = hex_chain_len(rest)
+        {
+            push_hash(&mut out);
+            rest = &rest[len..];
+            continue;
+        }
         if is_word_char(c) {
             let end = rest
                 .char_indices()
                 .find(|&(_, ch)| !is_word_char(ch))
                 .map_or(rest.len(), |(i, _)| i);
             let word = &rest[..end];
-            if is_volatile(word) {
+            let after_mktemp = out.ends_with("tmp.") && word.len() >= 6;
+            if after_mktemp || is_volatile(word) || is_date_name(word, &out, &rest[end..]) {
                 push_hash(&mut out);
             } else {
                 out.extend(word.chars().flat_map(char::to_lowercase));
@@ -148,14 +284,206 @@ pub fn normalize(text: &str) -> String {
     out
 }
 
+/// Directories whose entries are named at random (`mkdtemp`, `mktemp`,
+/// macOS per-user temp dirs).
+const TEMP_DIRS: &[&str] = &[
+    "/tmp/",
+    "/var/tmp/",
+    "/private/tmp/",
+    "/var/folders/",
+    "/private/var/folders/",
+    "/dev/shm/",
+];
+
 fn is_word_char(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
 }
 
-/// Numbers, ids carrying digits, and long hex runs without digits.
+/// Numbers, ids carrying digits, long hex runs, temp names and random-looking
+/// letter runs.
 fn is_volatile(word: &str) -> bool {
-    word.bytes().any(|b| b.is_ascii_digit())
-        || (word.len() >= 8 && word.bytes().all(|b| b.is_ascii_hexdigit()))
+    let bytes = word.as_bytes();
+    if bytes.iter().any(u8::is_ascii_digit)
+        || (word.len() >= 8 && bytes.iter().all(u8::is_ascii_hexdigit))
+    {
+        return true;
+    }
+    // Python's tempfile: `tmp` + 8 of [a-z0-9_].
+    if word.len() >= 9
+        && word.starts_with("tmp")
+        && bytes[3..]
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || *b == b'_')
+    {
+        return true;
+    }
+    word.split('_').any(|part| {
+        (part.len() >= 8 && part.bytes().all(|b| b.is_ascii_hexdigit())) || looks_random(part)
+    })
+}
+
+/// The length of a uuid-like chain at the start of `s`: 3+ groups of hex
+/// digits joined by `-`, 16+ hex digits in all, not glued to a word.
+fn hex_chain_len(s: &str) -> Option<usize> {
+    let bytes = s.as_bytes();
+    let (mut i, mut groups, mut hex) = (0, 0, 0);
+    loop {
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_hexdigit() {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        groups += 1;
+        hex += i - start;
+        if i < bytes.len()
+            && bytes[i] == b'-'
+            && bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+        {
+            i += 1;
+            continue;
+        }
+        break;
+    }
+    let glued = bytes
+        .get(i)
+        .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
+    (groups >= 3 && hex >= 16 && !glued).then_some(i)
+}
+
+const DATE_NAMES: &[&str] = &[
+    "mon",
+    "tue",
+    "wed",
+    "thu",
+    "fri",
+    "sat",
+    "sun",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "may",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "sept",
+    "oct",
+    "nov",
+    "dec",
+    "january",
+    "february",
+    "march",
+    "april",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+];
+
+/// A month or weekday name is part of a timestamp when a number sits right
+/// before or after it (`Wed, 02 Dec 2026 05:57:11`, `Dec  2 05:57`).
+fn is_date_name(word: &str, before: &str, after: &str) -> bool {
+    if word.len() > 9 || !DATE_NAMES.iter().any(|n| n.eq_ignore_ascii_case(word)) {
+        return false;
+    }
+    let before = before.trim_end_matches([' ', ',']);
+    let after = after.trim_start_matches([' ', ',', '\t']);
+    before.ends_with('#')
+        || after.as_bytes().first().is_some_and(u8::is_ascii_digit)
+        || after
+            .split(|c: char| !c.is_alphanumeric())
+            .next()
+            .is_some_and(|next| DATE_NAMES.iter().any(|n| n.eq_ignore_ascii_case(next)))
+}
+
+/// Letter pairs common inside English words and code identifiers (the top
+/// 98.5% of pairs inside camel-case humps of a large corpus of docs and
+/// source). Random ids are full of the other pairs.
+const COMMON_PAIRS: &str = "ab ac ad af ag ai ak al am an ap ar as at au av aw ax ay ba be bi bj bl bo br bs bu by ca cc ce \
+ch ci ck cl co cp cr cs ct cu cy da dd de di dl do dr ds du dy ea eb ec ed ee ef eg ei el em en \
+eo ep eq er es et ev ew ex ey fa fe ff fi fl fo fr ft fu ga ge gg gh gi gl gn gp gr gs gu ha he \
+hi ho hr ht hu ia ib ic id ie if ig il im in io ip ir is it iv ix iz je js ke ki ks kw la ld le \
+lf li ll lo ls lt lu ly ma mb me mi mm mo mp ms mu na nc nd ne nf ng ni nk nl nm nn no np ns nt \
+nu nv ny oa ob oc od of og oi oj ok ol om on oo op or os ot ou ov ow pa pd pe pi pl po pp pr ps \
+pt pu py qu ra rb rc rd re rg ri rk rl rm rn ro rr rs rt ru rv ry sa sc se sh si sk sl so sp ss \
+st su sy ta tc te tf th ti tl to tp tr ts tt tu ty ua ub uc ud ue ug ui ul um un up ur us ut va \
+ve vi wa we wh wi wn wo wr ws xc xe xi xp xt yn yo yp ys yt za ze";
+
+/// `COMMON_PAIRS` as a bit table: bit `b` of row `a` is set for pair `ab`.
+static PAIRS: [u32; 26] = pair_table();
+
+const fn pair_table() -> [u32; 26] {
+    let mut rows = [0u32; 26];
+    let s = COMMON_PAIRS.as_bytes();
+    let mut i = 0;
+    while i + 1 < s.len() {
+        if s[i].is_ascii_lowercase() && s[i + 1].is_ascii_lowercase() {
+            rows[(s[i] - b'a') as usize] |= 1 << (s[i + 1] - b'a');
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    rows
+}
+
+/// Whether a run of 8+ ASCII letters reads as a random id rather than a word
+/// or identifier: split into camel-case humps (`getElementById` → get,
+/// Element, By, Id), it has 2+ letter pairs uncommon in words, or 3+ humps of
+/// one or two letters (random mixed case), or one of each. Measured on
+/// uniformly random ids: 4% of 8-letter, 0.5% of 12-letter and 0.03% of
+/// 16-letter ones pass as words; about 1.5% of real identifiers read as
+/// random (`postgresql`), which only makes a comparison a little coarser.
+pub fn looks_random(part: &str) -> bool {
+    let bytes = part.as_bytes();
+    if bytes.len() < 8 || !bytes.iter().all(u8::is_ascii_alphabetic) {
+        return false;
+    }
+    let (mut uncommon, mut short_humps) = (0u32, 0u32);
+    let mut i = 0;
+    while i < bytes.len() {
+        // A hump: one or more capitals then lower case, or a run of capitals
+        // not followed by lower case (an acronym), or lower case alone.
+        let start = i;
+        let caps = bytes[i..]
+            .iter()
+            .take_while(|b| b.is_ascii_uppercase())
+            .count();
+        let lows = bytes[i + caps..]
+            .iter()
+            .take_while(|b| b.is_ascii_lowercase())
+            .count();
+        let end = if caps > 1 && lows > 0 {
+            i + caps - 1 // `JSONDecode`: the last capital starts the next hump
+        } else {
+            i + caps + lows
+        };
+        let hump = &bytes[start..end];
+        if hump.len() <= 2 {
+            short_humps += 1;
+        }
+        for pair in hump.windows(2) {
+            let (a, b) = (pair[0].to_ascii_lowercase(), pair[1].to_ascii_lowercase());
+            if PAIRS[usize::from(a - b'a')] & (1 << (b - b'a')) == 0 {
+                uncommon += 1;
+            }
+        }
+        i = end;
+    }
+    uncommon >= 2 || short_humps >= 3 || (uncommon >= 1 && short_humps >= 2)
 }
 
 /// Emits `#`, merging it with a preceding `#` or `#<separator>`.
@@ -312,6 +640,129 @@ mod tests {
         for (input, want) in table {
             assert_eq!(normalize(input), want, "input {input:?}");
         }
+    }
+
+    #[test]
+    fn normalize_strips_digit_free_random_tokens() {
+        let table = [
+            // uuid4 with digit-free groups, in any case
+            (
+                "job deadbeef-cafe-4abc-beef-facefeedbead done",
+                "job # done",
+            ),
+            (
+                "job DEADBEEF-CAFE-ABCD-BEEF-FACEFEEDBEAD done",
+                "job # done",
+            ),
+            ("job {abcdefab-cdef-abcd-efab-cdefabcdefab}", "job {#}"),
+            // Python tempfile and mktemp names, temp dirs
+            (
+                "wrote /tmp/tmp_hod_zdo/orders.csv",
+                "wrote /tmp/#/orders.csv",
+            ),
+            ("scratch tmpkqzwxjvb ready", "scratch # ready"),
+            ("dir /tmp/tmp.AbCdEfGhIj gone", "dir /tmp/# gone"),
+            ("dir ./tmp.QwErTyUiOp gone", "dir ./tmp.# gone"),
+            ("in /var/folders/zz/T/ok", "in /var/folders/#/t/ok"),
+            // base62 / base32 ids without digits
+            (
+                "request req_KqPzXwLmNbVcRtYu rejected",
+                "request # rejected",
+            ),
+            ("trace qxzvbnmlkjhgfdsw end", "trace # end"),
+            // timestamps with names
+            ("at Wed, 02 Dec 2026 05:57:11 GMT", "at #, # # # # gmt"),
+            ("at Thu, 03 Dec 2026 17:01:09 GMT", "at #, # # # # gmt"),
+            ("Wed Dec  2 05:57:11 UTC 2026", "# # # # utc #"),
+            // words and identifiers stay
+            (
+                "JSONDecodeError in getElementById",
+                "jsondecodeerror in getelementbyid",
+            ),
+            (
+                "AssertionError: expected dictionary",
+                "assertionerror: expected dictionary",
+            ),
+            ("you may retry in March", "you may retry in march"),
+        ];
+        for (input, want) in table {
+            assert_eq!(normalize(input), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn random_ids_rarely_pass_as_words() {
+        // A fixed xorshift stream: no flakiness, many samples.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let letters = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        let mut escaped = 0;
+        for _ in 0..2_000 {
+            let id: String = (0..16)
+                .map(|_| char::from(letters[(next() % 52) as usize]))
+                .collect();
+            escaped += usize::from(!looks_random(&id));
+        }
+        assert!(
+            escaped <= 4,
+            "{escaped} of 2000 16-letter ids read as words"
+        );
+        for word in [
+            "deadline",
+            "Exception",
+            "unexpected",
+            "permission",
+            "connection",
+            "ValueError",
+            "NotFoundError",
+            "TimeoutError",
+            "configuration",
+            "directory",
+            "summarize",
+        ] {
+            assert!(!looks_random(word), "{word}");
+        }
+    }
+
+    #[test]
+    fn message_fingerprint_ignores_what_frameworks_move() {
+        let of = |v: Value| Fingerprint::of_message(&v).0;
+        let plain = serde_json::json!({"role": "user", "content": "Summarise  the notes."});
+        let cached = serde_json::json!({"role": "user", "content": [
+            {"type": "text", "text": "Summarise the notes. ", "cache_control": {"type": "ephemeral"}}]});
+        assert_eq!(of(plain.clone()), of(cached));
+        let call = |id: &str, sig: &str, ws: &str| {
+            serde_json::json!({"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hmm", "signature": sig},
+                {"type": "text", "text": format!("Reading.{ws}")},
+                {"type": "tool_use", "id": id, "name": "read", "input": {"b": 1, "a": "x"}}]})
+        };
+        let without_thinking = serde_json::json!({"role": "assistant", "content": [
+            {"type": "text", "text": "Reading."},
+            {"type": "tool_use", "id": "toolu_other", "name": "read", "input": {"a": "x", "b": 1}}]});
+        assert_eq!(
+            of(call("toolu_a", "sig1", "\n")),
+            of(call("toolu_b", "sig2", ""))
+        );
+        assert_eq!(of(call("toolu_a", "sig1", "")), of(without_thinking));
+        let result = |id: &str| {
+            serde_json::json!({"type": "function_call", "id": format!("fc_{id}"), "call_id": id,
+                "name": "sync", "arguments": "{\"a\": 1}", "status": "completed"})
+        };
+        assert_eq!(of(result("call_1")), of(result("call_2")));
+        // Meaning still counts: other arguments, other text.
+        let mut other = result("call_1");
+        other["arguments"] = Value::String("{\"a\": 2}".into());
+        assert_ne!(of(result("call_1")), of(other));
+        assert_ne!(
+            of(plain),
+            of(serde_json::json!({"role": "user", "content": "Summarise the note."}))
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::normalize::{EXCERPT_CHARS, Fingerprint, excerpt, normalize, reads_as_error};
+use super::normalize::{
+    EXCERPT_CHARS, Fingerprint, excerpt, is_opaque_block, normalize, reads_as_error,
+};
 
 /// The request shape of an upstream API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -33,9 +35,34 @@ impl Api {
 }
 
 /// Identifies one conversation of an agent: system prompt (normalised, so a
-/// clock in it does not split the conversation) plus the first message.
+/// clock in it does not split the conversation) plus the first message (in
+/// canonical form, so cache markers do not split it either). A request that
+/// continues server-side state is keyed by that state instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConversationKey(pub Fingerprint);
+
+impl ConversationKey {
+    /// The key of a request continuing the answer `response_id`; the detector
+    /// resolves it to the conversation that answer belongs to.
+    pub fn continuing(response_id: Fingerprint) -> Self {
+        Self(Fingerprint(0x9e37_79b9).combine(response_id))
+    }
+
+    /// The key of a provider-side conversation object (`conversation: conv_…`).
+    pub fn server_conversation(id: Fingerprint) -> Self {
+        Self(Fingerprint(0xc0_7e55).combine(id))
+    }
+}
+
+/// Server-side conversation state a request continues (OpenAI Responses):
+/// the provider holds the history, the request carries only the new items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerState {
+    /// `previous_response_id`: fingerprint of the answer it continues.
+    PreviousResponse(Fingerprint),
+    /// `conversation`: fingerprint of the conversation id.
+    Conversation(Fingerprint),
+}
 
 /// Why a body could not be summarised; the proxy forwards such requests
 /// without runaway detection (upstream will judge them).
@@ -94,30 +121,193 @@ impl ToolCall {
             name,
         }
     }
+
+    /// A call whose arguments were already reduced to a digest (by the
+    /// proxy's answer tap, the same for streamed and JSON answers).
+    pub fn from_digest(name: &str, arguments_digest: u64) -> Self {
+        let name: String = name.chars().take(TOOL_NAME_CHARS).collect();
+        Self {
+            fingerprint: Fingerprint::of_str(&name).combine(Fingerprint(arguments_digest)),
+            name,
+        }
+    }
+}
+
+/// Distinct lines kept per failure; further lines fold into the last one.
+pub const MAX_FAILURE_LINES: usize = 48;
+/// Lines two reports of one failure may differ in (none of them an error line).
+const MAX_DIFFERING_LINES: usize = 2;
+
+/// One normalised line of a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FailureLine {
+    pub text: Fingerprint,
+    /// The line without a trailing bracketed detail and end punctuation
+    /// (`… immediately after. (request_id: #)` → `… immediately after`).
+    pub stem: Fingerprint,
+    /// The line states an error itself (exception, "failed", status line).
+    pub is_error: bool,
+}
+
+/// A failure reduced to what identifies it: fingerprints of its normalised
+/// lines. Comparable without the text (see [`FailureId::same_failure`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureId {
+    /// Fingerprint of the whole normalised text.
+    pub full: Fingerprint,
+    /// Distinct normalised lines, sorted; at most [`MAX_FAILURE_LINES`].
+    pub lines: Vec<FailureLine>,
+}
+
+impl FailureId {
+    /// Two reports are one failure when their normalised texts are equal, or
+    /// when every line that states an error is shared (or has the same stem:
+    /// a bracketed detail appended to a stable message) and they differ in at most two other lines — a quoted payload, a
+    /// progress line, an id normalisation missed — while sharing more than
+    /// they differ. So a changing payload under a stable error still matches,
+    /// while two pytest runs failing differently under one long session
+    /// banner differ: their failure lines (test names, assertions) are not
+    /// shared, whatever the banner's length.
+    pub fn same_failure(&self, other: &FailureId) -> bool {
+        if self.full == other.full {
+            return true;
+        }
+        let only = |x: &FailureId, y: &FailureId| -> Vec<FailureLine> {
+            x.lines
+                .iter()
+                .filter(|l| y.lines.binary_search_by(|m| m.text.cmp(&l.text)).is_err())
+                .copied()
+                .collect()
+        };
+        let (only_a, only_b) = (only(self, other), only(other, self));
+        let common = self.lines.len() - only_a.len();
+        let mut used = vec![false; only_b.len()];
+        let mut paired = 0;
+        let mut unpaired_a = 0;
+        for line in &only_a {
+            let partner = only_b
+                .iter()
+                .enumerate()
+                .position(|(k, m)| !used[k] && m.stem == line.stem);
+            match partner {
+                Some(k) => {
+                    used[k] = true;
+                    paired += 1;
+                }
+                None if line.is_error => return false,
+                None => unpaired_a += 1,
+            }
+        }
+        let mut unpaired_b = 0;
+        for (line, used) in only_b.iter().zip(&used) {
+            if !used {
+                if line.is_error {
+                    return false;
+                }
+                unpaired_b += 1;
+            }
+        }
+        let differing = unpaired_a.max(unpaired_b);
+        let shared = common + paired;
+        shared > 0 && differing <= MAX_DIFFERING_LINES && shared >= 2 * differing
+    }
 }
 
 /// A failure text reduced to what the detector compares and shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailureText {
-    /// Fingerprint of the whole normalised text.
-    pub full: Fingerprint,
-    /// Fingerprint of its first [`EXCERPT_CHARS`] normalised characters, so a
-    /// failure that quotes changing payload after a stable head still matches.
-    pub head: Fingerprint,
+    pub id: FailureId,
     /// Normalised and truncated; never the raw text.
     pub excerpt: String,
 }
 
 impl FailureText {
     pub fn from_text(text: &str) -> Self {
-        let normalized = normalize(text);
-        let head = excerpt(&normalized, EXCERPT_CHARS);
+        let mut joined = String::new();
+        let mut lines: Vec<FailureLine> = Vec::new();
+        // Line by line up to a bound; a longer text's remainder is one more
+        // (folded) line, so a huge tool result costs one pass, not a scan
+        // for error words per line.
+        let cut = floor_boundary(text, MAX_LINE_SCAN_BYTES);
+        let (scanned, rest) = text.split_at(cut);
+        for line in scanned.lines().chain((!rest.is_empty()).then_some(rest)) {
+            let normalized = normalize(line);
+            if normalized.is_empty() {
+                continue;
+            }
+            let fp = Fingerprint::of_str(&normalized);
+            let is_error = reads_as_error(line);
+            if let Some(seen) = lines.iter_mut().find(|l| l.text == fp) {
+                seen.is_error |= is_error;
+            } else if lines.len() < MAX_FAILURE_LINES {
+                lines.push(FailureLine {
+                    text: fp,
+                    stem: Fingerprint::of_str(stem(&normalized)),
+                    is_error,
+                });
+            } else if let Some(last) = lines.last_mut() {
+                last.text = last.text.combine(fp);
+                last.stem = last.text;
+                last.is_error |= is_error;
+            }
+            if !joined.is_empty() {
+                joined.push(' ');
+            }
+            joined.push_str(&normalized);
+        }
+        lines.sort_unstable_by_key(|l| l.text);
         Self {
-            full: Fingerprint::of_str(&normalized),
-            head: Fingerprint::of_str(&head),
-            excerpt: head,
+            id: FailureId {
+                full: Fingerprint::of_str(&joined),
+                lines,
+            },
+            excerpt: excerpt(&joined, EXCERPT_CHARS),
         }
     }
+}
+
+/// Bytes of a failure text read line by line; the rest folds into one line.
+const MAX_LINE_SCAN_BYTES: usize = 256 * 1024;
+
+fn floor_boundary(s: &str, at: usize) -> usize {
+    if at >= s.len() {
+        return s.len();
+    }
+    let mut i = at;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// A normalised line without its trailing `(…)` / `[…]` / `{…}` group and
+/// end punctuation.
+fn stem(line: &str) -> &str {
+    fn trim(s: &str) -> &str {
+        s.trim_end_matches(|c: char| c.is_whitespace() || ".,;:-".contains(c))
+    }
+    let line = trim(line);
+    let Some(close) = line.chars().last() else {
+        return line;
+    };
+    let open = match close {
+        ')' => '(',
+        ']' => '[',
+        '}' => '{',
+        _ => return line,
+    };
+    let mut depth = 0usize;
+    for (i, c) in line.char_indices().rev() {
+        if c == close {
+            depth += 1;
+        } else if c == open {
+            depth -= 1;
+            if depth == 0 {
+                return trim(&line[..i]);
+            }
+        }
+    }
+    line
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +356,12 @@ pub struct RequestSummary {
     pub estimated_input_tokens: u64,
     /// `x-stainless-retry-count` of this request (0 when absent).
     pub transport_retry: u32,
+    /// Server-side state this request continues; then `prefix` covers only
+    /// the request's own (new) items.
+    pub server_state: Option<ServerState>,
+    /// When the proxy received the request: milliseconds on a monotonic
+    /// clock of the proxy's choosing (the detector never reads a clock).
+    pub at_ms: u64,
 }
 
 /// Parses an `x-stainless-retry-count` header value; anything unreadable is 0.
@@ -193,12 +389,21 @@ impl RequestSummary {
             _ => return Err(SummaryError::NoMessages { field }),
         };
 
-        // Leading system/developer messages belong to the key, not the chain.
+        // Leading system/developer messages belong to the key, not the
+        // chain; reasoning items are opaque state frameworks drop at will.
         let lead = items
             .iter()
             .take_while(|m| matches!(role_str(m), Some("system" | "developer")))
             .count();
-        let messages = &items[lead..];
+        let messages: Vec<&Value> = items[lead..]
+            .iter()
+            .filter(|m| !is_opaque_block(m))
+            .collect();
+        let server_state = if api == Api::OpenAiResponses {
+            server_state(obj)
+        } else {
+            None
+        };
 
         let mut key = Fingerprint(0x5eed);
         for sys in obj
@@ -213,15 +418,22 @@ impl RequestSummary {
         let mut size = 0u64;
         let mut prefix = Vec::with_capacity(messages.len());
         let mut chain = Fingerprint(0);
-        for m in messages {
-            let (fp, n) = Fingerprint::of_value(m);
+        let mut first = None;
+        for m in &messages {
+            let (fp, n) = Fingerprint::of_message(m);
             size += n;
+            first.get_or_insert(fp);
             chain = chain.combine(fp);
             prefix.push(chain);
         }
-        if let Some(first) = messages.first() {
-            key = key.combine(Fingerprint::of_value(first).0);
+        if let Some(first) = first {
+            key = key.combine(first);
         }
+        let conversation = match server_state {
+            Some(ServerState::PreviousResponse(id)) => ConversationKey::continuing(id),
+            Some(ServerState::Conversation(id)) => ConversationKey::server_conversation(id),
+            None => ConversationKey(key),
+        };
 
         let mut body_fp = chain;
         for (k, v) in obj {
@@ -232,24 +444,44 @@ impl RequestSummary {
             }
         }
 
-        let recent_start = recent_start(messages, api);
+        let recent_start = recent_start(&messages, api);
         let recent = summarize_recent(api, &messages[recent_start..]);
 
         Ok(Self {
             api,
-            conversation: ConversationKey(key),
+            conversation,
             prefix,
             body: body_fp,
             recent_start,
             recent,
             estimated_input_tokens: size / 4,
             transport_retry,
+            server_state,
+            at_ms: 0,
         })
+    }
+
+    /// Stamps the time the proxy received the request (monotonic ms).
+    pub fn at(mut self, at_ms: u64) -> Self {
+        self.at_ms = at_ms;
+        self
     }
 
     pub fn message_count(&self) -> usize {
         self.prefix.len()
     }
+}
+
+/// `previous_response_id` or `conversation` (a string or `{ "id": … }`).
+fn server_state(obj: &serde_json::Map<String, Value>) -> Option<ServerState> {
+    if let Some(id) = obj.get("previous_response_id").and_then(Value::as_str) {
+        return Some(ServerState::PreviousResponse(Fingerprint::of_str(id)));
+    }
+    let conversation = obj.get("conversation")?;
+    let id = conversation
+        .as_str()
+        .or_else(|| conversation.get("id").and_then(Value::as_str))?;
+    Some(ServerState::Conversation(Fingerprint::of_str(id)))
 }
 
 fn role_str(m: &Value) -> Option<&str> {
@@ -274,12 +506,12 @@ fn role_of(api: Api, m: &Value) -> Role {
 }
 
 /// Walks back from the end through the latest contiguous assistant turn.
-fn recent_start(messages: &[Value], api: Api) -> usize {
+fn recent_start(messages: &[&Value], api: Api) -> usize {
     let floor = messages.len().saturating_sub(MAX_RECENT);
     let mut seen_assistant = false;
     let mut i = messages.len();
     while i > floor {
-        let is_assistant = role_of(api, &messages[i - 1]) == Role::Assistant;
+        let is_assistant = role_of(api, messages[i - 1]) == Role::Assistant;
         if seen_assistant && !is_assistant {
             break;
         }
@@ -289,7 +521,7 @@ fn recent_start(messages: &[Value], api: Api) -> usize {
     i
 }
 
-fn summarize_recent(api: Api, messages: &[Value]) -> Vec<MessageSummary> {
+fn summarize_recent(api: Api, messages: &[&Value]) -> Vec<MessageSummary> {
     let mut out: Vec<MessageSummary> = messages
         .iter()
         .map(|m| MessageSummary {
@@ -391,7 +623,7 @@ fn result_id(api: Api, m: &Value, block_index: usize) -> Option<&str> {
     }
 }
 
-fn link_results_to_calls(api: Api, messages: &[Value], out: &mut [MessageSummary]) {
+fn link_results_to_calls(api: Api, messages: &[&Value], out: &mut [MessageSummary]) {
     let mut calls: Vec<(&str, ToolCall)> = Vec::new();
     for (m, summary) in messages.iter().zip(out.iter_mut()) {
         for (i, block) in summary.blocks.iter_mut().enumerate() {
@@ -464,7 +696,7 @@ fn tool_result_block(content: &Value, is_error: bool) -> BlockSummary {
         is_error,
         text: failure
             .as_ref()
-            .map(|f| f.full)
+            .map(|f| f.id.full)
             .or_else(|| Some(Fingerprint::of_str(&normalize(&text)))),
         failure,
         result: Some(Fingerprint::of_value(content).0),
@@ -510,6 +742,12 @@ pub struct ResponseSummary {
     /// Tool calls the model asked for (from JSON, or assembled from SSE deltas).
     pub tool_calls: Vec<ToolCall>,
     pub usage: Option<InputUsage>,
+    /// Fingerprint of the answer's id (OpenAI Responses `resp_…`), so a
+    /// later `previous_response_id` finds its conversation.
+    pub response_id: Option<Fingerprint>,
+    /// When the answer ended (the proxy's monotonic ms, as
+    /// [`RequestSummary::at_ms`]); `None` when unknown.
+    pub at_ms: Option<u64>,
 }
 
 impl ResponseSummary {
@@ -612,12 +850,21 @@ impl ResponseSummary {
                     })
             }
         };
+        let response_id = match api {
+            Api::OpenAiResponses => body
+                .get("id")
+                .and_then(Value::as_str)
+                .map(Fingerprint::of_str),
+            _ => None,
+        };
         Self {
             status,
             error_type: None,
             error: None,
             tool_calls,
             usage,
+            response_id,
+            at_ms: None,
         }
     }
 }
@@ -740,6 +987,130 @@ mod tests {
         let bare = json!({"model": "gpt-4.1", "input": "hello"});
         let s = RequestSummary::from_json(Api::OpenAiResponses, &bare, 0).unwrap();
         assert_eq!(s.message_count(), 1);
+    }
+
+    fn same(a: &str, b: &str) -> bool {
+        FailureText::from_text(a)
+            .id
+            .same_failure(&FailureText::from_text(b).id)
+    }
+
+    #[test]
+    fn failure_identity_table() {
+        let banner = "=== test session starts ===\nplatform linux -- Python 3.12.3, pytest-8.3.2\n\
+            rootdir: /home/dev/shop\nplugins: anyio-4.4.0, cov-5.0.0, xdist-3.6.1\n\
+            cachedir: .pytest_cache\nconfigfile: pyproject.toml\ntestpaths: tests\n";
+        let pytest = |test: &str, err: &str| {
+            format!(
+                "{banner}collected 1 item\n\ntests/test_api.py::{test} FAILED\n\
+                 === FAILURES ===\n___ {test} ___\n    def {test}():\nE       {err}\n\
+                 tests/test_api.py:12: AssertionError\n\
+                 FAILED tests/test_api.py::{test} - {err}\n=== 1 failed in 0.12s ==="
+            )
+        };
+        let traceback = |line: u32, id: &str| {
+            format!(
+                "Traceback (most recent call last):\n  File \"/srv/x.py\", line {line}, in run\n\
+                 ValueError: malformed record {id}\n(raw output: {{\"notes\": [{line}, \"x\"]}})"
+            )
+        };
+        let cases = [
+            // Two different pytest failures under one long banner differ.
+            (
+                pytest("test_create", "assert 500 == 201"),
+                pytest("test_update", "KeyError: 'sku'"),
+                false,
+            ),
+            (
+                pytest("test_create", "assert 500 == 201"),
+                pytest("test_cancel", "assert 500 == 201"),
+                false,
+            ),
+            // One failure, other line numbers, durations, ids: the same.
+            (
+                pytest("test_create", "assert 500 == 201"),
+                pytest("test_create", "assert 404 == 201"),
+                true,
+            ),
+            (
+                traceback(88, "4f1c0a2b"),
+                traceback(91, "deadbeef-cafe-abcd-beef-facefeedbead"),
+                true,
+            ),
+            // A changing quoted payload line under a stable error still matches.
+            (
+                "ParseError: expected JSON\nline 1\ngot: Sure! Here is the summary.".into(),
+                "ParseError: expected JSON\nline 1\ngot: Of course. The notes say".into(),
+                true,
+            ),
+            // A detail appended to a stable message.
+            (
+                "tool_use ids were found without tool_result blocks.".into(),
+                "tool_use ids were found without tool_result blocks. (request_id: req_x)".into(),
+                true,
+            ),
+            // Different single-line errors differ.
+            (
+                "HTTP 503 Service Unavailable".into(),
+                "HTTP 404 Not Found".into(),
+                false,
+            ),
+            (
+                "file a.txt: permission denied".into(),
+                "file b.txt: no such file or directory".into(),
+                false,
+            ),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(same(&a, &b), want, "{a:?}\nvs\n{b:?}");
+            assert_eq!(same(&b, &a), want, "symmetric: {b:?}\nvs\n{a:?}");
+        }
+    }
+
+    #[test]
+    fn cache_markers_keep_key_and_prefix() {
+        let plain = anthropic_loop(&[("one", false), ("two", false)]);
+        let mut cached = plain.clone();
+        cached["system"] = json!([{"type": "text", "text": "You are helpful. Now: 2025-01-01T10:00:00Z",
+            "cache_control": {"type": "ephemeral"}}]);
+        cached["messages"][0]["content"] = json!([{"type": "text", "text": "Summarise my notes.", "cache_control": {"type": "ephemeral"}}]);
+        cached["messages"][4]["content"][0]["cache_control"] = json!({"type": "ephemeral"});
+        let a = RequestSummary::from_json(Api::AnthropicMessages, &plain, 0).unwrap();
+        let b = RequestSummary::from_json(Api::AnthropicMessages, &cached, 0).unwrap();
+        assert_eq!(a.conversation, b.conversation);
+        assert_eq!(a.prefix, b.prefix);
+    }
+
+    #[test]
+    fn responses_server_state_and_answer_ids() {
+        let body = json!({"model": "gpt-4.1", "previous_response_id": "resp_abc", "input": [
+            {"type": "function_call_output", "call_id": "call_9", "output": "invalid calendar id"}]});
+        let s = RequestSummary::from_json(Api::OpenAiResponses, &body, 0)
+            .unwrap()
+            .at(1234);
+        let id = Fingerprint::of_str("resp_abc");
+        assert_eq!(s.server_state, Some(ServerState::PreviousResponse(id)));
+        assert_eq!(s.conversation, ConversationKey::continuing(id));
+        assert_eq!(s.at_ms, 1234);
+        assert_eq!(s.message_count(), 1);
+        for conversation in [json!("conv_1"), json!({"id": "conv_1"})] {
+            let body = json!({"model": "gpt-4.1", "conversation": conversation, "input": "next"});
+            let s = RequestSummary::from_json(Api::OpenAiResponses, &body, 0).unwrap();
+            assert_eq!(
+                s.server_state,
+                Some(ServerState::Conversation(Fingerprint::of_str("conv_1")))
+            );
+        }
+        let answer = json!({"id": "resp_abc", "output": [], "usage": {"input_tokens": 5}});
+        let r = ResponseSummary::from_json(Api::OpenAiResponses, 200, &answer);
+        assert_eq!(r.response_id, Some(id));
+        // Reasoning items are opaque: dropped from the chain.
+        let with_reasoning = json!({"model": "gpt-4.1", "input": [
+            {"role": "user", "content": "go"},
+            {"type": "reasoning", "id": "rs_1", "encrypted_content": "gAAA", "summary": []},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]});
+        let s = RequestSummary::from_json(Api::OpenAiResponses, &with_reasoning, 0).unwrap();
+        assert_eq!(s.message_count(), 2);
     }
 
     #[test]

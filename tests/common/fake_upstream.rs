@@ -29,6 +29,12 @@
 //!   being [`Config::answer_tokens`] (default 12), an `out-N` model marker or an
 //!   `x-fake-output-tokens` header; one streamed delta and one word of text per
 //!   token; a capped answer stops with `max_tokens` / `length` / `incomplete`;
+//! - OpenAI Responses `previous_response_id`: the provider keeps the chain, so
+//!   the input billed is the previous response's context (its input items and
+//!   output, carried in the fake's answer id `resp_fake<seq>c<tokens>`) plus
+//!   this request's prompt; the answer echoes `previous_response_id`. An id the
+//!   fake never issued gets the provider's 400 (`invalid_request_error` on
+//!   `previous_response_id`);
 //! - cache tokens from the model markers `cache-read-N` / `cache-write-N` or the
 //!   headers `x-fake-cache-read` / `x-fake-cache-write` (headers win). Anthropic
 //!   reports both apart from `input_tokens`; OpenAI has no cache writes and counts
@@ -539,6 +545,10 @@ pub struct Plan {
     /// Responses: `instructions` and `max_output_tokens`, echoed back.
     pub instructions: Value,
     pub max_output_tokens: Value,
+    /// Responses: the `previous_response_id` continued (echoed back), and
+    /// the context tokens the chain carries after this answer.
+    pub previous_response_id: Value,
+    pub context_tokens: u64,
 }
 
 /// A validation failure: message and the offending parameter.
@@ -585,7 +595,22 @@ pub fn plan(
     let d = directives(&model, headers);
     let answer_tokens = d.answer_tokens.unwrap_or(config.answer_tokens).max(1);
     let output = limit.map_or(answer_tokens, |l| l.min(answer_tokens));
-    let input = prompt_tokens(api, body);
+    let previous = match body.get("previous_response_id") {
+        Some(Value::String(id)) if api == Api::OpenAiResponses => match chain_context(id) {
+            Some(tokens) => tokens,
+            None => {
+                return Err(Invalid(
+                    format!("Previous response with id '{id}' not found."),
+                    "previous_response_id",
+                ));
+            }
+        },
+        _ => 0,
+    };
+    let input = previous + prompt_tokens(api, body);
+    let items = body
+        .get("input")
+        .map_or(0, |v| (v.to_string().len() as u64).div_ceil(4));
     // OpenAI bills no cache writes; its cache reads are part of the prompt.
     let cache_write = if api == Api::Anthropic {
         d.cache_write
@@ -613,8 +638,27 @@ pub fn plan(
             .get("max_output_tokens")
             .cloned()
             .unwrap_or(Value::Null),
+        previous_response_id: body
+            .get("previous_response_id")
+            .cloned()
+            .unwrap_or(Value::Null),
+        context_tokens: previous + items + output,
         model,
     })
+}
+
+/// The context tokens a fake answer id carries (`resp_fake<seq>c<tokens>`).
+fn chain_context(id: &str) -> Option<u64> {
+    let rest = id.strip_prefix("resp_fake")?;
+    let (seq, tokens) = rest.split_once('c')?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    tokens.parse().ok()
+}
+
+fn response_id(plan: &Plan, seq: u64) -> String {
+    format!("resp_fake{seq:016}c{}", plan.context_tokens)
 }
 
 fn missing(api: Api, field: &'static str) -> Invalid {
@@ -1159,7 +1203,7 @@ fn response_object(plan: &Plan, seq: u64, done: bool) -> Value {
         ("in_progress", Value::Null, json!([]), Value::Null)
     };
     json!({
-        "id": format!("resp_fake{seq:016}"),
+        "id": response_id(plan, seq),
         "object": "response",
         "created_at": CREATED,
         "status": status,
@@ -1170,7 +1214,7 @@ fn response_object(plan: &Plan, seq: u64, done: bool) -> Value {
         "model": plan.model,
         "output": output,
         "parallel_tool_calls": true,
-        "previous_response_id": null,
+        "previous_response_id": plan.previous_response_id,
         "reasoning": {"effort": null, "summary": null},
         "store": true,
         "temperature": 1.0,

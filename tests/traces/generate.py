@@ -4,9 +4,11 @@
 Each trace: {name, story, api, expect, steps}. A step either sets a full
 request body (`request`) or appends messages to its conversation's previous
 request (`append`; `[]` resends the identical body), optionally with an SDK
-`retry_count`, and gives the upstream answer: `{"status", "body"}` for JSON
-answers or `{"status", "stream": {"tool_calls", "usage"}}` for the summary the
-SSE tap assembles. `expect` is `{"never_trips": true}` or
+`retry_count` and the milliseconds the agent waited after the previous answer
+(`wait_ms`, default 0), and gives the upstream answer: `{"status", "body"}`
+for JSON answers or `{"status", "stream": {"tool_calls", "usage", "id"}}` for
+the summary the SSE tap assembles, optionally with its `latency_ms` (default
+1200). A trace may set `config` (the `runaway:` settings, interval in ms). `expect` is `{"never_trips": true}` or
 `{"trips_by_step": N, "loop_starts_at_step": M, "reason": ...}` (1-based).
 
 Regenerate with: python3 tests/traces/generate.py
@@ -259,7 +261,7 @@ def long_loop():
     c = Anthropic("You are a research agent.", "Write a report on Rust async runtimes.")
     c.first(lambda: c.call("search", {"q": "rust async runtime comparison"}))
     topics = ["tokio", "async-std", "smol", "glommio", "monoio", "embassy", "bastion", "actix-rt",
-              "futures-executor", "compio", "may", "nuclei"]
+              "futures-executor", "compio", "may", "nuclei", "tokio-uring"]
     n = 0
     for t in topics:
         for kind in ("search", "fetch", "write_summary"):
@@ -276,7 +278,7 @@ def long_loop():
                 nxt = lambda t=t: c.call("search", {"q": f"{t} benchmarks"})
             c.result(res, nxt)
     c.result("done", lambda: c.text("The report is written."))
-    trace("healthy_long_tool_loop", "36 steps of novel calls with successful, changing results (one page "
+    trace("healthy_long_tool_loop", "41 steps of novel calls with successful, changing results (one page "
           "mentions error handling).", c, NEVER)
 
 
@@ -285,12 +287,12 @@ def polling():
     c.first(lambda: c.call("start_export", {"table": "orders"}))
     c.result("export exp_7f3a started", lambda: c.call("poll_export", {"id": "exp_7f3a"}))
     total = 13005
-    for i in range(25):
-        done = min(total, 520 * (i + 1))
+    for i in range(38):
+        done = min(total, 330 * (i + 1))
         c.result(f"status: running, {100 * done // total}% ({done:,}/{total:,} rows), updated {ts(30 + i // 4, (i * 13) % 60)}",
                  lambda: c.call("poll_export", {"id": "exp_7f3a"}, "Still running; polling again."))
     c.result("status: done, file: s3://exports/orders.csv", lambda: c.text("The export is ready."))
-    trace("healthy_polling_changing_results", "Polling the same job 26 times; each answer differs "
+    trace("healthy_polling_changing_results", "Polling the same job 39 times; each answer differs "
           "(progress, timestamp).", c, NEVER)
 
 
@@ -301,7 +303,7 @@ def transport_retries():
     # The SDK retries the identical body: retry counts 1 and 2.
     c.append([], lambda: c.error(529, "overloaded_error", "Overloaded"), retry_count=1)
     c.append([], lambda: c.call("list_notes", {"dir": "notes"}), retry_count=2)
-    files = [f"note-{i}.md" for i in range(10)]
+    files = [f"note-{i}.md" for i in range(32)]
     c.result(json.dumps(files), lambda: c.call("read_notes", {"path": "notes/note-0.md"}))
     for i, f in enumerate(files[:-1]):
         result = f"# Note {i}\nitem {i * 3}: follow up with team {chr(65 + i)}"
@@ -336,7 +338,7 @@ def compaction():
     c.cached = 0
     c.steps.append({"request": json.loads(json.dumps(c.body)),
                     "answer": c.call("fetch", {"url": "https://desk.example.com/t/114"})})
-    for i in range(14, 26):
+    for i in range(14, 40):
         c.result(f"ticket {100 + i}: customer asks about invoice {2000 + 17 * i}; answered.",
                  lambda i=i: c.call("fetch", {"url": f"https://desk.example.com/t/{101 + i}"}))
     trace("healthy_compaction", "A long support session whose history is compacted (prefix broken, "
@@ -404,7 +406,7 @@ def chat_parallel():
         for k, c in convs.items():
             c.result(steps, "HTTP 503 Service Unavailable: ticket backend overloaded",
                      lambda c=c, k=k: c.call("get_ticket", {"id": int(k)}), conversation=k)
-    for r in range(8):
+    for r in range(11):
         for k, c in convs.items():
             c.result(steps, f"ticket {k} page {r}: {['billing', 'login', 'export'][r % 3]} issue, {r + int(k) % 7} comments",
                      lambda c=c, k=k, r=r: c.call("post_comment", {"id": int(k), "text": f"step {r}"}), conversation=k)
@@ -454,7 +456,7 @@ def responses_transient():
     c = Responses("You keep calendars in sync.", "Sync each team calendar once.")
     steps = []
     c.first(steps, lambda: c.call("sync_calendar", {"team": "t0"}))
-    for i in range(14):
+    for i in range(40):
         if i == 3:
             c.result(steps, "sync failed: 503 Service Unavailable", lambda: c.call("sync_calendar", {"team": "t3"}))
         else:
@@ -464,6 +466,355 @@ def responses_transient():
     write({"name": "healthy_transient_error_then_recovery", "story": "OpenAI Responses: one transient 503, the "
            "call is retried once and succeeds, work goes on.", "api": c.api, "expect": NEVER, "steps": steps})
 
+
+
+# ---------------------------------------------------------------- v2 shapes
+
+class AnthropicCached(Anthropic):
+    """An Anthropic agent written the cache-aware way: `cache_control` on the
+    system block, the last tool and the last two user turns (moved every call
+    and taken off older turns, string content turned into a text block to
+    carry it), extended thinking with signatures kept only on the latest
+    assistant turn, and older assistant text trimmed. Every step is a full
+    request, since earlier messages change each time."""
+
+    def call(self, name, args, thought=None):
+        content = [{"type": "thinking", "thinking": f"The user wants progress; calling {name}.",
+                    "signature": rid("EqQBCkgIARABGAIiQ", 40)}]
+        content.append({"type": "text", "text": (thought or f"Calling {name}.") + "\n"})
+        content.append({"type": "tool_use", "id": rid("toolu_"), "name": name, "input": args})
+        return self._answer(content)
+
+    def view(self):
+        b = json.loads(json.dumps(self.body))
+        b["system"] = [{"type": "text", "text": self.body["system"], "cache_control": {"type": "ephemeral"}}]
+        b["tools"][-1]["cache_control"] = {"type": "ephemeral"}
+        msgs = b["messages"]
+        assistants = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        for i in assistants[:-1]:
+            blocks = [blk for blk in msgs[i]["content"] if blk["type"] != "thinking"]
+            for blk in blocks:
+                if blk["type"] == "text":
+                    blk["text"] = blk["text"].strip()
+            msgs[i]["content"] = blocks
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        for i in users[-2:]:
+            m = msgs[i]
+            if isinstance(m["content"], str):
+                m["content"] = [{"type": "text", "text": m["content"]}]
+            m["content"][-1]["cache_control"] = {"type": "ephemeral"}
+        return b
+
+    def _finish(self, step, answer_fn, conversation):
+        step.pop("append", None)
+        step["request"] = self.view()
+        Anthropic._finish(self, step, answer_fn, conversation)
+
+
+def cached_malformed():
+    c = AnthropicCached("You are notes-summarizer.", "Summarise today's meeting notes into notes/summary.md.")
+    c.first(lambda: c.call("list_notes", {"dir": "notes"}, "Let me list the notes."))
+    c.result('["standup.md", "design-review.md"]', lambda: c.call("read_notes", {"path": "notes/standup.md"}))
+    for i in range(9):
+        col = 700 + 41 * i
+        text = ("Traceback (most recent call last):\n"
+                '  File "/srv/tools/notes.py", line 88, in read_notes\n'
+                "    return json.loads(raw)\n"
+                f"json.decoder.JSONDecodeError: Expecting ',' delimiter: line 1 column {col} (char {col - 1})")
+        c.result(text, lambda: c.call("read_notes", {"path": "notes/standup.md"}, "The tool output was malformed; retrying."))
+    trace("anthropic_cache_breakpoints_malformed_output",
+          "The malformed-tool-output loop written the cache-aware way: cache_control moves to the last two "
+          "user turns each call (string content turned into blocks), sits on the system block and the last "
+          "tool, thinking blocks with signatures are kept only on the latest turn, older text is trimmed.",
+          c, trips(7, 3))
+
+
+def cached_long_loop():
+    c = AnthropicCached("You are a research agent.", "Write a report on Rust async runtimes.")
+    c.first(lambda: c.call("search", {"q": "rust async runtime comparison"}))
+    topics = ["tokio", "async-std", "smol", "glommio", "monoio", "embassy", "bastion", "actix-rt",
+              "futures-executor", "compio", "may", "nuclei", "rayon", "crossbeam"]
+    n = 0
+    for t in topics:
+        for kind in ("search", "fetch", "write_summary"):
+            n += 1
+            if kind == "search":
+                res = f"{n + 3} results for {t}: https://docs.rs/{t}, https://github.com/{t}-rs/{t}"
+                nxt = lambda t=t: c.call("fetch", {"url": f"https://docs.rs/{t}"})
+            elif kind == "fetch":
+                res = f"{t}: an async runtime. Scheduler: {['work-stealing', 'thread-per-core', 'single-threaded'][n % 3]}."
+                nxt = lambda t=t: c.call("write_summary", {"section": t, "text": f"{t} summary"})
+            else:
+                res = f"wrote section {t} ({120 + 7 * n} words)"
+                nxt = lambda t=t: c.call("search", {"q": f"{t} benchmarks"})
+            c.result(res, nxt)
+    c.result("done", lambda: c.text("The report is written."))
+    trace("healthy_cache_breakpoints_long_tool_loop", "A 44-step tool loop of novel calls written the "
+          "cache-aware way (moving cache_control, thinking blocks dropped from older turns).", c, NEVER)
+
+
+class ResponsesChain:
+    """An OpenAI Responses agent keeping state on the provider: after the first
+    request it sends only `previous_response_id` and the new items. The
+    provider bills the whole chain's context as input."""
+    api = "openai_responses"
+
+    def __init__(self, instructions, task, tools, conversation=None, stream=False):
+        self.base = {"model": "gpt-4.1", "instructions": instructions, "tools": tools}
+        if stream:
+            self.base["stream"] = True
+        self.conversation = conversation
+        self.stream = stream
+        self.prev = None
+        self.context = 0
+        self.pending = None
+        self.steps = []
+        self._next_input = [{"role": "user", "content": task}]
+
+    def _request(self, items):
+        body = dict(self.base)
+        if self.conversation:
+            body["conversation"] = self.conversation
+        elif self.prev:
+            body["previous_response_id"] = self.prev
+        body["input"] = items
+        return json.loads(json.dumps(body))
+
+    def _bill(self, body):
+        self.context += len(json.dumps(body["input"])) // 4 + (0 if self.prev else 900)
+        return self.context
+
+    def call(self, body, name, args):
+        rid_ = rid("resp_")
+        self.pending = {"type": "function_call", "id": rid("fc_"), "call_id": rid("call_"), "name": name,
+                        "arguments": json.dumps(args), "status": "completed"}
+        t = self._bill(body)
+        self.context += 40
+        self.prev = rid_
+        usage = {"input_tokens": t, "input_tokens_details": {"cached_tokens": max(0, t - 500) // 128 * 128},
+                 "output_tokens": 25}
+        if self.stream:
+            return {"status": 200, "stream": {"tool_calls": [{"name": name, "arguments": args}],
+                                              "usage": {"input_tokens": t}, "id": rid_}}
+        return {"status": 200, "body": {"id": rid_, "object": "response", "status": "completed",
+                                         "output": [self.pending], "usage": usage}}
+
+    def error(self, status, message):
+        return {"status": status, "body": {"error": {"message": message, "type": "server_error", "code": None}}}
+
+    def step(self, items, answer, wait_ms=0):
+        body = self._request(items)
+        st = {"request": body, "answer": answer(body)}
+        if wait_ms:
+            st["wait_ms"] = wait_ms
+        self.steps.append(st)
+
+    def first(self, name, args):
+        self.step(self._next_input, lambda b: self.call(b, name, args))
+
+    def result(self, text, name, args):
+        out = [{"type": "function_call_output", "call_id": self.pending["call_id"], "output": text}]
+        self.step(out, lambda b: self.call(b, name, args))
+
+
+SYNC_TOOLS = [{"type": "function", "name": "sync_calendar", "parameters": {"type": "object"}}]
+
+
+def responses_chain_loop():
+    c = ResponsesChain("You keep calendars in sync.", "Sync the team calendar with the shared one.", SYNC_TOOLS)
+    c.first("sync_calendar", {"source": "team", "target": "shared"})
+    for i in range(9):
+        c.result(f"sync failed: invalid calendar id 'cal_{rid('', 8)}' (attempt {i + 1}, {ts(51, i)})",
+                 "sync_calendar", {"source": "team", "target": "shared"})
+    write({"name": "openai_responses_previous_response_id", "story": "OpenAI Responses with server-side state: "
+           "each request sends only `previous_response_id` and the new `function_call_output`; the "
+           "failure repeats with changing ids.", "api": c.api, "expect": trips(6, 2), "steps": c.steps})
+
+
+def responses_conversation_loop():
+    c = ResponsesChain("You file expense reports.", "File my taxi receipt.",
+                       [{"type": "function", "name": "submit_expense", "parameters": {"type": "object"}}],
+                       conversation="conv_" + rid("", 20), stream=True)
+    c.first("submit_expense", {"amount": 42.5, "currency": "EUR"})
+    for i in range(9):
+        c.result(f'{{"error": {{"type": "invalid_request", "message": "receipt image is malformed", '
+                 f'"trace": "{rid("", 16)}"}}}}', "submit_expense", {"amount": 42.5, "currency": "EUR", "try": i})
+    write({"name": "openai_responses_conversation_id", "story": "OpenAI Responses with a `conversation` object "
+           "(streamed answers): the provider appends every turn; the agent sends only the failing "
+           "`function_call_output`.", "api": c.api, "expect": trips(6, 2), "steps": c.steps})
+
+
+def responses_chain_healthy():
+    c = ResponsesChain("You keep calendars in sync.", "Sync each team calendar once.", SYNC_TOOLS)
+    c.first("sync_calendar", {"team": "t0"})
+    for i in range(44):
+        if i == 5:
+            c.result("sync failed: 503 Service Unavailable", "sync_calendar", {"team": "t5"})
+        else:
+            nxt = i + 1 if i != 4 else 5
+            c.result(f"synced team t{i}: {5 + i % 7} events, {i % 3} conflicts resolved",
+                     "sync_calendar", {"team": f"t{nxt}"})
+    write({"name": "healthy_responses_previous_response_id_chain", "story": "A 45-step OpenAI Responses chain "
+           "on `previous_response_id` with novel successful results and one transient 503.",
+           "api": c.api, "expect": NEVER, "steps": c.steps})
+
+
+B62 = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def random_ids_seeded(seed):
+    """Random ids the way real tools print them, digit-free ones included:
+    uuid4 groups without digits, tempfile and mktemp names, base62 ids."""
+    r = random.Random(1000 + seed)
+
+    def pick(alpha, n):
+        return "".join(r.choice(alpha) for _ in range(n))
+
+    def uuid4():
+        groups = []
+        for n in (8, 4, 4, 4, 12):
+            groups.append(pick("abcdef", n) if r.random() < 0.5 else pick("0123456789abcdef", n))
+        return "-".join(groups)
+
+    def tempname():
+        return "tmp" + pick("abcdefghijklmnopqrstuvwxyz_" if r.random() < 0.6 else "abcdefghijklmnopqrstuvwxyz0123456789_", 8)
+
+    def mktemp():
+        return "tmp." + pick(LETTERS if r.random() < 0.6 else B62, 10)
+
+    def req_id():
+        return "req_" + pick(LETTERS if r.random() < 0.6 else B62, r.choice([16, 20, 24]))
+
+    c = Anthropic("You are a data agent.", "Export the orders table to the warehouse.")
+    c.first(lambda: c.call("start_export", {"table": "orders"}))
+    for i in range(9):
+        tmp = tempname()
+        if seed % 2:
+            text = (f"upload failed: request {req_id()} for object {uuid4()} rejected "
+                    f"(scratch /tmp/{tmp}/orders.csv, part {mktemp()})")
+        else:
+            text = ("Traceback (most recent call last):\n"
+                    f'  File "/srv/agent/tools/export.py", line {80 + i}, in export_table\n'
+                    f'    shutil.copy(src, os.path.join(tmpdir, "orders.csv"))\n'
+                    f"OSError: [Errno 28] No space left on device: '/tmp/{tmp}/orders.csv'\n"
+                    f"(job {uuid4()}, request {req_id()}, scratch {mktemp()})")
+        # The agent varies an argument each time, so only the failure text repeats.
+        c.result(text, lambda i=i: c.call("start_export", {"table": "orders", "chunk": i + 1}), is_error=seed % 3 == 0)
+    trace(f"random_ids_seed_{seed}", f"Seed {seed}: the same failure with random ids the normaliser must "
+          "strip — uuids with digit-free groups, tempfile and mktemp names, base62 ids without digits; "
+          "a different call each time.", c, trips(6, 2))
+
+
+BANNER = """============================= test session starts ==============================
+platform linux -- Python 3.12.3, pytest-8.3.2, pluggy-1.5.0 -- /home/dev/shop/.venv/bin/python3
+cachedir: .pytest_cache
+hypothesis profile 'default' -> database=DirectoryBasedExampleDatabase(PosixPath('/home/dev/shop/.hypothesis/examples'))
+rootdir: /home/dev/shop
+configfile: pyproject.toml
+testpaths: tests
+plugins: anyio-4.4.0, hypothesis-6.112.0, cov-5.0.0, xdist-3.6.1, asyncio-0.24.0, mock-3.14.0, timeout-2.3.1
+asyncio: mode=Mode.STRICT, default_loop_scope=function
+timeout: 60.0s
+timeout method: signal
+timeout func_only: False
+"""
+
+TESTS = {
+    "test_create_order": ('resp = client.post("/orders", json={"sku": "A-1", "qty": 2})', "assert resp.status_code == 201",
+                          "assert 500 == 201", "AssertionError"),
+    "test_cancel_order": ('order = make_order(db, status="paid")', "assert cancel(order).status == \"cancelled\"",
+                          "KeyError: 'refund_id'", "KeyError"),
+    "test_refund_total": ("order = make_order(db, items=3)", "assert refund(order).total == order.total",
+                          "AttributeError: 'NoneType' object has no attribute 'total'", "AttributeError"),
+    "test_list_orders": ('resp = client.get("/orders?page=2")', "assert len(resp.json[\"items\"]) == 20",
+                         "assert 0 == 20", "AssertionError"),
+}
+
+
+def pytest_output(failing, passing=0, secs=0.4):
+    out = [BANNER + f"collecting ... collected {len(failing) + passing} items\n"]
+    for name in failing:
+        out.append(f"tests/test_orders.py::{name} FAILED")
+    for k in range(passing):
+        out.append(f"tests/test_orders.py::test_ok_{k} PASSED")
+    if failing:
+        out.append("\n=================================== FAILURES ===================================")
+    for name in failing:
+        setup, check, err, kind = TESTS[name]
+        line = 10 + 7 * list(TESTS).index(name)
+        out.append(f"_______________________________ {name} _______________________________\n\n"
+                   f"client = <FlaskClient <Flask 'shop'>>\n\n    def {name}(client, db):\n        {setup}\n"
+                   f">       {check}\nE       {err}\n\ntests/test_orders.py:{line}: {kind}")
+    if failing:
+        out.append("=========================== short test summary info ============================")
+        for name in failing:
+            out.append(f"FAILED tests/test_orders.py::{name} - {TESTS[name][2]}")
+        out.append(f"============================== {len(failing)} failed, {passing} passed in {secs:.2f}s ===============================")
+    else:
+        out.append(f"============================== {passing} passed in {secs:.2f}s ===============================")
+    return "\n".join(out)
+
+
+def pytest_healthy():
+    c = Anthropic("You are a coding agent working in /home/dev/shop.", "Make the order tests pass.")
+    names = list(TESTS)
+    c.first(lambda: c.call("run_tests", {"args": "tests/test_orders.py"}))
+    failing = names[:]
+    step = 0
+    while len(c.steps) < 44:
+        step += 1
+        # The whole file, then each failing test alone, then --lf: all failing differently.
+        c.result(pytest_output(failing, 12 - len(failing), 0.3 + 0.01 * step),
+                 lambda f=failing: c.call("run_tests", {"args": f"tests/test_orders.py::{f[0]}"}), is_error=True)
+        for k, name in enumerate(failing):
+            nxt = (lambda f=failing, k=k: c.call("run_tests", {"args": f"tests/test_orders.py::{f[k + 1]}"})) \
+                if k + 1 < len(failing) else (lambda: c.call("run_tests", {"args": "--lf"}))
+            c.result(pytest_output([name], 0, 0.1 + 0.01 * k), nxt, is_error=True)
+        c.result(pytest_output(failing, 0, 0.2), lambda f=failing: c.call("read_notes", {"path": f"src/shop/{f[0]}.py"}), is_error=True)
+        c.result(f"def handler():\n    ...  # {failing[0]} ({step})", lambda f=failing: c.call("apply_patch", {"diff": f"fix {f[0]} {step}"}))
+        c.result("patch applied: 1 file changed", lambda: c.call("run_tests", {"args": "tests/test_orders.py"}))
+        failing = failing[1:] or names[:]
+    trace("healthy_pytest_shared_banner", "A coding agent runs the test file, each failing test alone, then "
+          "`--lf`, then patches: five failing runs in a row, all different, under one long pytest session "
+          "banner (repeated cycles, 44+ calls).", c, NEVER)
+
+
+def pytest_same_failure():
+    c = Anthropic("You are a coding agent working in /home/dev/shop.", "Make test_create_order pass.")
+    c.first(lambda: c.call("run_tests", {"args": "tests/test_orders.py::test_create_order"}))
+    spellings = ["tests/test_orders.py::test_create_order", "tests/test_orders.py -k test_create_order"]
+    for i in range(9):
+        text = pytest_output(["test_create_order"], 0, 0.1 + 0.037 * i).replace(
+            "tests/test_orders.py:10:", f"tests/test_orders.py:{10 + i}:")
+        text += f"\n(tmp_path: /tmp/pytest-of-dev/pytest-{40 + i}/test_create_order0, hypothesis seed {rng.randint(10**9, 10**10)})"
+        c.result(text, lambda i=i: c.call("run_tests", {"args": spellings[i % 2]}), is_error=True)
+    trace("pytest_same_failure_repeated", "The same pytest failure again and again (line number, durations, "
+          "tmp_path and seed change) while the agent alternates two spellings of the call.", c, trips(6, 2))
+
+
+def ci_polling(name, story, wait_ms, polls, expect, config=None):
+    c = Anthropic("You are a merge agent.", "Merge PR 4821 once CI is green.")
+    c.first(lambda: c.call("fetch", {"url": "https://ci.example.com/pr/4821"}))
+    steps = c.steps
+    c.result("PR 4821: checks queued", lambda: c.call("poll_export", {"id": "ci-pr-4821"}, "Waiting for CI."))
+    for i in range(polls):
+        c.result("status: pending", lambda: c.call("poll_export", {"id": "ci-pr-4821"}, "Still pending; waiting."))
+        steps[-1]["wait_ms"] = wait_ms
+    t = {"name": name, "story": story, "api": c.api, "expect": expect, "steps": steps}
+    if config:
+        t["config"] = config
+    write(t)
+
+
+def polls():
+    ci_polling("healthy_ci_polling_with_waits", "A merge agent polls CI 46 times with 20 s between polls; every "
+               "answer is a byte-identical `status: pending`.", 20_000, 46, NEVER)
+    ci_polling("ci_polling_back_to_back", "The same poll fired back to back (150 ms of tool time, no wait): a "
+               "stuck model, not a poller.", 150, 14, trips(10, 3, "no_progress"))
+    ci_polling("ci_polling_over_budget", "Identical polls with waits, under a small `poll_budget_tokens` "
+               "(20k): capped by what they cost.", 20_000, 40, trips(16, 3, "poll_budget"),
+               {"poll_budget_tokens": 20_000})
 
 if __name__ == "__main__":
     for f in os.listdir(HERE):
@@ -485,3 +836,13 @@ if __name__ == "__main__":
     compaction()
     chat_parallel()
     responses_transient()
+    cached_malformed()
+    cached_long_loop()
+    responses_chain_loop()
+    responses_conversation_loop()
+    responses_chain_healthy()
+    for seed in range(1, 9):
+        random_ids_seeded(seed)
+    pytest_healthy()
+    pytest_same_failure()
+    polls()
