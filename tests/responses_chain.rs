@@ -4,7 +4,7 @@
 //! not a whole context window, so an agent loop runs under a small ceiling;
 //! a chain the proxy never saw keeps the conservative fallback. Against the
 //! fake provider, which bills a continued request its previous context plus
-//! its own prompt.
+//! its own prompt; the last test drives it with the official `openai` SDK.
 
 mod common;
 
@@ -208,5 +208,54 @@ async fn unknown_server_side_state_is_reserved_conservatively() {
     assert!(reserved[4] >= FALLBACK, "unstored answer: {reserved:?}");
     for (i, r) in fake.requests().iter().enumerate() {
         assert!(rows[i].1 >= r.billed.tokens() as i64, "row {i}");
+    }
+}
+
+/// The official `openai` SDK's loop (see `tests/sdk/responses_chain_agent.py`)
+/// under a 200k ceiling: every turn served, JSON and streamed alike.
+#[test]
+fn the_official_sdk_chains_ten_turns_under_a_small_ceiling() {
+    let py = python_with_sdks();
+    let fake = FakeUpstream::start(Config::default());
+    let fleet = FleetDir::new();
+    fleet.write_secret("chainer", "openai_key", OPENAI_KEY);
+    fleet.write_fleet(&format!(
+        "version: 1
+proxy: {{ listen: '127.0.0.1:0' }}
+providers:
+  gpt: {{ kind: openai, upstream: '{url}' }}
+agents:
+  chainer:
+    command: ['{py}', '{script}']
+    llm: [ {{ provider: gpt, key: openai_key }} ]
+    budget: {{ monthly_tokens: 200k }}
+",
+        url = fake.url(),
+        py = py.display(),
+        script = repo_file("tests/sdk/responses_chain_agent.py").display(),
+    ));
+    let _sup = fleet.run(&[]);
+    let log = wait_for_within("the agent's ten turns", PATIENCE_SDK, || {
+        fleet.read("chainer.log").filter(|l| l.contains("done\n"))
+    });
+    let calls: Vec<&str> = log.lines().filter(|l| l.starts_with("ok ")).collect();
+    assert_eq!(calls.len(), 10, "{log}");
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 10);
+    for (i, r) in requests.iter().enumerate().skip(1) {
+        assert!(
+            r.body["previous_response_id"].is_string(),
+            "turn {i} continued the chain"
+        );
+    }
+    let rows = rows(&fleet);
+    assert_eq!(rows.len(), 10);
+    for (i, ((reserved, charged), r)) in rows.iter().zip(&requests).enumerate() {
+        let bill = r.billed.tokens() as i64;
+        assert_eq!(*charged, bill, "turn {i}");
+        assert!(
+            *reserved >= bill && *reserved < FALLBACK,
+            "turn {i}: {reserved}"
+        );
     }
 }
