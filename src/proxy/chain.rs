@@ -30,7 +30,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::usage::ApiKind;
+use super::usage::{ApiKind, Outcome, TapReport, Usage};
 
 /// Answer ids and conversations remembered per agent (each).
 pub const DEFAULT_CAPACITY: usize = 4096;
@@ -91,6 +91,23 @@ pub enum ChainEnd {
     /// Anything else (cut, errored mid-answer, 5xx): a conversation it
     /// continued may have grown by an unknown amount.
     Unknown,
+}
+
+impl ChainEnd {
+    /// How an answer ended, for the record: `status` is `None` when no
+    /// answer began, `exact` its usage when upstream reported it in full on
+    /// a success.
+    pub fn of(status: Option<u16>, exact: Option<Usage>, report: &TapReport) -> Self {
+        match (status, exact) {
+            (Some(_), Some(u)) if report.outcome == Outcome::Completed => Self::Answered {
+                id: report.response_id.clone(),
+                context: u.total(),
+            },
+            // Refused before any work: nothing was added.
+            (Some(400..=499), None) if report.usage.seen().is_none() => Self::Unchanged,
+            _ => Self::Unknown,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -309,6 +326,55 @@ mod tests {
             ChainRefs::of(ApiKind::OpenAiChat, &body),
             ChainRefs::default()
         );
+    }
+
+    #[test]
+    fn how_an_answer_ended_for_the_record() {
+        let usage = Usage {
+            input_tokens: 100,
+            output_tokens: 40,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: 60,
+        };
+        let completed = TapReport {
+            outcome: Outcome::Completed,
+            usage: super::super::usage::Metered::Exact(usage),
+            response_id: Some("resp_1".into()),
+            ..TapReport::cut()
+        };
+        assert_eq!(
+            ChainEnd::of(Some(200), Some(usage), &completed),
+            ChainEnd::Answered {
+                id: Some("resp_1".into()),
+                context: 200
+            },
+            "cached input is context too"
+        );
+        let cut = TapReport::cut();
+        assert_eq!(
+            ChainEnd::of(None, None, &cut),
+            ChainEnd::Unknown,
+            "no answer began"
+        );
+        assert_eq!(
+            ChainEnd::of(Some(200), None, &cut),
+            ChainEnd::Unknown,
+            "cut"
+        );
+        assert_eq!(ChainEnd::of(Some(429), None, &cut), ChainEnd::Unchanged);
+        assert_eq!(ChainEnd::of(Some(400), None, &cut), ChainEnd::Unchanged);
+        assert_eq!(ChainEnd::of(Some(500), None, &cut), ChainEnd::Unknown);
+        let errored = TapReport {
+            outcome: Outcome::Errored,
+            usage: super::super::usage::Metered::AtLeast(usage),
+            ..TapReport::cut()
+        };
+        assert_eq!(
+            ChainEnd::of(Some(400), None, &errored),
+            ChainEnd::Unknown,
+            "it did work"
+        );
+        assert_eq!(ChainEnd::of(Some(200), None, &errored), ChainEnd::Unknown);
     }
 
     #[test]

@@ -1425,7 +1425,7 @@ impl Pending {
             (TapOutcome::Errored, Metered::Exact(u)) if failed => Some(*u),
             _ => None,
         };
-        chain.end(&chain_end(status, exact.filter(|_| !failed), report));
+        chain.end(&ChainEnd::of(status, exact.filter(|_| !failed), report));
         let seen = report.usage.seen().unwrap_or_default();
         let (settled, outcome) = match exact {
             Some(usage) => {
@@ -1512,20 +1512,6 @@ impl Pending {
             },
         );
         settled.charged
-    }
-}
-
-/// What an answer did to the server-side state its request continued:
-/// `exact` is its usage when it completed.
-fn chain_end(status: Option<u16>, exact: Option<Usage>, report: &TapReport) -> ChainEnd {
-    match (status, exact) {
-        (Some(_), Some(u)) if report.outcome == TapOutcome::Completed => ChainEnd::Answered {
-            id: report.response_id.clone(),
-            context: u.total(),
-        },
-        // Refused before any work: nothing was added.
-        (Some(400..=499), None) if report.usage.seen().is_none() => ChainEnd::Unchanged,
-        _ => ChainEnd::Unknown,
     }
 }
 
