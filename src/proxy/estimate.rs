@@ -23,10 +23,17 @@
 //! - Anthropic-defined client tools (`bash_*`, `text_editor_*`, `computer_*`,
 //!   `memory_*`) have definitions the body does not carry: each counts
 //!   [`PROVIDER_TOOL_TOKENS`].
-//! - What the body cannot bound — PDF/file documents, server-side conversation
-//!   state (`previous_response_id`, `conversation`, stored `prompt`), and
-//!   server-side tools that feed results back as input (web search, code
-//!   execution, file search, MCP) — counts as
+//! - Server-side conversation state (`previous_response_id`, `conversation`):
+//!   when the proxy metered the answer the request continues, the context it
+//!   carries is known ([`KnownContext`], from `chain::ChainRecord`: that
+//!   answer's input plus output tokens) and is added to the body's bound, with
+//!   [`CONTINUATION_OVERHEAD_TOKENS`] for the framing of the previous output
+//!   items, which its output count does not include. `truncation: "auto"`
+//!   only drops context, so the bound still holds.
+//! - What the body cannot bound — PDF/file documents, server-side state the
+//!   proxy has not seen (an unknown `previous_response_id` or `conversation`,
+//!   a stored `prompt`), and server-side tools that feed results back as
+//!   input (web search, code execution, file search, MCP) — counts as
 //!   [`EstimateConfig::unbounded_input_tokens`], and the estimate says why in
 //!   `unbounded_reason`.
 //! - Any bound above [`EstimateConfig::context_window_tokens`] is cut to it: the
@@ -34,12 +41,17 @@
 
 use serde_json::{Map, Value};
 
+pub use super::chain::KnownContext;
 use super::usage::ApiKind;
 
 /// Tokens added once per request for template text the body does not contain.
 pub const REQUEST_OVERHEAD_TOKENS: u64 = 4096;
 /// Tokens added per JSON object (message, content block, tool) for its framing.
 pub const OBJECT_OVERHEAD_TOKENS: u64 = 8;
+/// Tokens added to a known server-side context for re-reading the previous
+/// answer's output items as input: a few framing tokens per item (message,
+/// reasoning, function call), which `output_tokens` does not count.
+pub const CONTINUATION_OVERHEAD_TOKENS: u64 = 1024;
 /// Tokens per Anthropic-defined client tool, whose definition the provider adds
 /// (computer use documents about 700 plus its system prompt).
 pub const PROVIDER_TOOL_TOKENS: u64 = 2048;
@@ -124,11 +136,13 @@ pub enum EstimateError {
 }
 
 /// Estimates one request. `body` is the parsed request JSON; `kind` comes from
-/// its route (`route::resolve`).
+/// its route (`route::resolve`); `known` is what the proxy knows of the
+/// server-side context the body continues (`KnownContext::default()`: nothing).
 pub fn estimate_request(
     kind: ApiKind,
     body: &Value,
     config: &EstimateConfig,
+    known: &KnownContext,
 ) -> Result<RequestEstimate, EstimateError> {
     let obj = body.as_object().ok_or(EstimateError::NotAnObject)?;
     let model = match obj.get("model") {
@@ -171,7 +185,7 @@ pub fn estimate_request(
     };
 
     let mut walk = Walk::default();
-    walk.top_level(kind, obj);
+    walk.top_level(kind, obj, known);
     walk.value(body, false);
     let input_tokens_upper_bound = match walk.unbounded {
         Some(_) => config.unbounded_input_tokens,
@@ -180,6 +194,7 @@ pub fn estimate_request(
             let objects = walk.objects.saturating_mul(OBJECT_OVERHEAD_TOKENS);
             let tools = walk.provider_tools.saturating_mul(PROVIDER_TOOL_TOKENS);
             walk.bytes
+                .saturating_add(walk.server_context)
                 .saturating_add(images)
                 .saturating_add(objects)
                 .saturating_add(tools)
@@ -217,6 +232,8 @@ struct Walk {
     objects: u64,
     images: u64,
     provider_tools: u64,
+    /// Known server-side context the request continues.
+    server_context: u64,
     unbounded: Option<&'static str>,
 }
 
@@ -229,8 +246,15 @@ impl Walk {
         self.unbounded.get_or_insert(reason);
     }
 
+    fn continues(&mut self, context_tokens: u64) {
+        self.server_context = self
+            .server_context
+            .saturating_add(context_tokens)
+            .saturating_add(CONTINUATION_OVERHEAD_TOKENS);
+    }
+
     /// Request fields that pull in input the body does not contain.
-    fn top_level(&mut self, kind: ApiKind, obj: &Map<String, Value>) {
+    fn top_level(&mut self, kind: ApiKind, obj: &Map<String, Value>, known: &KnownContext) {
         let present = |field: &str| obj.get(field).is_some_and(|v| !v.is_null());
         match kind {
             ApiKind::Anthropic => {
@@ -251,11 +275,22 @@ impl Walk {
                 }
             }
             ApiKind::OpenAiResponses => {
+                // Both at once is a provider error; counting both is safe.
                 if present("previous_response_id") {
-                    self.unbounded("`previous_response_id` continues server-side context");
+                    match known.previous_response {
+                        Some(tokens) => self.continues(tokens),
+                        None => self.unbounded(
+                            "`previous_response_id` continues a response this proxy has not metered",
+                        ),
+                    }
                 }
                 if present("conversation") {
-                    self.unbounded("`conversation` continues server-side context");
+                    match known.conversation {
+                        Some(tokens) => self.continues(tokens),
+                        None => self.unbounded(
+                            "`conversation` continues a conversation whose size this proxy does not know",
+                        ),
+                    }
                 }
                 if present("prompt") {
                     self.unbounded("a stored `prompt` adds server-side text");
@@ -404,7 +439,12 @@ mod tests {
     }
 
     fn est(kind: ApiKind, body: Value) -> RequestEstimate {
-        match estimate_request(kind, &body, &EstimateConfig::for_kind(kind)) {
+        match estimate_request(
+            kind,
+            &body,
+            &EstimateConfig::for_kind(kind),
+            &KnownContext::default(),
+        ) {
             Ok(e) => e,
             Err(e) => panic!("{body}: {e}"),
         }
@@ -537,12 +577,12 @@ mod tests {
             (
                 ApiKind::OpenAiResponses,
                 json!({"model": "m", "input": "hi", "previous_response_id": "resp_123"}),
-                "`previous_response_id` continues server-side context",
+                "`previous_response_id` continues a response this proxy has not metered",
             ),
             (
                 ApiKind::OpenAiResponses,
                 json!({"model": "m", "input": "hi", "conversation": "conv_123"}),
-                "`conversation` continues server-side context",
+                "`conversation` continues a conversation whose size this proxy does not know",
             ),
             (
                 ApiKind::OpenAiResponses,
@@ -567,6 +607,136 @@ mod tests {
                 e.input_tokens_upper_bound,
                 EstimateConfig::for_kind(kind).unbounded_input_tokens
             );
+        }
+    }
+
+    #[test]
+    fn a_known_server_side_context_is_added_to_the_body_bound() {
+        let cfg = openai();
+        let body = json!({"model": "gpt-5", "input": [{"role": "user", "content": "next step"}], "previous_response_id": "resp_1", "max_output_tokens": 4000});
+        let fresh = {
+            let mut b = body.clone();
+            b.as_object_mut().map(|o| o.remove("previous_response_id"));
+            est(ApiKind::OpenAiResponses, b)
+        };
+        for (known, context) in [
+            (
+                KnownContext {
+                    previous_response: Some(50_000),
+                    conversation: None,
+                },
+                50_000,
+            ),
+            (
+                KnownContext {
+                    previous_response: Some(0),
+                    conversation: None,
+                },
+                0,
+            ),
+        ] {
+            let e = estimate_request(ApiKind::OpenAiResponses, &body, &cfg, &known)
+                .expect("valid request");
+            assert_eq!(e.unbounded_reason, None);
+            assert_eq!(e.max_output_tokens, 4000);
+            // The body's own bound (its bytes, framing, overhead) plus the
+            // context it continues, plus the previous output's framing.
+            assert!(
+                e.input_tokens_upper_bound
+                    >= fresh.input_tokens_upper_bound + context + CONTINUATION_OVERHEAD_TOKENS
+            );
+            assert!(e.input_tokens_upper_bound < cfg.unbounded_input_tokens);
+        }
+        // The same with a conversation; `truncation: auto` only drops context.
+        let conv = json!({"model": "gpt-5", "input": "hi", "conversation": {"id": "conv_1"}, "truncation": "auto"});
+        let known = KnownContext {
+            previous_response: None,
+            conversation: Some(200_000),
+        };
+        let e = estimate_request(ApiKind::OpenAiResponses, &conv, &cfg, &known).expect("valid");
+        assert_eq!(e.unbounded_reason, None);
+        assert!(e.input_tokens_upper_bound >= 200_000 + CONTINUATION_OVERHEAD_TOKENS);
+        // Known context for a field the body does not set changes nothing.
+        let e =
+            estimate_request(ApiKind::OpenAiResponses, &fresh_body(), &cfg, &known).expect("valid");
+        assert_eq!(e, est(ApiKind::OpenAiResponses, fresh_body()));
+    }
+
+    fn fresh_body() -> Value {
+        json!({"model": "gpt-5", "input": "hi"})
+    }
+
+    #[test]
+    fn an_unknown_chain_or_a_stored_prompt_stays_unbounded() {
+        let cfg = openai();
+        let known = KnownContext {
+            previous_response: Some(10),
+            conversation: None,
+        };
+        let cases = [
+            (
+                json!({"model": "m", "input": "hi", "conversation": "conv_1"}),
+                "`conversation` continues a conversation whose size this proxy does not know",
+            ),
+            (
+                json!({"model": "m", "input": "hi", "previous_response_id": "resp_1", "prompt": {"id": "pmpt_1"}}),
+                "a stored `prompt` adds server-side text",
+            ),
+            (
+                json!({"model": "m", "input": "hi", "previous_response_id": "resp_1", "tools": [{"type": "web_search"}]}),
+                "a hosted tool adds its results to the input",
+            ),
+        ];
+        for (body, reason) in cases {
+            let e = estimate_request(ApiKind::OpenAiResponses, &body, &cfg, &known)
+                .expect("valid request");
+            assert_eq!(e.unbounded_reason, Some(reason), "{body}");
+            assert_eq!(e.input_tokens_upper_bound, cfg.unbounded_input_tokens);
+        }
+    }
+
+    #[test]
+    fn a_known_context_is_capped_at_the_window_and_saturates() {
+        let cfg = openai();
+        let body = json!({"model": "m", "input": "hi", "previous_response_id": "resp_1"});
+        for context in [cfg.context_window_tokens, u64::MAX] {
+            let known = KnownContext {
+                previous_response: Some(context),
+                conversation: Some(context),
+            };
+            let e = estimate_request(ApiKind::OpenAiResponses, &body, &cfg, &known)
+                .expect("valid request");
+            assert_eq!(e.input_tokens_upper_bound, cfg.context_window_tokens);
+        }
+    }
+
+    #[test]
+    fn a_chain_bound_is_never_below_a_provider_that_bills_the_context_plus_the_prompt() {
+        // The provider bills a continued request the context it carries plus
+        // its own prompt; the chain record holds the previous answer's input
+        // plus output. Walk a 10-step chain, each bound against that bill.
+        let cfg = openai();
+        let mut context = 0u64; // what the record holds
+        let mut previous: Option<String> = None;
+        for step in 0..10u64 {
+            let text = format!("step {step}: ").repeat(50 * (step as usize + 1));
+            let mut body = json!({"model": "gpt-5", "instructions": "be terse", "input": text, "max_output_tokens": 2000});
+            if let Some(id) = &previous {
+                body["previous_response_id"] = json!(id);
+            }
+            let known = KnownContext {
+                previous_response: previous.as_ref().map(|_| context),
+                conversation: None,
+            };
+            let e = estimate_request(ApiKind::OpenAiResponses, &body, &cfg, &known)
+                .expect("valid request");
+            assert_eq!(e.unbounded_reason, None, "step {step}");
+            // The worst tokenizer: one token per byte of the new text.
+            let billed_input = context + text.len() as u64 + "be terse".len() as u64;
+            assert!(e.input_tokens_upper_bound >= billed_input, "step {step}");
+            let output = 2000; // the most it may write
+            context = billed_input + output;
+            previous = Some(format!("resp_{step}"));
         }
     }
 
@@ -698,7 +868,12 @@ mod tests {
             default_max_output_tokens: 4096,
             ..openai()
         };
-        let e = estimate_request(ApiKind::OpenAiChat, &json!({"model": "m", "n": 2}), &config);
+        let e = estimate_request(
+            ApiKind::OpenAiChat,
+            &json!({"model": "m", "n": 2}),
+            &config,
+            &KnownContext::default(),
+        );
         assert_eq!(e.map(|e| e.max_output_tokens), Ok(8192));
     }
 
@@ -777,7 +952,12 @@ mod tests {
             ),
         ];
         for (kind, body, want) in cases {
-            let got = estimate_request(kind, &body, &EstimateConfig::for_kind(kind));
+            let got = estimate_request(
+                kind,
+                &body,
+                &EstimateConfig::for_kind(kind),
+                &KnownContext::default(),
+            );
             assert_eq!(
                 got.map_err(|e| e.to_string()),
                 Err(want.to_owned()),

@@ -1,6 +1,7 @@
 //! Per-agent proxy state: the agent's budget (ceilings and rate buckets), the
 //! routes of its `llm:` entries (provider and real key, swapped in place on
-//! reload or rotation), its quarantine flag, and its Prometheus counters
+//! reload or rotation), its quarantine flag, its record of OpenAI Responses
+//! context sizes (`chain`, which bounds continued requests), and its Prometheus counters
 //! (`metrics`, bumped by the request path). One `AgentMeter` per agent,
 //! shared by every request of that agent; the supervisor updates it in place.
 //!
@@ -15,6 +16,7 @@ use std::time::Instant;
 use crate::budget::threshold::{self, ThresholdCrossed};
 use hyper::header::{AUTHORIZATION, HeaderName, HeaderValue};
 
+use super::chain::{Begun, ChainEnd, ChainRecord, ChainRefs, KnownContext};
 use super::refusal::Api;
 use crate::budget::{AgentBudget, BudgetLimits, Ceilings, Month, RateLimits};
 use crate::fleet::{BudgetSpec, ProviderKind, ProviderSpec};
@@ -118,6 +120,8 @@ pub struct AgentMeter {
     detector: Mutex<Detector>,
     /// The spend-velocity wire: pure state, fed every settlement.
     velocity: Mutex<VelocityWire>,
+    /// Context sizes of the Responses answers and conversations it metered.
+    chains: Mutex<ChainRecord>,
     /// Counters for `/metrics`; atomics, so the request path takes no lock.
     pub metrics: AgentMetrics,
     /// `budget.alert_at` in percent; 0 = none.
@@ -178,6 +182,7 @@ impl AgentMeter {
             quarantine: RwLock::new(None),
             detector: Mutex::new(Detector::new(runaway)),
             velocity: Mutex::new(VelocityWire::new(runaway.velocity)),
+            chains: Mutex::new(ChainRecord::default()),
             metrics: AgentMetrics::default(),
             alert_at: AtomicU32::new(alert_at),
             alerted: Mutex::new(None),
@@ -226,6 +231,27 @@ impl AgentMeter {
         if let Ok(mut d) = self.detector.lock() {
             d.observe_response(conversation, summary);
         }
+    }
+
+    /// A request continuing `refs` is about to be estimated: the context
+    /// known for it, and a ticket to hand back when it ends (dropped unended,
+    /// it counts as never sent). Requests with no refs take no lock.
+    pub fn begin_chain(self: &Arc<Self>, refs: ChainRefs) -> (KnownContext, ChainTicket) {
+        let begun = if refs == ChainRefs::default() {
+            Begun::default()
+        } else {
+            self.chains
+                .lock()
+                .map(|mut c| c.begin(&refs))
+                .unwrap_or_default()
+        };
+        let ticket = ChainTicket {
+            meter: self.clone(),
+            refs,
+            begun,
+            ended: false,
+        };
+        (begun.known, ticket)
     }
 
     /// The velocity wire's settings; a change of `window` or `baseline`
@@ -315,6 +341,41 @@ impl AgentMeter {
         {
             v.reset_window();
         }
+    }
+}
+
+/// A request's place in its agent's chain record, from estimate to
+/// settlement (see [`AgentMeter::begin_chain`]).
+pub struct ChainTicket {
+    meter: Arc<AgentMeter>,
+    refs: ChainRefs,
+    begun: Begun,
+    ended: bool,
+}
+
+impl ChainTicket {
+    /// Records how the request ended.
+    pub fn end(mut self, end: &ChainEnd) {
+        self.finish(end);
+    }
+
+    fn finish(&mut self, end: &ChainEnd) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let records = matches!(end, ChainEnd::Answered { id: Some(_), .. });
+        if (records || self.refs.conversation.is_some())
+            && let Ok(mut c) = self.meter.chains.lock()
+        {
+            c.end(&self.refs, self.begun, end);
+        }
+    }
+}
+
+impl Drop for ChainTicket {
+    /// Refused, or released before it was sent: the provider saw nothing.
+    fn drop(&mut self) {
+        self.finish(&ChainEnd::Unchanged);
     }
 }
 

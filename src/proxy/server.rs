@@ -42,9 +42,10 @@ use tokio::sync::{mpsc, watch};
 use super::admission::{BodyLease, Gate};
 use super::answer::{AnswerBody, Reader, Source};
 use super::capacity;
+use super::chain::{ChainEnd, ChainRefs};
 use super::client_io::WriteStallLimit;
 use super::estimate::{EstimateConfig, estimate_request};
-use super::meter::{AgentMeter, Credential, Meters, Target};
+use super::meter::{AgentMeter, ChainTicket, Credential, Meters, Target};
 use super::refusal::{Api, Refusal, RefusalKind};
 use super::route::{self, Endpoint};
 use super::simulated;
@@ -1003,7 +1004,9 @@ async fn handle_metered(
         Err(_) => None,
     };
     let injected = kind == ApiKind::OpenAiChat && ensure_openai_stream_usage(&mut json);
-    let estimate = match estimate_request(kind, &json, &EstimateConfig::for_kind(kind)) {
+    // Looked up and marked in flight in one step (see `chain`).
+    let (known, chain) = meter.begin_chain(ChainRefs::of(kind, &json));
+    let estimate = match estimate_request(kind, &json, &EstimateConfig::for_kind(kind), &known) {
         Ok(e) => e,
         Err(err) => {
             bad_request();
@@ -1082,12 +1085,19 @@ async fn handle_metered(
         Err(refusal) => {
             meter.budget.cancel_rate(Instant::now(), ticket);
             meter.metrics.count_request(RequestOutcome::RefusedCeiling);
-            tracing::warn!(agent = %agent, "monthly ceiling reached: {refusal}");
+            // Say why a worst case is so large when the body could not bound it.
+            let message = match estimate.unbounded_reason {
+                Some(reason) => format!(
+                    "{refusal} (its input could not be bounded from its body, so it counts as the whole context window: {reason})"
+                ),
+                None => refusal.to_string(),
+            };
+            tracing::warn!(agent = %agent, "monthly ceiling reached: {message}");
             let _ = shared.events.send(ProxyEvent::CeilingReached {
                 agent: agent.clone(),
-                message: refusal.to_string(),
+                message: message.clone(),
             });
-            return refuse(api, RefusalKind::CeilingReached, refusal.to_string());
+            return refuse(api, RefusalKind::CeilingReached, message);
         }
     };
     let ledger_id = match shared.ledger.reserve(ledger::Reservation {
@@ -1124,6 +1134,7 @@ async fn handle_metered(
             reservation,
             ticket,
             conversation,
+            chain,
         }),
     };
 
@@ -1274,6 +1285,8 @@ struct Open {
     reservation: Reservation,
     ticket: RateTicket,
     conversation: Option<ConversationKey>,
+    /// Its place in the agent's Responses chain record.
+    chain: ChainTicket,
 }
 
 impl Drop for Pending {
@@ -1355,6 +1368,7 @@ impl Pending {
                 reserved_micro_usd: 0,
             })
             .expect("journal writable");
+        let chain = meter.begin_chain(ChainRefs::default()).1;
         Self {
             meter,
             ledger,
@@ -1366,6 +1380,7 @@ impl Pending {
                 reservation,
                 ticket,
                 conversation: None,
+                chain,
             }),
             events: mpsc::unbounded_channel().0,
         }
@@ -1398,6 +1413,7 @@ impl Pending {
             reservation,
             ticket,
             conversation,
+            chain,
         } = open;
         if let (Some(conversation), Some(status)) = (conversation, status) {
             self.meter
@@ -1409,6 +1425,7 @@ impl Pending {
             (TapOutcome::Errored, Metered::Exact(u)) if failed => Some(*u),
             _ => None,
         };
+        chain.end(&ChainEnd::of(status, exact.filter(|_| !failed), report));
         let seen = report.usage.seen().unwrap_or_default();
         let (settled, outcome) = match exact {
             Some(usage) => {
