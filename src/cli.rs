@@ -116,6 +116,11 @@ pub enum Command {
         /// Room added above what was used, as a percentage.
         #[arg(long, value_name = "PERCENT", default_value = "25%", value_parser = crate::tune::parse_headroom)]
         headroom: u32,
+        /// Days of history an agent needs before its recommendations count:
+        /// fewer are marked low confidence and `--apply` refuses them. Lower it
+        /// to apply from less history anyway.
+        #[arg(long, value_name = "DAYS", default_value_t = crate::tune::DEFAULT_MIN_DAYS)]
+        min_days: u32,
     },
     /// List quarantined agents with the reason and the evidence that tripped them.
     #[command(after_help = EXIT_CODES_HELP)]
@@ -172,7 +177,16 @@ pub fn main() -> ExitCode {
             json,
             apply,
             headroom,
-        } => crate::tune::tune_command(&cli.fleet, json, apply, headroom),
+            min_days,
+        } => crate::tune::tune_command(
+            &cli.fleet,
+            json,
+            apply,
+            crate::tune::Options {
+                headroom_percent: headroom,
+                min_days,
+            },
+        ),
         Command::Rotate {
             agent,
             secret,

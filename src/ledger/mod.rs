@@ -839,6 +839,31 @@ pub fn usage_samples(state_dir: &Path, since_ms: i64) -> Result<Vec<UsageSample>
     Ok(out)
 }
 
+/// Each agent's first request in the whole ledger (Unix milliseconds), so
+/// `tune` can say how much history it has even beyond the window it reads.
+/// Released requests count: the agent was running. Empty without a ledger.
+pub fn first_request_ms(state_dir: &Path) -> Result<BTreeMap<String, i64>> {
+    let path = state_dir.join(LEDGER_FILE);
+    if !path.exists() {
+        return Ok(BTreeMap::new());
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open the ledger `{}`", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mut stmt =
+        conn.prepare("SELECT agent, MIN(started_at_ms) FROM requests GROUP BY agent")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let (agent, first) = row?;
+        out.insert(agent, first);
+    }
+    Ok(out)
+}
+
 /// An agent stopped as a runaway, kept down until released.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QuarantineRecord {
