@@ -14,22 +14,32 @@
 //!   `charged_micro_usd` (what counts against ceilings); released requests are
 //!   not usage, requests still in flight count at their reservation. A request
 //!   counts entirely in the UTC day and minute it started in.
-//! - *Days observed*: distinct UTC days in the window with at least one request.
-//!   *Daily p95*: the nearest-rank 95th percentile of the daily totals of those
-//!   days (days without traffic are left out, which errs high).
-//! - *Monthly spend*: with 30 days observed, the window's total (*observed*);
-//!   with fewer, daily p95 × the number of days in the current month
-//!   (*projected*).
+//! - *History*: the time since the agent's first request in the whole ledger.
+//!   Under `--min-days` (default 7) a row is *low confidence*, and `--apply`
+//!   refuses to write while a low-confidence row has a recommendation.
+//! - *Whole days*: UTC days the history and the window cover entirely and that
+//!   are over, so neither today nor the day the history (or the window) starts
+//!   in, unless that starts at midnight. A partial day is never projected.
+//!   *Daily p95*: the nearest-rank 95th percentile of the totals of the whole
+//!   days with traffic (days without traffic are left out, which errs high).
+//! - *Monthly spend*: with history covering the whole window, the window's
+//!   total (*observed*); with less, daily p95 × the number of days in the
+//!   current month (*projected*); with no whole day of traffic, none
+//!   (*too short*: nothing monthly is recommended).
 //! - *Month end*: this month's usage so far + daily p95 × the whole days left
 //!   after today.
-//! - *Peak tokens per minute*: the nearest-rank 99th percentile of per-minute
-//!   totals over the minutes of the window with traffic.
-//! - *Recommended* = monthly spend (or the peak) × (1 + headroom), rounded up
-//!   to two significant digits (`41,234` → `42,000`; `1,234,567` →
-//!   `1,300,000`); dollars are first rounded up to whole dollars. Nothing is
-//!   recommended for a figure that is zero.
+//! - *Peak tokens per minute*: the busiest minute of the window.
+//! - *Recommended* = the monthly spend, or what was already used (in the
+//!   window, or this month so far) if that is more, or the peak, × (1 +
+//!   headroom), rounded up to two significant digits (`41,234` → `42,000`;
+//!   `1,234,567` → `1,300,000`); dollars are first rounded up to whole
+//!   dollars. So nothing is recommended below observed usage plus headroom,
+//!   and nothing for a figure that is zero. Each value carries its reason.
 //! - Flags: `near_ceiling` when month end reaches 80% of a current monthly
-//!   ceiling; `underused` when the monthly spend is under 10% of one.
+//!   ceiling; `underused` when the monthly spend is under 10% of one (not
+//!   when the history is too short to have a monthly spend).
+//! - `--apply` reports per value whether it takes effect or is shadowed by the
+//!   agent's own `budget:` in fleet.yaml, which wins over the overlay.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -288,7 +298,10 @@ pub fn analyse(
             continue;
         }
         let acc = by_agent.entry(&s.agent).or_default();
-        acc.first_ms = Some(acc.first_ms.map_or(s.started_at_ms, |f| f.min(s.started_at_ms)));
+        acc.first_ms = Some(
+            acc.first_ms
+                .map_or(s.started_at_ms, |f| f.min(s.started_at_ms)),
+        );
         let amount = Amount::new(s.tokens, s.micro_usd);
         if s.started_at_ms >= month_start_ms {
             acc.month_to_date = acc.month_to_date.saturating_add(amount);
@@ -654,7 +667,9 @@ pub fn table(analyses: &[Analysis], options: Options) -> String {
     let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for a in analyses {
         let (tokens, cost) = match a.basis {
-            Basis::Observed | Basis::NoTraffic => (group(a.monthly.tokens), dollars(a.monthly.micro_usd)),
+            Basis::Observed | Basis::NoTraffic => {
+                (group(a.monthly.tokens), dollars(a.monthly.micro_usd))
+            }
             Basis::Projected => (
                 format!("{} (proj.)", group(a.monthly.tokens)),
                 format!("{} (proj.)", dollars(a.monthly.micro_usd)),
@@ -697,12 +712,27 @@ pub fn table(analyses: &[Analysis], options: Options) -> String {
     for a in analyses.iter().filter(|a| a.basis != Basis::NoTraffic) {
         let r = a.recommended;
         for (field, value, reason) in [
-            ("monthly_tokens", r.monthly_tokens.map(group), &a.reasons.monthly_tokens),
-            ("monthly_usd", r.monthly_micro_usd.map(dollars), &a.reasons.monthly_usd),
-            ("tokens_per_minute", r.tokens_per_minute.map(group), &a.reasons.tokens_per_minute),
+            (
+                "monthly_tokens",
+                r.monthly_tokens.map(group),
+                &a.reasons.monthly_tokens,
+            ),
+            (
+                "monthly_usd",
+                r.monthly_micro_usd.map(dollars),
+                &a.reasons.monthly_usd,
+            ),
+            (
+                "tokens_per_minute",
+                r.tokens_per_minute.map(group),
+                &a.reasons.tokens_per_minute,
+            ),
         ] {
             let value = value.unwrap_or_else(|| "none".to_owned());
-            out.push_str(&format!("agent \"{}\": {field} {value}: {reason}\n", a.agent));
+            out.push_str(&format!(
+                "agent \"{}\": {field} {value}: {reason}\n",
+                a.agent
+            ));
         }
     }
     for a in analyses {
@@ -853,12 +883,19 @@ pub struct Written {
 pub fn effects(analyses: &[Analysis], effective: &BTreeMap<String, BudgetSpec>) -> Vec<Written> {
     let mut out = Vec::new();
     for a in analyses {
-        let now = effective.get(&a.agent).map(Limits::from).unwrap_or_default();
+        let now = effective
+            .get(&a.agent)
+            .map(Limits::from)
+            .unwrap_or_default();
         let r = a.recommended;
         for (field, value, in_force) in [
             ("monthly_tokens", r.monthly_tokens, now.monthly_tokens),
             ("monthly_usd", r.monthly_micro_usd, now.monthly_micro_usd),
-            ("tokens_per_minute", r.tokens_per_minute, now.tokens_per_minute),
+            (
+                "tokens_per_minute",
+                r.tokens_per_minute,
+                now.tokens_per_minute,
+            ),
         ] {
             let Some(value) = value else { continue };
             let effect = if in_force == Some(value) {
@@ -900,8 +937,10 @@ pub fn describe_effects(
                 w.agent, w.field
             )),
             Effect::Shadowed { in_force } => {
-                let at = agent_line(&w.agent)
-                    .map_or_else(|| fleet_file_name.to_owned(), |l| format!("{fleet_file_name}:{l}"));
+                let at = agent_line(&w.agent).map_or_else(
+                    || fleet_file_name.to_owned(),
+                    |l| format!("{fleet_file_name}:{l}"),
+                );
                 let wins = in_force.map_or_else(|| "none".to_owned(), |v| show(w.field, v));
                 out.push_str(&format!(
                     "agent \"{}\": {} {value}: shadowed, `{at}` sets `budget.{}: {wins}` for this agent and wins; remove it there to let {value} apply\n",
@@ -967,7 +1006,11 @@ pub fn tune_command(fleet_path: &Path, json: bool, apply: bool, options: Options
             .collect();
         eprintln!(
             "error: not applied: {} under {} days of history: {}",
-            if held.len() == 1 { "1 agent has" } else { "agents have" },
+            if held.len() == 1 {
+                "1 agent has"
+            } else {
+                "agents have"
+            },
             options.min_days,
             names.join(", ")
         );
@@ -1034,20 +1077,34 @@ fn apply_overlay(fleet_path: &Path, state_dir: &Path, analyses: &[Analysis], jso
         .filter(|w| w.effect != Effect::InForce)
         .count();
     let in_force = written.len() - shadowed;
-    let summary = match (in_force, shadowed) {
-        (0, 0) => "the overlay is empty: no recommendation to apply".to_owned(),
-        (n, 0) => format!("{n} new value{} in force", plural(n)),
-        (0, m) => format!("nothing changed: all {m} values are shadowed by {name}"),
-        (n, m) => format!(
-            "{n} new value{} in force, {m} shadowed by {name}",
-            plural(n)
+    let (applied, pending) = match (in_force, shadowed) {
+        (0, 0) => (
+            "the overlay is empty, nothing changed".to_owned(),
+            "the overlay is empty, nothing changes".to_owned(),
+        ),
+        (n, 0) => (
+            format!("{n} new value{} in force", plural(n)),
+            format!(
+                "the next `supervisor run` uses the {n} new value{}",
+                plural(n)
+            ),
+        ),
+        (0, m) => (
+            format!("nothing changed: all {m} values are shadowed by {name}"),
+            format!("nothing changes: all {m} values are shadowed by {name}"),
+        ),
+        (n, m) => (
+            format!(
+                "{n} new value{} in force, {m} shadowed by {name}",
+                plural(n)
+            ),
+            format!(
+                "the next `supervisor run` uses the {n} new value{}; {m} stay shadowed by {name}",
+                plural(n)
+            ),
         ),
     };
-    crate::control::client::ask_reload(fleet_path, state_dir).report(
-        &summary,
-        &format!("the next `supervisor run` uses them ({summary})"),
-        json,
-    )
+    crate::control::client::ask_reload(fleet_path, state_dir).report(&applied, &pending, json)
 }
 
 fn plural(n: usize) -> &'static str {
@@ -1249,14 +1306,20 @@ mod tests {
             hour.reasons.monthly_tokens,
             "no whole UTC day of history yet (1h 0m); a partial day is not projected to a month"
         );
-        assert_eq!(hour.reasons.tokens_per_minute, "peak minute 500 + 25%, rounded up");
+        assert_eq!(
+            hour.reasons.tokens_per_minute,
+            "peak minute 500 + 25%, rounded up"
+        );
         assert_eq!(hour.flags, vec![], "no monthly spend to call underused");
 
         let idle = &out[1];
         assert_eq!(idle.basis, Basis::NoTraffic);
         assert!(!idle.low_confidence);
         assert_eq!(idle.recommended, Limits::default());
-        assert_eq!(idle.reasons.monthly_tokens, "no request in the last 30 days");
+        assert_eq!(
+            idle.reasons.monthly_tokens,
+            "no request in the last 30 days"
+        );
         assert_eq!(
             idle.flags,
             vec![Flag::Underused {
@@ -1270,7 +1333,11 @@ mod tests {
         assert_eq!(history_text(new.history_ms), "2d");
         assert!(new.low_confidence);
         assert_eq!((new.days_observed, new.whole_days), (3, 2));
-        assert_eq!(new.daily_p95, Amount::new(200, 0), "today is not a whole day");
+        assert_eq!(
+            new.daily_p95,
+            Amount::new(200, 0),
+            "today is not a whole day"
+        );
         assert_eq!(new.monthly, Amount::new(200 * 30, 0));
         assert_eq!(new.month_to_date, Amount::new(3_300, 0));
         assert_eq!(new.month_end, Amount::new(3_300 + 200 * 16, 0));

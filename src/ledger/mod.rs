@@ -853,8 +853,7 @@ pub fn first_request_ms(state_dir: &Path) -> Result<BTreeMap<String, i64>> {
     )
     .with_context(|| format!("cannot open the ledger `{}`", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    let mut stmt =
-        conn.prepare("SELECT agent, MIN(started_at_ms) FROM requests GROUP BY agent")?;
+    let mut stmt = conn.prepare("SELECT agent, MIN(started_at_ms) FROM requests GROUP BY agent")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     let mut out = BTreeMap::new();
     for row in rows {
