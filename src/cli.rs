@@ -160,9 +160,48 @@ pub enum LogFormat {
     Json,
 }
 
+/// A command whose reader went away (`supervisor tune --json | head -c1`)
+/// ends as `cat` does: killed by SIGPIPE, silently, whatever it was printing.
+///
+/// Rust ignores SIGPIPE, so `print!` on a closed pipe panics with a
+/// backtrace; this hook is the one place that turns exactly that panic into
+/// the default SIGPIPE death. SIGPIPE itself stays ignored, so a command
+/// writing to a control socket the supervisor closed still gets an error it
+/// can report. Not for `run`: the supervisor must outlive its terminal.
+fn end_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        let closed = (message.starts_with("failed printing to stdout")
+            || message.starts_with("failed printing to stderr"))
+            && message.contains(&format!("(os error {})", nix::errno::Errno::EPIPE as i32));
+        if closed {
+            // SAFETY: restoring the default disposition of one signal and
+            // raising it; no handler runs, the process ends here.
+            unsafe {
+                let _ = nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGPIPE,
+                    nix::sys::signal::SigHandler::SigDfl,
+                );
+            }
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGPIPE);
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 /// Parse arguments and run the chosen command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        end_quietly_on_closed_stdout();
+    }
     let code = match cli.command {
         Command::Run { log_format } => crate::supervisor::run_command(&cli.fleet, log_format),
         Command::Check => crate::check::check_command(&cli.fleet),

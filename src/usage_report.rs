@@ -30,6 +30,9 @@ pub struct UsageRow {
     pub monthly_usd_ceiling: Option<f64>,
     /// Requests in flight (or left unsettled by a crash), counted at their reservation.
     pub unsettled_requests: u64,
+    /// Requests charged at their reservation because their usage never
+    /// arrived (cut streams, rows a crash left unsettled).
+    pub cut_requests: u64,
 }
 
 fn usd(micro: u64) -> f64 {
@@ -70,6 +73,7 @@ pub fn rows(fleet: &fleet::Fleet, month: Month, usage: Vec<AgentMonthUsage>) -> 
                 monthly_tokens_ceiling: budget.monthly_tokens,
                 monthly_usd_ceiling: budget.monthly_micro_usd.map(usd),
                 unsettled_requests: u.unsettled,
+                cut_requests: u.cut,
                 agent: u.agent,
             }
         })
@@ -95,6 +99,7 @@ pub fn table(rows: &[UsageRow]) -> String {
         "CACHE READ",
         "TOKENS",
         "COST",
+        "UNSETTLED",
     ];
     let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in rows {
@@ -111,12 +116,23 @@ pub fn table(rows: &[UsageRow]) -> String {
                 format!("${:.2}", r.cost_usd),
                 r.monthly_usd_ceiling.map(|c| format!("${c:.2}")),
             ),
+            group(r.unsettled_requests + r.cut_requests),
         ]);
     }
     let mut out = String::new();
     for line in crate::text_table::align(&lines, |i| i >= 2) {
         out.push_str(&line);
         out.push('\n');
+    }
+    if rows
+        .iter()
+        .any(|r| r.unsettled_requests + r.cut_requests > 0)
+    {
+        out.push_str(
+            "UNSETTLED: requests whose usage is not known (in flight, or cut before it arrived), \
+             charged at their full reservation; TOKENS and COST include those reservations, \
+             so TOKENS can exceed INPUT + OUTPUT + CACHE\n",
+        );
     }
     out
 }
@@ -185,6 +201,7 @@ mod tests {
             monthly_tokens_ceiling: Some(40_000_000),
             monthly_usd_ceiling: Some(150.0),
             unsettled_requests: 0,
+            cut_requests: 0,
         }];
         let text = table(&rows);
         let lines: Vec<&str> = text.lines().collect();

@@ -166,6 +166,9 @@ pub struct AgentMonthUsage {
     pub charged_micro_usd: u64,
     /// Requests still in flight (or left unsettled by a crash): counted at their reservation.
     pub unsettled: u64,
+    /// Settled requests charged at their reservation because their usage
+    /// never arrived: cut streams, and rows a crash left unsettled.
+    pub cut: u64,
 }
 
 enum Op {
@@ -745,7 +748,8 @@ pub fn month_usage(state_dir: &Path, month: Month) -> Result<Vec<AgentMonthUsage
                     SUM(cache_creation_input_tokens), SUM(cache_read_input_tokens),
                     SUM(CASE WHEN settled = 1 THEN charged_tokens ELSE reserved_tokens END),
                     SUM(CASE WHEN settled = 1 THEN charged_micro_usd ELSE reserved_micro_usd END),
-                    SUM(CASE WHEN settled = 1 THEN 0 ELSE 1 END)
+                    SUM(CASE WHEN settled = 1 THEN 0 ELSE 1 END),
+                    SUM(CASE WHEN settled = 1 AND outcome IN ('cut', 'unsettled') THEN 1 ELSE 0 END)
              FROM requests WHERE month = ?1 AND outcome != 'released'
              GROUP BY agent",
         )?;
@@ -761,6 +765,7 @@ pub fn month_usage(state_dir: &Path, month: Month) -> Result<Vec<AgentMonthUsage
                 charged_tokens: from_sql(r.get(6)?),
                 charged_micro_usd: from_sql(r.get(7)?),
                 unsettled: from_sql(r.get(8)?),
+                cut: from_sql(r.get(9)?),
             })
         })?;
         for row in rows {
