@@ -61,6 +61,11 @@ pub enum Command {
         /// Log format: `auto` (coloured `agent | line` on a terminal, plain otherwise), `plain` or `json`.
         #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
         log_format: LogFormat,
+        /// No timestamp at the start of each `auto`/`plain` line (journald
+        /// adds its own; they are left out by themselves when it is the log's
+        /// destination, i.e. `JOURNAL_STREAM` is set).
+        #[arg(long)]
+        no_timestamps: bool,
     },
     /// Validate fleet.yaml and check that every referenced secret resolves (values are never printed).
     #[command(after_help = EXIT_CODES_HELP)]
@@ -203,7 +208,14 @@ pub fn main() -> ExitCode {
         end_quietly_on_closed_stdout();
     }
     let code = match cli.command {
-        Command::Run { log_format } => crate::supervisor::run_command(&cli.fleet, log_format),
+        Command::Run {
+            log_format,
+            no_timestamps,
+        } => crate::supervisor::run_command(
+            &cli.fleet,
+            log_format,
+            !no_timestamps && std::env::var_os("JOURNAL_STREAM").is_none(),
+        ),
         Command::Check => crate::check::check_command(&cli.fleet),
         Command::Quarantine { json } => crate::quarantine_cmd::quarantine_command(&cli.fleet, json),
         Command::Release { agent } => crate::quarantine_cmd::release_command(&cli.fleet, &agent),

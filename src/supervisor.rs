@@ -256,8 +256,8 @@ fn load_and_resolve(fleet_path: &Path) -> Result<ResolvedFleet, ConfigErrors> {
 }
 
 /// Runs the fleet in the foreground and returns the process exit code.
-pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
-    crate::logging::init(log_format);
+pub fn run_command(fleet_path: &Path, log_format: LogFormat, timestamps: bool) -> u8 {
+    crate::logging::init(log_format, timestamps);
     // Before any secret is read: a non-dumpable process's memory and
     // /proc/PID/{environ,mem,...} are closed to other processes of its uid,
     // and it leaves no core dump. Children are dumpable again after exec.
@@ -489,10 +489,12 @@ impl Supervisor {
         supervisor.ensure_proxy(&fleet).await?;
         supervisor.start_control();
         supervisor.start_admin(&fleet).await?;
+        // The README tells users to `kill -HUP` it: say which pid that is.
+        let pid = std::process::id();
         tracing::info!(
             fleet = %fleet_path.display(),
             agents = fleet.agents.len(),
-            "starting fleet"
+            "starting fleet; supervisor pid {pid} (`kill -HUP {pid}` or `supervisor reload` reloads)"
         );
         for (name, plan) in resolved.plans() {
             if let Some(record) = resolved.quarantined.get(&name) {
