@@ -27,10 +27,16 @@ pub mod exit {
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0   success
-  1   failure (`check`: the fleet is not valid)
+  1   failure (`check`: the fleet is not valid; `release`: unknown agent or not
+      quarantined; `tune --apply`: too little history)
   2   usage error (bad arguments)
   3   `status`, `reload`, `start`, `stop`, `restart`: no supervisor is running for the fleet
-  78  `run`: fleet.yaml is not valid, nothing was started";
+  78  `run`: fleet.yaml is not valid, nothing was started
+  141 killed by SIGPIPE (as the shell shows it): whoever read the output went
+      away, e.g. `supervisor tune --json | head -c1`; the command ends as `cat` does";
+
+/// Each subcommand's help points at the one table in `supervisor --help`.
+const EXIT_CODES_SEE: &str = "Exit codes: see `supervisor --help`.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,7 +62,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the fleet in the foreground until SIGTERM/SIGINT; SIGHUP reloads fleet.yaml.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Run {
         /// Log format: `auto` (coloured `agent | line` on a terminal, plain otherwise), `plain` or `json`.
         #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
@@ -68,38 +74,38 @@ pub enum Command {
         no_timestamps: bool,
     },
     /// Validate fleet.yaml and check that every referenced secret resolves (values are never printed).
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Check,
     /// Show each agent of the running supervisor: state, pid, uptime, restarts, last exit, this month's usage against the ceilings, and what its rate buckets hold.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Status {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Make the running supervisor re-read fleet.yaml (same as SIGHUP); prints what changed, or every problem (exit 1) while the fleet keeps running.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Reload,
     /// Start a stopped (or exited, or backing-off) agent in the running supervisor.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Start {
         /// The agent's name in fleet.yaml.
         agent: String,
     },
     /// Stop an agent gracefully; it stays stopped (also across reloads) until `supervisor start`.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Stop {
         /// The agent's name in fleet.yaml.
         agent: String,
     },
     /// Stop an agent gracefully and start it again with fresh credentials.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Restart {
         /// The agent's name in fleet.yaml.
         agent: String,
     },
     /// Per-agent usage for a month from the ledger, against the ceilings; works without a running supervisor.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Usage {
         /// The UTC month to show, as YYYY-MM (default: the current month).
         #[arg(long, value_name = "YYYY-MM")]
@@ -109,7 +115,7 @@ pub enum Command {
         json: bool,
     },
     /// Recommend each agent's monthly ceilings and token rate from the ledger's last 30 days.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Tune {
         /// Print a JSON document instead of a table.
         #[arg(long)]
@@ -128,20 +134,20 @@ pub enum Command {
         min_days: u32,
     },
     /// List quarantined agents with the reason and the evidence that tripped them.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Quarantine {
         /// Print a JSON array instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Let a quarantined agent run again (a running supervisor starts it at once).
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Release {
         /// The agent's name in fleet.yaml.
         agent: String,
     },
     /// Pick up new secret versions now: proxied LLM keys swap in place, agents whose environment holds a changed secret restart one at a time. `--history` lists past rotations.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_SEE)]
     Rotate {
         /// The agent's name in fleet.yaml (with `--history`: only its rotations).
         #[arg(required_unless_present = "history")]

@@ -164,3 +164,23 @@ fn every_command_ends_quietly_when_its_reader_goes_away() {
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success());
 }
+
+#[test]
+fn the_exit_codes_are_one_table_in_the_top_level_help() {
+    let help = |args: &[&str]| text(&Command::new(bin()).args(args).output().unwrap().stdout);
+    let top = help(&["--help"]);
+    assert_eq!(top.matches("Exit codes:").count(), 1, "{top}");
+    assert!(
+        top.contains("\n  78  `run`: fleet.yaml is not valid"),
+        "{top}"
+    );
+    for sub in ["run", "status", "tune", "release", "rotate"] {
+        let text = help(&[sub, "--help"]);
+        assert!(
+            text.trim_end()
+                .ends_with("Exit codes: see `supervisor --help`.")
+                && !text.contains("  78  "),
+            "{sub}: {text}"
+        );
+    }
+}
