@@ -67,7 +67,10 @@ fn rotate_of_an_agent_without_secrets_claims_nothing() {
         text(&out.stdout),
         "agent `alpha` declares no secrets (no `secrets:`, no LLM key): nothing to rotate\n"
     );
-    assert!(!sup.log().contains("INFO reloading"), "no reload was asked for");
+    assert!(
+        !sup.log().contains("INFO reloading"),
+        "no reload was asked for"
+    );
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success());
 }
