@@ -33,8 +33,10 @@ pub fn set_name_width<'a>(names: impl IntoIterator<Item = &'a str>) {
 }
 
 /// Installs the global subscriber writing to stderr. `RUST_LOG` filters
-/// (default `info`). Safe to call once; later calls are ignored.
-pub fn init(format: LogFormat) {
+/// (default `info`). With `timestamps`, `auto`/`plain` lines start with the
+/// time (UTC; JSON always has its own). Safe to call once; later calls are
+/// ignored.
+pub fn init(format: LogFormat, timestamps: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
@@ -49,6 +51,7 @@ pub fn init(format: LogFormat) {
         LogFormat::Auto | LogFormat::Plain => builder
             .event_format(FleetFormat {
                 ansi: format == LogFormat::Auto && terminal,
+                timestamps,
             })
             .try_init(),
     };
@@ -59,6 +62,22 @@ pub fn init(format: LogFormat) {
 /// `name | line` formatting, coloured per agent on a terminal.
 struct FleetFormat {
     ansi: bool,
+    /// Each line starts with the time: `HH:MM:SS.mmm` on a terminal (where
+    /// one reads a live run), full RFC 3339 in milliseconds otherwise (a
+    /// file outlives the day), both UTC.
+    timestamps: bool,
+}
+
+/// The time at the start of a line: `2026-11-14T12:00:07.250Z`, or on a
+/// terminal just `12:00:07.250`.
+pub fn timestamp(now: std::time::SystemTime, terminal: bool) -> String {
+    let full = humantime::format_rfc3339_millis(now).to_string();
+    if terminal {
+        // `YYYY-MM-DDT` is 11 bytes, the trailing `Z` one.
+        full.get(11..full.len() - 1).unwrap_or(&full).to_owned()
+    } else {
+        full
+    }
 }
 
 impl<S, N> FormatEvent<S, N> for FleetFormat
@@ -76,6 +95,14 @@ where
         event.record(&mut fields);
         let width = NAME_WIDTH.load(Ordering::Relaxed);
         let meta = event.metadata();
+        if self.timestamps {
+            let now = timestamp(std::time::SystemTime::now(), self.ansi);
+            if self.ansi {
+                write!(writer, "\x1b[2m{now}\x1b[0m ")?;
+            } else {
+                write!(writer, "{now} ")?;
+            }
+        }
         if meta.target() == AGENT_TARGET {
             let name = fields.agent.as_deref().unwrap_or("?");
             if self.ansi {

@@ -129,6 +129,42 @@ fn read_records(dir: &Path) -> Result<Vec<QuarantineRecord>, u8> {
     })
 }
 
+/// Why `release AGENT` released nothing, and what to do: an agent the fleet
+/// does not have is unknown (`known`: the fleet's agents, when it loads),
+/// one it has is simply not quarantined.
+pub fn not_released(
+    agent: &str,
+    known: Option<&[String]>,
+    quarantined: &[String],
+) -> (String, String) {
+    let list = |names: &[String]| {
+        names
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let quarantined_hint = if quarantined.is_empty() {
+        "no agent is quarantined".to_owned()
+    } else {
+        format!("quarantined: {}", list(quarantined))
+    };
+    match known {
+        Some(known) if !known.iter().any(|k| k == agent) => (
+            format!("unknown agent \"{agent}\": the fleet has no agent of that name"),
+            if known.is_empty() {
+                format!("the fleet has no agents; {quarantined_hint}")
+            } else {
+                format!("the fleet's agents are {}; {quarantined_hint}", list(known))
+            },
+        ),
+        _ => (
+            format!("agent \"{agent}\" is not quarantined"),
+            format!("{quarantined_hint} (`supervisor quarantine` shows why)"),
+        ),
+    }
+}
+
 /// `supervisor quarantine [--json]`: from the ledger, also while the fleet
 /// file does not load (the records do not depend on it).
 pub fn quarantine_command(fleet_path: &Path, json: bool) -> u8 {
@@ -189,8 +225,15 @@ pub fn release_command(fleet_path: &Path, agent: &str) -> u8 {
     match ledger::release_quarantine(&dir, agent) {
         Ok(true) => {}
         Ok(false) => {
-            eprintln!("error: agent \"{agent}\" is not quarantined");
-            eprintln!("hint: `supervisor quarantine` lists the quarantined agents");
+            let known = fleet::load(fleet_path)
+                .ok()
+                .map(|f| f.agents.keys().cloned().collect::<Vec<_>>());
+            let quarantined: Vec<String> = ledger::quarantined(&dir)
+                .map(|r| r.into_iter().map(|q| q.agent).collect())
+                .unwrap_or_default();
+            let (error, hint) = not_released(agent, known.as_deref(), &quarantined);
+            eprintln!("error: {error}");
+            eprintln!("hint: {hint}");
             return exit::FAILURE;
         }
         Err(err) => {

@@ -25,7 +25,7 @@ use crate::alert::{AlertEvent, Alerter};
 use crate::budget::Month;
 use crate::check::AgentSecrets;
 use crate::cli::{LogFormat, exit};
-use crate::control::protocol::{AgentStatusRow, Command, Response};
+use crate::control::protocol::{AgentStatusRow, Command, LiveChange, ReloadReport, Response};
 use crate::control::server::SocketFiles;
 use crate::control::{ControlHandle, ControlRequest};
 use crate::fleet::{self, AgentSpec, ConfigErrors, Delivery, Fleet, ProviderSpec};
@@ -316,8 +316,8 @@ fn load_and_resolve(fleet_path: &Path) -> Result<ResolvedFleet, ConfigErrors> {
 }
 
 /// Runs the fleet in the foreground and returns the process exit code.
-pub fn run_command(fleet_path: &Path, log_format: LogFormat) -> u8 {
-    crate::logging::init(log_format);
+pub fn run_command(fleet_path: &Path, log_format: LogFormat, timestamps: bool) -> u8 {
+    crate::logging::init(log_format, timestamps);
     // Before any secret is read: a non-dumpable process's memory and
     // /proc/PID/{environ,mem,...} are closed to other processes of its uid,
     // and it leaves no core dump. Children are dumpable again after exec.
@@ -575,10 +575,12 @@ impl Supervisor {
         supervisor.ensure_proxy(&fleet).await?;
         supervisor.start_control();
         supervisor.start_admin(&fleet).await?;
+        // The README tells users to `kill -HUP` it: say which pid that is.
+        let pid = std::process::id();
         tracing::info!(
             fleet = %fleet_path.display(),
             agents = fleet.agents.len(),
-            "starting fleet"
+            "starting fleet; supervisor pid {pid} (`kill -HUP {pid}` or `supervisor reload` reloads)"
         );
         for (name, plan) in resolved.plans() {
             if let Some(record) = resolved.quarantined.get(&name) {
@@ -967,7 +969,7 @@ impl Supervisor {
                     };
                     notifier.ready(self.status_counts());
                     if let Some(applied) = applied {
-                        let _ = applied.send(matches!(answer, Response::Reloaded { .. }));
+                        let _ = applied.send(matches!(answer, Response::Reloaded(_)));
                     }
                 }
                 Some((command, reply)) = control.recv() => {
@@ -1051,9 +1053,11 @@ impl Supervisor {
                 held.insert(name.clone(), plan);
             }
         }
+        let mut released = Vec::new();
         for name in self.held.keys().filter(|n| !held.contains_key(*n)) {
             if plans.contains_key(name) {
                 tracing::info!(agent = %name, "released from quarantine");
+                released.push(name.clone());
             }
         }
         for name in plans.keys() {
@@ -1061,6 +1065,7 @@ impl Supervisor {
                 meter.set_quarantine(None);
             }
         }
+        let held_names: Vec<String> = held.keys().cloned().collect();
         self.held = held;
         self.previous_secrets = std::mem::replace(&mut self.secrets, resolved.secret_values());
         self.refresh_redaction();
@@ -1084,6 +1089,7 @@ impl Supervisor {
                 self.retired.insert(name.clone(), running.handle);
             }
         }
+        let mut changed_stopped = Vec::new();
         for name in &diff.changed {
             let Some(plan) = plans.remove(name) else {
                 continue;
@@ -1093,6 +1099,7 @@ impl Supervisor {
             {
                 tracing::info!(agent = %name, "reload: agent changed; it stays stopped until `supervisor start {name}`");
                 running.plan = plan;
+                changed_stopped.push(name.clone());
                 continue;
             }
             // Only secret values changed: a rotation. Those restarts queue
@@ -1182,20 +1189,38 @@ impl Supervisor {
         }
         self.alerter.reconfigure(resolved.fleet.alerts.clone());
         self.observe_versions(&resolved).await;
-        self.current = resolved.fleet;
-        tracing::info!(
-            added = diff.added.len(),
-            removed = diff.removed.len(),
-            changed = diff.changed.len(),
-            unchanged = diff.unchanged.len(),
-            "reload applied"
+        let report = reload_report(
+            diff,
+            released,
+            changed_stopped,
+            held_names,
+            &self.current.agents,
+            &resolved.fleet.agents,
         );
-        Response::Reloaded {
-            added: diff.added,
-            removed: diff.removed,
-            changed: diff.changed,
-            unchanged: diff.unchanged.len(),
+        self.current = resolved.fleet;
+        if let Response::Reloaded(report) = &report {
+            let ReloadReport {
+                added,
+                removed,
+                changed,
+                unchanged,
+                released,
+                changed_live,
+                held,
+                changed_stopped,
+            } = report.as_ref();
+            tracing::info!(
+                added = added.len(),
+                released = released.len(),
+                removed = removed.len(),
+                changed = changed.len() + changed_stopped.len(),
+                changed_live = changed_live.len(),
+                held = held.len(),
+                unchanged,
+                "reload applied"
+            );
         }
+        report
     }
 
     /// Opens the control socket. A supervisor without one still runs its
@@ -1690,6 +1715,56 @@ async fn started(handle: &AgentHandle, verb: &str, name: &str) -> Response {
         _ => format!("{verb} `{name}`"),
     };
     Response::Ok { message }
+}
+
+/// What a reload did, every agent in exactly one category: `released`
+/// (quarantined before, started now) is taken out of the diff's `added`,
+/// `changed_stopped` (changed, but stopped by the operator) out of its
+/// `changed`; `held` agents (quarantined) are in no diff; an unchanged agent
+/// whose budget or runaway settings differ between `old` and `new` changed
+/// live.
+fn reload_report(
+    diff: fleet::FleetDiff,
+    released: Vec<String>,
+    changed_stopped: Vec<String>,
+    held: Vec<String>,
+    old: &BTreeMap<String, AgentSpec>,
+    new: &BTreeMap<String, AgentSpec>,
+) -> Response {
+    let mut changed_live = Vec::new();
+    let mut unchanged = 0;
+    for name in &diff.unchanged {
+        let what = match (old.get(name), new.get(name)) {
+            (Some(before), Some(after)) => before.live_changes(after),
+            _ => Vec::new(),
+        };
+        if what.is_empty() {
+            unchanged += 1;
+        } else {
+            changed_live.push(LiveChange {
+                agent: name.clone(),
+                what: what.into_iter().map(str::to_owned).collect(),
+            });
+        }
+    }
+    Response::Reloaded(Box::new(ReloadReport {
+        added: diff
+            .added
+            .into_iter()
+            .filter(|n| !released.contains(n))
+            .collect(),
+        removed: diff.removed,
+        changed: diff
+            .changed
+            .into_iter()
+            .filter(|n| !changed_stopped.contains(n))
+            .collect(),
+        unchanged,
+        released,
+        changed_live,
+        held,
+        changed_stopped,
+    }))
 }
 
 /// Logs why a reload was refused, one problem per line (the lines `check`

@@ -37,6 +37,9 @@ pub struct UsageRow {
     /// `unavailable` (the file does not load and no supervisor answers: the
     /// ceilings are null because they are unknown, not because they are unset).
     pub ceilings_from: CeilingsFrom,
+    /// Requests charged at their reservation because their usage never
+    /// arrived (cut streams, rows a crash left unsettled).
+    pub cut_requests: u64,
 }
 
 /// Where the ceilings shown next to the usage come from.
@@ -131,6 +134,7 @@ pub fn rows(ceilings: &Ceilings, month: Month, usage: Vec<AgentMonthUsage>) -> V
                 monthly_usd_ceiling: micro_usd.map(usd),
                 unsettled_requests: u.unsettled,
                 ceilings_from: ceilings.from,
+                cut_requests: u.cut,
                 agent: u.agent,
             }
         })
@@ -156,6 +160,7 @@ pub fn table(rows: &[UsageRow]) -> String {
         "CACHE READ",
         "TOKENS",
         "COST",
+        "UNSETTLED",
     ];
     let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in rows {
@@ -172,12 +177,23 @@ pub fn table(rows: &[UsageRow]) -> String {
                 format!("${:.2}", r.cost_usd),
                 r.monthly_usd_ceiling.map(|c| format!("${c:.2}")),
             ),
+            group(r.unsettled_requests + r.cut_requests),
         ]);
     }
     let mut out = String::new();
     for line in crate::text_table::align(&lines, |i| i >= 2) {
         out.push_str(&line);
         out.push('\n');
+    }
+    if rows
+        .iter()
+        .any(|r| r.unsettled_requests + r.cut_requests > 0)
+    {
+        out.push_str(
+            "UNSETTLED: requests whose usage is not known (in flight, or cut before it arrived), \
+             charged at their full reservation; TOKENS and COST include those reservations, \
+             so TOKENS can exceed INPUT + OUTPUT + CACHE\n",
+        );
     }
     out
 }
@@ -262,6 +278,7 @@ mod tests {
             monthly_usd_ceiling: Some(150.0),
             unsettled_requests: 0,
             ceilings_from: CeilingsFrom::Fleet,
+            cut_requests: 0,
         }];
         let text = table(&rows);
         let lines: Vec<&str> = text.lines().collect();

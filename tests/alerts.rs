@@ -288,6 +288,33 @@ async fn the_command_gets_the_payload_on_stdin_in_the_fleet_directory() {
 }
 
 #[tokio::test]
+async fn the_demos_alert_log_example_appends_each_alert_as_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/alert_log.py");
+    let spec = AlertsSpec {
+        command: Some(AlertCommand {
+            argv: vec![
+                "python3".into(),
+                script.display().to_string(),
+                ".supervisor/alerts.jsonl".into(),
+            ],
+            cwd: dir.path().to_owned(),
+        }),
+        ..AlertsSpec::default()
+    };
+    let (alerter, _task) = Alerter::new(spec, "demo");
+    alerter.send(quarantined("notes"));
+    alerter.send(quarantined("other"));
+    flush(&alerter).await;
+    let lines = read(&dir.path().join(".supervisor/alerts.jsonl"));
+    let agents: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["agent"].clone())
+        .collect();
+    assert_eq!(agents, ["notes", "other"], "{lines}");
+}
+
+#[tokio::test]
 async fn both_sinks_get_every_alert() {
     let receiver = Receiver::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();

@@ -134,10 +134,13 @@ fn flag_after_or_before_the_command() {
 
 #[test]
 fn malformed_yaml() {
-    // The flow list opened on line 4 is never closed, so the parser stumbles on `env:`.
+    // The flow list opened on line 4 is never closed, so the parser stumbles
+    // on `env:`: the error points at the bracket, and says where it stumbled.
     assert_problems(
         "malformed.yaml",
-        &["fleet.yaml:5:8: invalid YAML: illegal placement of ':' indicator"],
+        &[
+            "fleet.yaml:4:14: invalid YAML: `[` is never closed (the parser noticed at 5:8: illegal placement of ':' indicator)",
+        ],
     );
 }
 

@@ -287,7 +287,7 @@ fn stop_start_restart_and_a_stopped_agent_stays_stopped_across_reloads() {
     );
     fleet.write_fleet(&yaml("two"));
     let out = ok(&fleet, &["reload"]);
-    assert!(out.contains("changed: a\n"), "{out}");
+    assert!(out.contains("changed (stays stopped): a\n"), "{out}");
     sup.wait_log("it stays stopped until `supervisor start a`");
     sup.signal(Signal::SIGHUP);
     sup.wait_log("unchanged=2");
@@ -351,7 +351,7 @@ fn reload_prints_the_diff_or_the_errors_and_keeps_the_fleet() {
     assert_eq!(
         out,
         format!(
-            "reloaded `{}`\nadded: joiner\nremoved: leaver\nchanged: changer\nunchanged: 1 agent\n",
+            "reloaded `{}`\nadded (started): joiner\nremoved (stopped): leaver\nchanged (restarted): changer\nunchanged: 1 agent\n",
             fleet.file("fleet.yaml").display()
         )
     );
@@ -467,4 +467,57 @@ fn the_socket_is_private_and_follows_the_runtime_directory() {
     assert_eq!(row(&fleet, "a")["pid"], pid);
     stop_supervisor(sup);
     assert!(!socket.exists() && std::fs::symlink_metadata(&link).is_err());
+}
+
+#[test]
+fn a_budget_only_reload_with_a_quarantined_agent_names_every_agent_once() {
+    let fleet = FleetDir::new();
+    let yaml = |budget: &str| {
+        format!(
+            "version: 1
+agents:
+  alpha:
+    command: [sleep, '1000']
+  beta:
+    command: [sleep, '1000']
+    budget: {{ monthly_tokens: {budget} }}
+  gamma:
+    command: [sleep, '1000']
+"
+        )
+    };
+    fleet.write_fleet(&yaml("1M"));
+    // `gamma` was quarantined by an earlier run.
+    let state = fleet.file(".supervisor");
+    std::fs::create_dir_all(&state).unwrap();
+    agent_supervisor::ledger::put_quarantine(
+        &state,
+        &agent_supervisor::ledger::QuarantineRecord {
+            agent: "gamma".into(),
+            since_ms: 1,
+            reason: "runaway: 4 failing retries in a row".into(),
+            evidence: serde_json::json!({}),
+        },
+    )
+    .unwrap();
+    let sup = start(&fleet);
+    let path = fleet.file("fleet.yaml");
+
+    fleet.write_fleet(&yaml("2M"));
+    assert_eq!(
+        ok(&fleet, &["reload"]),
+        format!(
+            "reloaded `{}`\nchanged live (budget): beta\nheld (quarantined): gamma\nunchanged: 1 agent\n",
+            path.display()
+        )
+    );
+    // `release` names the agent it let go as released and started, not added.
+    assert_eq!(
+        ok(&fleet, &["release", "gamma"]),
+        format!(
+            "released agent \"gamma\"\nthe running supervisor reloaded: \"gamma\" starts again\nreloaded `{}`\nreleased (started): gamma\nunchanged: 2 agents\n",
+            path.display()
+        )
+    );
+    stop_supervisor(sup);
 }

@@ -306,9 +306,8 @@ fn agents_restarted_for_new_secrets_go_one_at_a_time() {
     let steps: Vec<String> = since_reload
         .lines()
         .filter_map(|line| {
-            let (name, rest) = line
-                .trim_start_matches("supervisor | INFO ")
-                .split_once(": ")?;
+            let (_, event) = line.split_once("supervisor | INFO ")?;
+            let (name, rest) = event.split_once(": ")?;
             if rest.starts_with("stopping agent") {
                 Some(format!("stop {name}"))
             } else if rest.starts_with("agent started") {

@@ -51,3 +51,45 @@ fn second_signal_kills_at_once() {
     assert!(start.elapsed() < Duration::from_secs(60));
     assert!(!group_alive(stubborn));
 }
+
+#[test]
+fn a_simulated_request_in_flight_at_ctrl_c_is_charged_its_known_usage() {
+    let fleet = FleetDir::new();
+    fleet.write_fleet(&format!(
+        "version: 1
+proxy: {{ listen: '127.0.0.1:0' }}
+providers:
+  sim: {{ kind: simulated, latency: 60s }}
+agents:
+  worker:
+    command: [python3, '{script}']
+    env: {{ MODE: gate, MAX_TOKENS: '100000' }}
+    llm: [ {{ provider: sim }} ]
+",
+        script = repo_file("tests/sdk/plain_agent.py").display(),
+    ));
+    let mut sup = fleet.run(&[]);
+    // The one call waits out the simulated latency: in flight, held at its
+    // reservation (100,000 output tokens' worth).
+    wait_for("the request in flight", || {
+        let out = std::process::Command::new(bin())
+            .args(["usage", "--json", "-f"])
+            .arg(fleet.file("fleet.yaml"))
+            .output()
+            .ok()?;
+        let usage: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (usage[0]["unsettled_requests"] == 1).then_some(())
+    });
+    sup.signal(Signal::SIGINT);
+    assert!(sup.wait_exit().success(), "log:\n{}", sup.log());
+    let usage = usage_json(&fleet);
+    let row = &usage[0];
+    assert_eq!(row["unsettled_requests"], 0, "{row}");
+    let metered = row["input_tokens"].as_u64().unwrap() + row["output_tokens"].as_u64().unwrap();
+    assert!(metered > 0, "{row}");
+    assert_eq!(
+        row["charged_tokens"].as_u64().unwrap(),
+        metered,
+        "the simulated answer's own usage, not the reservation: {row}"
+    );
+}

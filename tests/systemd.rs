@@ -278,7 +278,7 @@ fn the_units_reload_command_waits_for_the_outcome() {
         String::from_utf8_lossy(&out.stderr)
     );
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("added: joiner\n"), "{said}");
+    assert!(said.contains("added (started): joiner\n"), "{said}");
     notify.expect("READY=1 after the applied reload", |m| {
         m.starts_with("READY=1\n")
     });

@@ -111,14 +111,18 @@ agents:
         rows.push(row("steady", now - d * DAY - 3_600_000, 1_000, 3_000));
         rows.push(row("steady", now - d * DAY - 3_720_000, 1_000, 3_000));
     }
-    // Two days: 500 tokens, then 10,000 in one minute; a released request is no usage.
+    // Forty days of history: the first request before the window.
+    rows.push(row("steady", now - 40 * DAY, 0, 0));
+    // Two days: 500 tokens on the first, partial, day; then 10,000 in one
+    // minute on the whole day after it; a released request is no usage.
     rows.push(row("spiky", now - 2 * DAY, 500, 0));
-    rows.push(row("spiky", now - 1_000, 10_000, 0));
+    rows.push(row("spiky", now - DAY, 10_000, 0));
     rows.push(Row {
         outcome: "released",
         ..row("spiky", now - 2_000, 1_000_000, 0)
     });
-    rows.push(row("hot", now - 1_000, 5_000, 0));
+    rows.push(row("hot", now - 3 * DAY, 0, 0));
+    rows.push(row("hot", now - DAY, 5_000, 0));
     // Older than the window: not looked at.
     rows.push(row("idle", now - 40 * DAY, 9_999, 0));
     write_ledger(&fleet.file(".supervisor"), &rows);
@@ -155,6 +159,7 @@ agents:
     let spiky = by_name("spiky");
     assert_eq!(spiky["basis"], "projected", "{spiky}");
     assert_eq!(spiky["days_observed"], 2);
+    assert_eq!(spiky["whole_days"], 1);
     assert_eq!(
         spiky["monthly_tokens"],
         10_000 * days,
@@ -187,13 +192,33 @@ agents:
         "{table}"
     );
 
-    // --apply: the overlay, which `check` accepts and `usage` reads.
-    let applied = stdout(&cli(&fleet, &["tune", "--apply"]));
-    assert!(applied.contains("wrote `"), "{applied}");
-    assert!(
-        applied
-            .contains("no supervisor is running; the next `supervisor run` uses the new budgets"),
-        "{applied}"
+    // --apply: refused on two days of history unless `--min-days` allows it.
+    let refused = cli(&fleet, &["tune", "--apply"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(fleet.read("fleet.budgets.yaml").is_none());
+    // The overlay, which `check` accepts and `usage` reads; fleet.yaml's own
+    // `monthly_tokens` for `steady` shadows the overlay's, and says so.
+    let applied = stdout(&cli(&fleet, &["tune", "--apply", "--min-days", "2"]));
+    let spiky_tokens = grouped(friendly(12_500 * days));
+    let hot_tokens = grouped(friendly(6_250 * days));
+    let after_table: Vec<&str> = applied
+        .lines()
+        .skip_while(|l| !l.starts_with("wrote `"))
+        .skip(1)
+        .collect();
+    assert_eq!(
+        after_table.join("\n"),
+        format!(
+            "\
+agent \"hot\": monthly_tokens {hot_tokens}: shadowed, `fleet.yaml:8` sets `budget.monthly_tokens: 5,000` for this agent and wins; remove it there to let {hot_tokens} apply
+agent \"hot\": tokens_per_minute 6,300: takes effect
+agent \"spiky\": monthly_tokens {spiky_tokens}: takes effect
+agent \"spiky\": tokens_per_minute 13,000: takes effect
+agent \"steady\": monthly_tokens 75,000: shadowed, `fleet.yaml:3` sets `budget.monthly_tokens: 1,000,000` for this agent and wins; remove it there to let 75,000 apply
+agent \"steady\": monthly_usd $1.00: takes effect
+agent \"steady\": tokens_per_minute 1,300: shadowed, `fleet.yaml:3` sets `budget.tokens_per_minute: 100,000` for this agent and wins; remove it there to let 1,300 apply
+no supervisor is running; the next `supervisor run` uses the 4 new values; 3 stay shadowed by fleet.yaml"
+        )
     );
     let overlay = fleet.read("fleet.budgets.yaml").unwrap();
     assert!(
@@ -261,10 +286,14 @@ agents:
 ",
         script = repo_file("tests/sdk/plain_agent.py").display(),
     ));
-    // Two days ago the worker used 10 tokens.
+    // Two days ago and yesterday the worker used 10 tokens.
+    let now = unix_millis_now();
     write_ledger(
         &fleet.file(".supervisor"),
-        &[row("worker", unix_millis_now() - 2 * DAY, 10, 0)],
+        &[
+            row("worker", now - 2 * DAY, 10, 0),
+            row("worker", now - DAY, 10, 0),
+        ],
     );
     let mut sup = fleet.run(&[]);
     let first = wait_for("the worker's first answer", || {
@@ -273,9 +302,13 @@ agents:
     assert!(first.starts_with("ok 200"), "no ceiling yet: {first}");
     let pid = fleet.wait_pid("worker");
 
-    let applied = stdout(&cli(&fleet, &["tune", "--apply"]));
+    let applied = stdout(&cli(&fleet, &["tune", "--apply", "--min-days", "0"]));
     assert!(
-        applied.contains("the running supervisor reloaded: the new budgets are in force"),
+        applied.contains("agent \"worker\": monthly_tokens ")
+            && applied.contains(": takes effect\n")
+            && applied.contains(
+                "the running supervisor reloaded: 1 new value in force, 1 shadowed by fleet.yaml\n"
+            ),
         "{applied}"
     );
     sup.wait_log("reload applied");
@@ -352,4 +385,188 @@ agents:
     assert_eq!(soft, 1, "{:#?}", hook.received());
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success());
+}
+
+/// `1234567` → `1,234,567`, as the table prints counts.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The last UTC midnight at or before `ms`.
+fn midnight(ms: i64) -> i64 {
+    ms - ms.rem_euclid(DAY)
+}
+
+/// One hour, three days and forty days of history: what each supports.
+fn three_histories(fleet: &FleetDir) -> i64 {
+    fleet.write_fleet(
+        "version: 1
+agents:
+  hour:
+    command: [sleep, '1000']
+    budget: { monthly_usd: 50, tokens_per_minute: 200k }
+  three:
+    command: [sleep, '1000']
+    budget: { tokens_per_minute: 100k }
+  forty:
+    command: [sleep, '1000']
+    budget: { monthly_tokens: 1M }
+",
+    );
+    let now = unix_millis_now();
+    let today = midnight(now);
+    let mut rows = vec![
+        // An hour of demo traffic.
+        row("hour", now - 3_600_000, 400, 2_000),
+        row("hour", now - 1_800_000, 600, 3_000),
+        // Three whole days since midnight, then a busy partial day today.
+        row("three", today - 3 * DAY, 1_000, 10_000),
+        row("three", today - 2 * DAY, 2_000, 20_000),
+        row("three", today - DAY, 3_000, 30_000),
+        row("three", now - 1_000, 50_000, 0),
+        // Forty days: the first request long before the window.
+        row("forty", now - 40 * DAY, 7, 0),
+    ];
+    for d in 0..30 {
+        rows.push(row("forty", now - d * DAY - 60_000, 2_000, 50_000));
+    }
+    write_ledger(&fleet.file(".supervisor"), &rows);
+    now
+}
+
+#[test]
+fn tune_recommends_only_what_one_hour_three_days_and_forty_days_support() {
+    let fleet = FleetDir::new();
+    let now = three_histories(&fleet);
+    let days = agent_supervisor::tune::days_in_month(Month::from_unix_secs(now / 1000));
+    let proj = grouped(3_000 * days);
+    let rec = grouped(friendly(3_750 * days));
+    let cost = format!("${:.2}", 0.03 * days as f64);
+    let table = stdout(&cli(&fleet, &["tune"]));
+    assert_eq!(
+        table,
+        format!(
+            "\
+AGENT  HISTORY  DAYS  MONTHLY TOKENS   MONTHLY COST  PEAK TPM      MONTHLY_TOKENS   MONTHLY_USD  TOKENS_PER_MINUTE
+forty     40d     30          60,000          $1.50     2,000  1,000,000 → 75,000  none → $2.00       none → 2,500
+hour    1h 0m*     1               -              -       600                   -             -      200,000 → 750
+three      3d*     4  {proj} (proj.)  {cost} (proj.)    50,000      none → {rec}  none → $2.00   100,000 → 63,000
+* under 7 days of history: low confidence; `--apply` refuses while a row with a recommendation is marked (`--min-days` sets the minimum)
+agent \"forty\": monthly_tokens 75,000: 30-day total 60,000 + 25%, rounded up
+agent \"forty\": monthly_usd $2.00: 30-day total $1.50 + 25%, rounded up
+agent \"forty\": tokens_per_minute 2,500: peak minute 2,000 + 25%, rounded up
+agent \"hour\": monthly_tokens none: no whole UTC day of history yet (1h 0m); a partial day is not projected to a month
+agent \"hour\": monthly_usd none: no whole UTC day of history yet (1h 0m); a partial day is not projected to a month
+agent \"hour\": tokens_per_minute 750: peak minute 600 + 25%, rounded up
+agent \"three\": monthly_tokens {rec}: p95 daily 3,000 over 3 whole days × {days} + 25%, rounded up
+agent \"three\": monthly_usd $2.00: p95 daily $0.03 over 3 whole days × {days} + 25%, rounded up
+agent \"three\": tokens_per_minute 63,000: peak minute 50,000 + 25%, rounded up
+agent \"forty\": uses 6% of `budget.monthly_tokens`
+"
+        )
+    );
+
+    let report: Value = serde_json::from_str(&stdout(&cli(&fleet, &["tune", "--json"]))).unwrap();
+    assert_eq!(report["min_days"], 7);
+    let agent = |name: &str| {
+        report["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["agent"] == name)
+            .unwrap()
+            .clone()
+    };
+    let hour = agent("hour");
+    assert_eq!(hour["basis"], "too_short");
+    assert_eq!(hour["low_confidence"], true);
+    let secs = hour["history_seconds"].as_i64().unwrap();
+    assert!((3_600..3_660).contains(&secs), "{hour}");
+    assert_eq!(
+        hour["recommended"],
+        json!({"monthly_tokens": null, "monthly_usd": null, "tokens_per_minute": 750})
+    );
+    assert_eq!(
+        hour["reasons"]["tokens_per_minute"],
+        "peak minute 600 + 25%, rounded up"
+    );
+    let three = agent("three");
+    assert_eq!(three["basis"], "projected");
+    assert_eq!(three["whole_days"], 3);
+    assert_eq!(
+        three["daily_p95_tokens"], 3_000,
+        "today's 50,000 is partial"
+    );
+    assert_eq!(three["low_confidence"], true);
+    let forty = agent("forty");
+    assert_eq!(forty["basis"], "observed");
+    assert_eq!(forty["low_confidence"], false);
+    assert!(forty["history_seconds"].as_i64().unwrap() >= 40 * 86_400);
+
+    // `--apply` refuses while low-confidence rows have values to write.
+    let out = cli(&fleet, &["tune", "--apply"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: not applied: agents have under 7 days of history: `hour` (1h 0m), `three` (3d)\n\
+         hint: recommendations from so little traffic are guesses; wait until they have 7 days, or pass `--min-days 0` to apply them anyway\n"
+    );
+    assert!(
+        fleet.read("fleet.budgets.yaml").is_none(),
+        "nothing written"
+    );
+    // `--min-days 3` still holds `hour` back.
+    let out = cli(&fleet, &["tune", "--apply", "--min-days", "3"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with(
+            "error: not applied: 1 agent has under 3 days of history: `hour` (1h 0m)\n"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        fleet.read("fleet.budgets.yaml").is_none(),
+        "nothing written"
+    );
+
+    // `--min-days 0` applies; fleet.yaml's own values shadow some, and it says so.
+    let applied = stdout(&cli(&fleet, &["tune", "--apply", "--min-days", "0"]));
+    let said: Vec<&str> = applied
+        .lines()
+        .skip_while(|l| !l.starts_with("wrote `"))
+        .skip(1)
+        .collect();
+    assert_eq!(
+        said.join("\n"),
+        format!(
+            "\
+agent \"forty\": monthly_tokens 75,000: shadowed, `fleet.yaml:9` sets `budget.monthly_tokens: 1,000,000` for this agent and wins; remove it there to let 75,000 apply
+agent \"forty\": monthly_usd $2.00: takes effect
+agent \"forty\": tokens_per_minute 2,500: takes effect
+agent \"hour\": tokens_per_minute 750: shadowed, `fleet.yaml:3` sets `budget.tokens_per_minute: 200,000` for this agent and wins; remove it there to let 750 apply
+agent \"three\": monthly_tokens {rec}: takes effect
+agent \"three\": monthly_usd $2.00: takes effect
+agent \"three\": tokens_per_minute 63,000: shadowed, `fleet.yaml:6` sets `budget.tokens_per_minute: 100,000` for this agent and wins; remove it there to let 63,000 apply
+no supervisor is running; the next `supervisor run` uses the 4 new values; 3 stay shadowed by fleet.yaml"
+        )
+    );
+    // `status`/`usage` show what is in force: fleet.yaml's value, not the overlay's.
+    let usage: Value = serde_json::from_str(&stdout(&cli(&fleet, &["usage", "--json"]))).unwrap();
+    let forty = usage
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["agent"] == "forty")
+        .unwrap()
+        .clone();
+    assert_eq!(forty["monthly_tokens_ceiling"], 1_000_000, "{forty}");
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::discovery::{self, Found};
-use super::protocol::{AgentStatusRow, Command, HostStatus, PROTOCOL_VERSION, Request, Response};
+use super::protocol::{
+    AgentStatusRow, Command, HostStatus, PROTOCOL_VERSION, ReloadReport, Request, Response,
+};
 use super::server::{MAX_REQUEST_BYTES, REPLY_TIMEOUT};
 use super::status;
 use crate::cli::exit;
@@ -168,14 +170,9 @@ pub fn ask_reload(fleet_path: &Path, state_dir: &Path) -> ReloadAsked {
     };
     let socket = discovery::socket_for(fleet_path, state_dir);
     let why = match request(fleet_path, &socket, Command::Reload) {
-        Ok(Response::Reloaded {
-            added,
-            removed,
-            changed,
-            unchanged,
-        }) => {
+        Ok(Response::Reloaded(report)) => {
             return ReloadAsked::Applied {
-                summary: reload_summary(fleet_path, &added, &removed, &changed, unchanged),
+                summary: reload_summary(fleet_path, &report),
             };
         }
         Ok(Response::Rejected { errors }) => return ReloadAsked::Rejected { errors },
@@ -357,16 +354,8 @@ pub fn reload_command(fleet_path: &Path) -> u8 {
         Command::Reload,
         false,
         |response| match response {
-            Response::Reloaded {
-                added,
-                removed,
-                changed,
-                unchanged,
-            } => {
-                print!(
-                    "{}",
-                    reload_summary(fleet_path, &added, &removed, &changed, unchanged)
-                );
+            Response::Reloaded(report) => {
+                print!("{}", reload_summary(fleet_path, &report));
                 exit::OK
             }
             Response::Rejected { errors } => {
@@ -384,21 +373,46 @@ pub fn reload_command(fleet_path: &Path) -> u8 {
     )
 }
 
-/// What a reload did, one line per kind of change.
-pub fn reload_summary(
-    fleet_path: &Path,
-    added: &[String],
-    removed: &[String],
-    changed: &[String],
-    unchanged: usize,
-) -> String {
+/// What a reload did, one line per kind of change, so that every agent of
+/// the fleet appears in exactly one: `added`, `released`, `removed`,
+/// `changed` (restarted, or staying stopped), `changed live (what)`,
+/// `held (quarantined)`, `unchanged`.
+pub fn reload_summary(fleet_path: &Path, report: &ReloadReport) -> String {
+    let ReloadReport {
+        added,
+        removed,
+        changed,
+        unchanged,
+        released,
+        changed_live,
+        held,
+        changed_stopped,
+    } = report;
     let mut out = format!("reloaded `{}`\n", fleet_path.display());
-    for (label, names) in [("added", added), ("removed", removed), ("changed", changed)] {
+    let mut line = |label: &str, names: &[String]| {
         if !names.is_empty() {
             out.push_str(&format!("{label}: {}\n", names.join(", ")));
         }
+    };
+    line("added (started)", added);
+    line("released (started)", released);
+    line("removed (stopped)", removed);
+    line("changed (restarted)", changed);
+    line("changed (stays stopped)", changed_stopped);
+    // Grouped by what changed: `changed live (budget): a, b`.
+    let mut live: Vec<(String, Vec<String>)> = Vec::new();
+    for change in changed_live {
+        let what = change.what.join(", ");
+        match live.iter_mut().find(|(w, _)| *w == what) {
+            Some((_, names)) => names.push(change.agent.clone()),
+            None => live.push((what, vec![change.agent.clone()])),
+        }
     }
-    let agents = if unchanged == 1 { "agent" } else { "agents" };
+    for (what, names) in &live {
+        line(&format!("changed live ({what})"), names);
+    }
+    line("held (quarantined)", held);
+    let agents = if *unchanged == 1 { "agent" } else { "agents" };
     out.push_str(&format!("unchanged: {unchanged} {agents}\n"));
     out
 }
@@ -457,20 +471,51 @@ mod tests {
     }
 
     #[test]
-    fn reload_summary_lists_each_kind() {
+    fn reload_summary_lists_every_agent_once() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let live = |agent: &str, what: &[&str]| crate::control::protocol::LiveChange {
+            agent: agent.into(),
+            what: s(what),
+        };
+        let reloaded = ReloadReport {
+            added: s(&["j"]),
+            removed: s(&["l"]),
+            changed: s(&["c", "d"]),
+            unchanged: 2,
+            released: s(&["r"]),
+            changed_live: vec![
+                live("b1", &["budget"]),
+                live("br", &["budget", "runaway"]),
+                live("b2", &["budget"]),
+            ],
+            held: s(&["q"]),
+            changed_stopped: s(&["st"]),
+        };
         assert_eq!(
-            reload_summary(
-                Path::new("fleet.yaml"),
-                &s(&["j"]),
-                &s(&["l"]),
-                &s(&["c", "d"]),
-                2
-            ),
-            "reloaded `fleet.yaml`\nadded: j\nremoved: l\nchanged: c, d\nunchanged: 2 agents\n"
+            reload_summary(Path::new("fleet.yaml"), &reloaded),
+            "reloaded `fleet.yaml`\n\
+             added (started): j\n\
+             released (started): r\n\
+             removed (stopped): l\n\
+             changed (restarted): c, d\n\
+             changed (stays stopped): st\n\
+             changed live (budget): b1, b2\n\
+             changed live (budget, runaway): br\n\
+             held (quarantined): q\n\
+             unchanged: 2 agents\n"
         );
+        let quiet = ReloadReport {
+            added: vec![],
+            removed: vec![],
+            changed: vec![],
+            unchanged: 1,
+            released: vec![],
+            changed_live: vec![],
+            held: vec![],
+            changed_stopped: vec![],
+        };
         assert_eq!(
-            reload_summary(Path::new("f.yaml"), &[], &[], &[], 1),
+            reload_summary(Path::new("f.yaml"), &quiet),
             "reloaded `f.yaml`\nunchanged: 1 agent\n"
         );
     }

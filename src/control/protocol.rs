@@ -98,6 +98,40 @@ pub struct SecretVersion {
     pub stale: bool,
 }
 
+/// A reload was applied. Every agent of the fleet is in exactly one of
+/// `added`, `released`, `changed`, `changed_stopped`, `changed_live`,
+/// `held` or counted in `unchanged`; `removed` names those it no longer
+/// has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Changed in what shapes the process: restarted.
+    pub changed: Vec<String>,
+    pub unchanged: usize,
+    /// Quarantined until this reload (`supervisor release`), started by it.
+    #[serde(default)]
+    pub released: Vec<String>,
+    /// Budget or runaway settings changed: applied live, no restart.
+    #[serde(default)]
+    pub changed_live: Vec<LiveChange>,
+    /// Quarantined: held down, whatever the file says.
+    #[serde(default)]
+    pub held: Vec<String>,
+    /// Changed, but stopped by `supervisor stop`: not restarted; the new
+    /// spec applies at `supervisor start`.
+    #[serde(default)]
+    pub changed_stopped: Vec<String>,
+}
+
+/// An agent whose settings a reload changed in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveChange {
+    pub agent: String,
+    /// The agent's settings that changed: `budget`, `runaway`.
+    pub what: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
@@ -107,13 +141,8 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         host: Option<HostStatus>,
     },
-    /// A reload was applied (counts by agent name).
-    Reloaded {
-        added: Vec<String>,
-        removed: Vec<String>,
-        changed: Vec<String>,
-        unchanged: usize,
-    },
+    /// A reload was applied (boxed: the other answers are small).
+    Reloaded(Box<ReloadReport>),
     /// A reload was refused; the running fleet is unchanged. One line per problem.
     Rejected {
         errors: Vec<String>,
@@ -153,6 +182,22 @@ impl Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload report stays a flat object tagged `reloaded`; one from an
+    /// older supervisor, without the newer lists, still reads.
+    #[test]
+    fn a_reload_report_is_flat_and_reads_without_the_newer_lists() {
+        let old = r#"{"result":"reloaded","added":["a"],"removed":[],"changed":[],"unchanged":2}"#;
+        let Ok(Response::Reloaded(report)) = serde_json::from_str::<Response>(old) else {
+            panic!("{old}");
+        };
+        assert_eq!(report.added, ["a"]);
+        assert!(report.held.is_empty() && report.changed_live.is_empty());
+        let json = serde_json::to_value(Response::Reloaded(report)).unwrap();
+        assert_eq!(json["result"], "reloaded");
+        assert_eq!(json["unchanged"], 2);
+        assert_eq!(json["held"], serde_json::json!([]));
+    }
 
     /// The wire shapes are a contract with older and newer CLIs: pin them.
     #[test]

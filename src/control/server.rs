@@ -287,8 +287,9 @@ async fn connection(stream: UnixStream, handle: &ControlHandle, own_uid: u32) {
             ),
             Ok(Err(refusal)) => refusal,
             Ok(Ok(command)) => {
-                if command == Command::FlushLedger {
-                    // Every `supervisor usage` sends one: not news in the log.
+                if matches!(command, Command::FlushLedger | Command::Status) {
+                    // Read-only, and sent by every `usage` and `status` (and
+                    // by scripts polling them): not news in the log.
                     tracing::debug!(command = ?command, "control request");
                 } else {
                     tracing::info!(command = ?command, "control request");

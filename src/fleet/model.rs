@@ -290,6 +290,19 @@ pub struct RunAs {
 }
 
 impl AgentSpec {
+    /// The settings that apply live (no restart) and differ from `new`'s, by
+    /// their fleet.yaml name: `budget`, `runaway`.
+    pub fn live_changes(&self, new: &AgentSpec) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.budget != new.budget {
+            out.push("budget");
+        }
+        if self.runaway != new.runaway {
+            out.push("runaway");
+        }
+        out
+    }
+
     /// The parts that shape the agent's process; a change here needs a
     /// restart. Budget and runaway settings apply live, without one.
     pub fn launch_view(&self) -> AgentSpec {

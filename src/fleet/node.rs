@@ -168,14 +168,77 @@ pub fn parse(source: &str) -> Result<Node, SyntaxError> {
             .map(|l| Pos::new(to_u32(l.line()), to_u32(l.column())))
             .filter(|p| p.line > 0)
             .unwrap_or(Pos::new(1, 1));
-        let message = UserMessageFormatter.format_message(err).into_owned();
-        SyntaxError {
-            pos,
-            message: printable(&message),
+        let message = printable(&UserMessageFormatter.format_message(err));
+        match unclosed_flow_before(source, pos) {
+            // The parser noticed later what went wrong earlier: point there.
+            Some((opened, bracket)) => SyntaxError {
+                pos: opened,
+                message: format!(
+                    "`{bracket}` is never closed (the parser noticed at {}:{}: {message})",
+                    pos.line, pos.column
+                ),
+            },
+            None => SyntaxError { pos, message },
         }
     })?;
     restore_scalar_text(&mut root, source);
     Ok(root)
+}
+
+/// The real mistake behind a syntax error found at `at`, when it is a `[` or
+/// `{` left open on an earlier line: the lines after it then read as part of
+/// that flow collection, and the parser only fails where they stop making
+/// sense. The innermost such bracket, with where it is. Brackets count only
+/// where a flow collection can start (after `:`, `-`, `,`, `?`, another
+/// bracket, or first on a line), outside quotes and comments.
+fn unclosed_flow_before(source: &str, at: Pos) -> Option<(Pos, char)> {
+    let starts_flow = |before: Option<char>| before.is_none_or(|b| ":-,[{?".contains(b));
+    let mut open: Vec<(Pos, char)> = Vec::new();
+    for (index, line) in source.lines().enumerate() {
+        let line_no = u32::try_from(index + 1).unwrap_or(u32::MAX);
+        if line_no > at.line {
+            break;
+        }
+        let mut quote: Option<char> = None;
+        let mut previous = None::<char>;
+        // The last character that was not a space.
+        let mut before = None::<char>;
+        let mut chars = line.chars().enumerate().peekable();
+        while let Some((i, c)) = chars.next() {
+            let column = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            if line_no == at.line && column >= at.column {
+                break;
+            }
+            match quote {
+                Some('"') if c == '\\' => {
+                    chars.next();
+                }
+                Some(q) if c == q => {
+                    // `''` inside single quotes is an escaped quote.
+                    if q == '\'' && chars.peek().is_some_and(|(_, n)| *n == '\'') {
+                        chars.next();
+                    } else {
+                        quote = None;
+                    }
+                }
+                Some(_) => {}
+                None => match c {
+                    '#' if previous.is_none_or(char::is_whitespace) => break,
+                    '"' | '\'' if starts_flow(before) => quote = Some(c),
+                    '[' | '{' if starts_flow(before) => open.push((Pos::new(line_no, column), c)),
+                    ']' | '}' => {
+                        open.pop();
+                    }
+                    _ => {}
+                },
+            }
+            previous = Some(c);
+            if !c.is_whitespace() {
+                before = Some(c);
+            }
+        }
+    }
+    open.pop().filter(|(pos, _)| pos.line < at.line)
 }
 
 /// Control characters from the input must not reach a terminal.
@@ -981,6 +1044,43 @@ mod tests {
     use serde::Deserialize;
 
     use super::*;
+
+    #[test]
+    fn an_unclosed_bracket_is_blamed_where_it_was_opened() {
+        let cases: &[(&str, &str, Pos, &str)] = &[
+            (
+                "unclosed list",
+                "version: 1\nagents:\n  a:\n    command: [sleep, 1\n    env: { X: y }\n",
+                Pos::new(4, 14),
+                "`[` is never closed (the parser noticed at 5:8: ",
+            ),
+            (
+                "unclosed map",
+                "version: 1\nagents:\n  a:\n    command: [sleep]\n    env: {X: y\n  b:\n    command: [true]\n",
+                Pos::new(5, 10),
+                "`{` is never closed (the parser noticed at 6:",
+            ),
+        ];
+        for (what, source, pos, starts) in cases {
+            let err = parse(source).unwrap_err();
+            assert_eq!(err.pos, *pos, "{what}: {}", err.message);
+            assert!(err.message.starts_with(starts), "{what}: {}", err.message);
+        }
+        // Brackets in quotes, comments and plain words are not openers; an
+        // error on the opener's own line stays where the parser found it.
+        for (source, at) in [
+            ("a: \"[x\"\nb: : c\n", Pos::new(2, 4)),
+            ("a: x # [\nb: : c\n", Pos::new(2, 4)),
+            ("a: echo [x\nb: : c\n", Pos::new(2, 4)),
+            ("a: [x, : ]\n", Pos::new(1, 8)),
+        ] {
+            assert_eq!(unclosed_flow_before(source, at), None, "{source:?}");
+        }
+        assert_eq!(
+            unclosed_flow_before("a: [x, {y: [1]}\nb: 2\n", Pos::new(2, 2)),
+            Some((Pos::new(1, 4), '['))
+        );
+    }
 
     #[allow(dead_code)] // read through Debug
     #[derive(Debug, Deserialize)]

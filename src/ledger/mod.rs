@@ -167,6 +167,9 @@ pub struct AgentMonthUsage {
     pub charged_micro_usd: u64,
     /// Requests still in flight (or left unsettled by a crash): counted at their reservation.
     pub unsettled: u64,
+    /// Settled requests charged at their reservation because their usage
+    /// never arrived: cut streams, and rows a crash left unsettled.
+    pub cut: u64,
 }
 
 enum Op {
@@ -806,7 +809,8 @@ pub fn month_usage(state_dir: &Path, month: Month) -> Result<Vec<AgentMonthUsage
                     SUM(cache_creation_input_tokens), SUM(cache_read_input_tokens),
                     SUM(CASE WHEN settled = 1 THEN charged_tokens ELSE reserved_tokens END),
                     SUM(CASE WHEN settled = 1 THEN charged_micro_usd ELSE reserved_micro_usd END),
-                    SUM(CASE WHEN settled = 1 THEN 0 ELSE 1 END)
+                    SUM(CASE WHEN settled = 1 THEN 0 ELSE 1 END),
+                    SUM(CASE WHEN settled = 1 AND outcome IN ('cut', 'unsettled') THEN 1 ELSE 0 END)
              FROM requests WHERE month = ?1 AND outcome != 'released'
              GROUP BY agent",
         )?;
@@ -822,6 +826,7 @@ pub fn month_usage(state_dir: &Path, month: Month) -> Result<Vec<AgentMonthUsage
                 charged_tokens: from_sql(r.get(6)?),
                 charged_micro_usd: from_sql(r.get(7)?),
                 unsettled: from_sql(r.get(8)?),
+                cut: from_sql(r.get(9)?),
             })
         })?;
         for row in rows {
@@ -946,6 +951,30 @@ pub fn spend_per_window(
     let mut out = Vec::new();
     for row in rows {
         out.push(row?);
+    }
+    Ok(out)
+}
+
+/// Each agent's first request in the whole ledger (Unix milliseconds), so
+/// `tune` can say how much history it has even beyond the window it reads.
+/// Released requests count: the agent was running. Empty without a ledger.
+pub fn first_request_ms(state_dir: &Path) -> Result<BTreeMap<String, i64>> {
+    let path = state_dir.join(LEDGER_FILE);
+    if !path.exists() {
+        return Ok(BTreeMap::new());
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open the ledger `{}`", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mut stmt = conn.prepare("SELECT agent, MIN(started_at_ms) FROM requests GROUP BY agent")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let (agent, first) = row?;
+        out.insert(agent, first);
     }
     Ok(out)
 }

@@ -107,6 +107,9 @@ pub struct AnswerBody {
     /// The tap's last bytes, sent after the source has ended.
     tail: Option<Bytes>,
     done: bool,
+    /// The whole answer's usage when it is known before it is sent (the
+    /// simulated provider): charged even if the answer is cut short.
+    known: Option<TapReport>,
 }
 
 impl AnswerBody {
@@ -129,7 +132,16 @@ impl AnswerBody {
             armed: false,
             tail: None,
             done: false,
+            known: None,
         }
+    }
+
+    /// Charges `report` however the answer ends: for an answer whose usage
+    /// is known up front, a client that leaves (or a supervisor that stops)
+    /// mid-answer costs what the answer reports, not the reservation.
+    pub fn with_known_usage(mut self, report: TapReport) -> Self {
+        self.known = Some(report);
+        self
     }
 
     /// Settles the request, once; returns the tap's last bytes, if any.
@@ -139,8 +151,11 @@ impl AnswerBody {
             return None;
         };
         let mut tail = None;
-        let report = match reader {
-            Reader::Sse(mut tap) => {
+        // Cut short, an answer whose usage was known up front costs that usage.
+        let known = self.known.take().filter(|_| end != End::Complete);
+        let report = match (known, reader) {
+            (Some(known), _) => known,
+            (None, Reader::Sse(mut tap)) => {
                 if end == End::Complete {
                     let rest = tap.end();
                     if !rest.is_empty() {
@@ -149,18 +164,21 @@ impl AnswerBody {
                 }
                 tap.report()
             }
-            Reader::Json {
-                kind,
-                whole,
-                too_big,
-            } if end == End::Complete && !too_big => match parse_answer(kind, &whole) {
+            (
+                None,
+                Reader::Json {
+                    kind,
+                    whole,
+                    too_big,
+                },
+            ) if end == End::Complete && !too_big => match parse_answer(kind, &whole) {
                 Ok(report) => report,
                 Err(err) => {
                     tracing::warn!(agent = %pending.agent(), "{err}");
                     TapReport::cut()
                 }
             },
-            Reader::Json { .. } => TapReport::cut(),
+            (None, Reader::Json { .. }) => TapReport::cut(),
         };
         if end == End::ClientLeft {
             tracing::info!(agent = %pending.agent(), "client left before the answer ended");
@@ -288,6 +306,21 @@ impl Drop for AnswerBody {
         if self.pending.is_some() {
             self.finish(End::ClientLeft);
         }
+    }
+}
+
+/// What the simulated provider's whole answer (`chunks`) reports, read as the
+/// tap would read it: its usage is known before the first byte is sent.
+pub fn simulated_usage(kind: ApiKind, sse: bool, chunks: &[String]) -> TapReport {
+    if sse {
+        let mut tap = UsageTap::new(kind, super::usage::TapOptions::default());
+        for chunk in chunks {
+            let _ = tap.push(chunk.as_bytes());
+        }
+        let _ = tap.end();
+        tap.report()
+    } else {
+        parse_answer(kind, chunks.concat().as_bytes()).unwrap_or_else(|_| TapReport::cut())
     }
 }
 

@@ -1145,9 +1145,12 @@ async fn handle_metered(
     } else {
         body
     };
+    // The simulated answer is whole before it is sent, so is its usage.
+    let mut simulated_chunks = None;
     let (status, headers, source): (u16, HeaderMap, Source) = match &route.provider.kind {
         ProviderKind::Simulated { latency, .. } => {
             let answer = simulated::answer(api, &json);
+            simulated_chunks = Some(answer.chunks.clone());
             let mut headers = HeaderMap::new();
             headers.insert(
                 hyper::header::CONTENT_TYPE,
@@ -1239,7 +1242,7 @@ async fn handle_metered(
     // A JSON answer passes byte for byte, so its length can be announced:
     // hyper then sends head and body in one write, without chunk framing.
     let content_length = content_length.filter(|_| !is_sse);
-    let body = AnswerBody::new(
+    let mut body = AnswerBody::new(
         source,
         reader,
         pending,
@@ -1247,6 +1250,9 @@ async fn handle_metered(
         content_length,
         shared.settings.upstream_timeout,
     );
+    if let Some(chunks) = simulated_chunks {
+        body = body.with_known_usage(super::answer::simulated_usage(kind, is_sse, &chunks));
+    }
     let mut response = Response::new(BodyExt::boxed(body));
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     *response.headers_mut() = headers;

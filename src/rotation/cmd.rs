@@ -118,6 +118,14 @@ pub fn rotate_command(fleet_path: &Path, agent: &str, secret: Option<&str>) -> u
         }
         return exit::FAILURE;
     }
+    if chosen.is_empty() {
+        // Nothing to pick up: no reload, and no claim that anything changed.
+        println!(
+            "agent `{agent}` declares no secrets (no `secrets:`, no LLM key): nothing to rotate"
+        );
+        return exit::OK;
+    }
+    let mut changed = 0;
     for CurrentVersion {
         secret: name,
         slot,
@@ -135,19 +143,30 @@ pub fn rotate_command(fleet_path: &Path, agent: &str, secret: Option<&str>) -> u
                     used_as.as_str()
                 )
             }
-            Some((old, _)) => println!(
-                "`{name}` ({slot}, {}): new version {old} -> {fingerprint}; {}",
-                used_as.as_str(),
-                what_happens(*used_as)
-            ),
-            None => println!(
-                "`{name}` ({slot}, {}): version {fingerprint}, not seen by a supervisor yet",
-                used_as.as_str()
-            ),
+            Some((old, _)) => {
+                changed += 1;
+                println!(
+                    "`{name}` ({slot}, {}): new version {old} -> {fingerprint}; {}",
+                    used_as.as_str(),
+                    what_happens(*used_as)
+                )
+            }
+            None => {
+                changed += 1;
+                println!(
+                    "`{name}` ({slot}, {}): version {fingerprint}, not seen by a supervisor yet",
+                    used_as.as_str()
+                )
+            }
         }
     }
+    let applied = if changed == 0 {
+        "no new version to pick up; the agents keep running as they were"
+    } else {
+        "new versions are picked up; `supervisor status` shows what each agent runs with"
+    };
     crate::control::client::ask_reload(fleet_path, &fleet.state_dir).report(
-        "new versions are picked up; `supervisor status` shows what each agent runs with",
+        applied,
         "the next `supervisor run` uses these versions",
         false,
     )
