@@ -1568,3 +1568,53 @@ fn monotonic_ms() -> u64 {
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token registered after admission looked it up (and missed) must
+    /// not be served by `handle` without the body lease admission gives:
+    /// `handle` acts on the grant it was handed and never looks again.
+    #[tokio::test]
+    async fn handle_acts_on_the_grant_it_was_given_not_a_second_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::open(dir.path()).unwrap());
+        let (events, _rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(ProxyShared::new(ProxySpec::default(), ledger, events).unwrap());
+        let token = super::super::tokens::mint().unwrap();
+        let presented = token.expose().to_owned();
+        shared.tokens.insert(
+            token,
+            Grant {
+                agent: "late".to_owned(),
+                entry: 0,
+                launch: 1,
+            },
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = shared.clone();
+        tokio::spawn(async move {
+            let (stream, peer) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(move |req| {
+                let shared = server.clone();
+                // As admission does when its lookup missed.
+                async move { Ok::<_, Infallible>(handle(&shared, req, None, peer).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        let resp = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", presented)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("unknown or expired API key"), "{text}");
+    }
+}
