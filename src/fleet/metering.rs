@@ -16,6 +16,13 @@ use crate::proxy::refusal::Api;
 use crate::runaway::RunawayConfig;
 use crate::vault::SecretName;
 
+/// Largest `proxy.max_body` accepted: bodies are buffered whole, and
+/// providers refuse requests far smaller than this.
+const MAX_BODY_CEILING: u64 = 1 << 30;
+
+/// Largest `proxy.max_body_in_flight(_per_agent)` accepted.
+const BODY_IN_FLIGHT_CEILING: u64 = 64 << 30;
+
 pub(super) fn resolve_proxy(cx: &mut Cx, raw: Option<RawProxy>) -> ProxySpec {
     let mut spec = ProxySpec::default();
     let Some(mut raw) = raw else { return spec };
@@ -35,6 +42,15 @@ pub(super) fn resolve_proxy(cx: &mut Cx, raw: Option<RawProxy>) -> ProxySpec {
     if let Some(max) = raw.max_body.take() {
         if max.value.0 == 0 {
             cx.push(max.pos, None, "`proxy.max_body` must be larger than zero");
+        } else if max.value.0 > MAX_BODY_CEILING {
+            cx.push(
+                max.pos,
+                None,
+                format!(
+                    "`proxy.max_body` ({} bytes) is above the 1GiB the proxy accepts: it buffers each body whole, and no provider takes a request that large",
+                    max.value.0
+                ),
+            );
         } else {
             spec.max_body = max.value.0;
         }
@@ -99,6 +115,17 @@ fn resolve_proxy_caps(cx: &mut Cx, raw: RawProxy, spec: &mut ProxySpec) {
     let max_body = spec.max_body;
     let mut bytes = |value: Option<At<super::schema::ByteSize>>, field: &str| {
         let value = value?;
+        if value.value.0 > BODY_IN_FLIGHT_CEILING {
+            cx.push(
+                value.pos,
+                None,
+                format!(
+                    "`proxy.{field}` ({} bytes) is above the 64GiB the proxy accepts; it is memory held for request bodies",
+                    value.value.0
+                ),
+            );
+            return None;
+        }
         if value.value.0 < max_body {
             cx.push(
                 value.pos,
@@ -600,6 +627,32 @@ providers:
             "fleet.yaml:12:30: `proxy.max_connections_per_agent` (11) is larger than `proxy.max_connections` (10)",
             "fleet.yaml:13:23: `proxy.max_body_in_flight` (524288 bytes) is smaller than `proxy.max_body` (1048576 bytes), so a request of the largest size accepted could never be read",
             "fleet.yaml:15:19: `proxy.header_timeout` must be longer than zero",
+        ];
+        assert_eq!(errors.len(), want.len(), "{errors:#?}");
+        for w in want {
+            assert!(
+                errors.iter().any(|e| e == w),
+                "missing {w:?} in {errors:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn absurd_body_sizes_are_located() {
+        // 600MiB is large but accepted (the derived budgets follow it).
+        let fleet = parse(&format!(
+            "{PROVIDERS}proxy: {{ max_body: 600MiB }}\nagents: {{}}\n"
+        ))
+        .unwrap();
+        assert_eq!(fleet.proxy.max_body, 600 << 20);
+        let errors = parse(&format!(
+            "{PROVIDERS}proxy:\n  max_body: 2GiB\n  max_body_in_flight: 100GiB\n  max_body_in_flight_per_agent: 65GiB\nagents: {{}}\n"
+        ))
+        .unwrap_err();
+        let want = [
+            "fleet.yaml:9:13: `proxy.max_body` (2147483648 bytes) is above the 1GiB the proxy accepts: it buffers each body whole, and no provider takes a request that large",
+            "fleet.yaml:10:23: `proxy.max_body_in_flight` (107374182400 bytes) is above the 64GiB the proxy accepts; it is memory held for request bodies",
+            "fleet.yaml:11:33: `proxy.max_body_in_flight_per_agent` (69793218560 bytes) is above the 64GiB the proxy accepts; it is memory held for request bodies",
         ];
         assert_eq!(errors.len(), want.len(), "{errors:#?}");
         for w in want {

@@ -70,10 +70,10 @@ pub struct ProxySpec {
     /// of `max_connections`, within 4..=256).
     pub max_connections_per_agent: Option<usize>,
     /// Request-body bytes buffered at once, in total (default a sixteenth of
-    /// memory, within 2×`max_body`..=1GiB).
+    /// memory up to 1GiB, but at least 2×`max_body`; at most 64GiB).
     pub max_body_in_flight: Option<u64>,
     /// Request-body bytes one agent may have buffered at once (default an
-    /// eighth of the total, within `max_body`..=4×`max_body`).
+    /// eighth of the total, at least `max_body`, at most the total).
     pub max_body_in_flight_per_agent: Option<u64>,
     /// How long a request's headers may take, and a keep-alive connection
     /// may idle (default 10s).

@@ -62,6 +62,31 @@ pub fn connections_affordable(descriptor_limit: u64, agents: usize) -> usize {
 /// Fallback when the host's memory cannot be read.
 const UNKNOWN_MEMORY: u64 = 4 << 30;
 
+/// Ceiling of the derived total body budget.
+const DERIVED_BODY_CEILING: u64 = 1 << 30;
+
+/// Agents whose bodies at their own cap fill the derived total: one agent
+/// cannot take more than this share of the others' room.
+const BODY_SHARES: u64 = 8;
+
+/// The total body budget when fleet.yaml sets none: a sixteenth of memory
+/// up to 1 GiB, but always room for two of the largest bodies — the floor
+/// wins over the ceiling, so a `max_body` above 512 MiB raises the total
+/// rather than inverting the bounds.
+fn default_body_in_flight(memory: u64, max_body: u64) -> u64 {
+    (memory / 16)
+        .min(DERIVED_BODY_CEILING)
+        .max(max_body.saturating_mul(2))
+}
+
+/// An agent's body budget when fleet.yaml sets none: an eighth of the
+/// total, whatever `max_body` is (many small requests in parallel are an
+/// agent's normal load: 1 GiB affords an agent 128 MiB, some 650 bodies of
+/// 200 KB), but never less than one largest body nor more than the total.
+fn default_body_in_flight_per_agent(total: u64, max_body: u64) -> u64 {
+    (total / BODY_SHARES).max(max_body).min(total)
+}
+
 impl Limits {
     /// The caps for `spec` on `host` with `agents` in the fleet: what
     /// fleet.yaml sets, the rest derived, and every connection figure held
@@ -91,7 +116,8 @@ impl Limits {
                     max_connections
                 }
                 Some(n) => n,
-                None => derived.clamp(1, max_connections),
+                // Not `clamp`: it panics should the bounds ever cross.
+                None => derived.max(1).min(max_connections),
             }
         };
         let max_unidentified_connections = cap(
@@ -109,12 +135,10 @@ impl Limits {
         let memory = host.memory.unwrap_or(UNKNOWN_MEMORY);
         let max_body_in_flight = spec
             .max_body_in_flight
-            .unwrap_or_else(|| (memory / 16).clamp(spec.max_body.saturating_mul(2), 1 << 30));
-        let max_body_in_flight_per_agent = spec.max_body_in_flight_per_agent.unwrap_or_else(|| {
-            (max_body_in_flight / 8)
-                .clamp(spec.max_body, spec.max_body.saturating_mul(4))
-                .min(max_body_in_flight)
-        });
+            .unwrap_or_else(|| default_body_in_flight(memory, spec.max_body));
+        let max_body_in_flight_per_agent = spec
+            .max_body_in_flight_per_agent
+            .unwrap_or_else(|| default_body_in_flight_per_agent(max_body_in_flight, spec.max_body));
         (
             Limits {
                 max_connections,
@@ -423,6 +447,59 @@ mod tests {
         cap.shrink_body("c", 50);
         assert_eq!(cap.snapshot().body_in_flight, 0);
         assert!(cap.agents.is_empty());
+    }
+
+    #[test]
+    fn body_budgets_table() {
+        const MIB: u64 = 1 << 20;
+        const GIB: u64 = 1 << 30;
+        // (memory, max_body) → (total, per agent). A `max_body` above 512 MiB
+        // once inverted the bounds of a `clamp`, which panicked at start.
+        let cases = [
+            (24 * GIB, 32 * MIB, (GIB, 128 * MIB)),
+            (24 * GIB, 600 * MIB, (1200 * MIB, 600 * MIB)),
+            (24 * GIB, GIB, (2 * GIB, GIB)),
+            (24 * GIB, MIB, (GIB, 128 * MIB)),
+            (4 * GIB, MIB, (256 * MIB, 32 * MIB)),
+            (512 * MIB, 32 * MIB, (64 * MIB, 32 * MIB)),
+            (0, MIB, (2 * MIB, MIB)),
+            (24 * GIB, u64::MAX, (u64::MAX, u64::MAX)),
+        ];
+        for (memory, max_body, want) in cases {
+            let spec = ProxySpec {
+                max_body,
+                ..ProxySpec::default()
+            };
+            let host = Host {
+                descriptor_limit: 65_536,
+                memory: Some(memory),
+            };
+            let (got, _) = Limits::resolve(&spec, host, 4);
+            assert_eq!(
+                (got.max_body_in_flight, got.max_body_in_flight_per_agent),
+                want,
+                "memory {memory}, max_body {max_body}"
+            );
+        }
+    }
+
+    #[test]
+    fn many_small_parallel_bodies_fit_an_agents_default_budget() {
+        let spec = ProxySpec {
+            max_body: 1 << 20,
+            ..ProxySpec::default()
+        };
+        let host = Host {
+            descriptor_limit: 65_536,
+            memory: Some(24 << 30),
+        };
+        let (limits, _) = Limits::resolve(&spec, host, 4);
+        let mut cap = Capacity::new(limits);
+        for n in 0..64 {
+            assert_eq!(cap.grow_body("a", 200_000), Ok(()), "request {n}");
+        }
+        // Another agent keeps its room.
+        assert_eq!(cap.grow_body("b", 1 << 20), Ok(()));
     }
 
     #[test]

@@ -49,7 +49,7 @@ use super::meter::{AgentMeter, ChainTicket, Credential, Meters, Target};
 use super::refusal::{Api, Refusal, RefusalKind};
 use super::route::{self, Endpoint};
 use super::simulated;
-use super::tokens::TokenTable;
+use super::tokens::{Grant, TokenTable};
 use super::usage::{
     ApiKind, Metered, Outcome as TapOutcome, TapOptions, TapReport, Usage, UsageTap,
     ensure_openai_stream_usage,
@@ -140,6 +140,10 @@ impl ProxyShared {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(usize::MAX)
             .tcp_nodelay(true)
+            // Never follow a redirect: the allow-list checked the path sent,
+            // not a Location's, and on another host reqwest would carry the
+            // real key in `x-api-key` there. A 3xx goes back to the agent.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the upstream HTTP client: {e}"))?;
         let gate = Arc::new(Gate::new(&settings, 0));
@@ -318,19 +322,20 @@ fn descriptor_figures() -> String {
 /// Identifies the agent of a request for the gate (its connection is the
 /// agent's from now on, within `proxy.max_connections_per_agent`), gives it
 /// a body lease, then runs the pipeline. A request without a known token
-/// leaves its connection unidentified, and `handle` answers it 401.
+/// leaves its connection unidentified, and `handle` answers it 401. The
+/// token is looked up here only, and its grant handed on: a second lookup
+/// could find a token registered in between and serve it without a lease.
 async fn admit_and_handle(
     shared: &ProxyShared,
     conn: super::capacity::ConnId,
     mut req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
-    let agent = presented_token(req.headers())
-        .and_then(|token| shared.tokens.lookup(token))
-        .map(|grant| grant.agent.clone());
-    let Some(agent) = agent else {
-        return handle(shared, req, peer).await;
+    let grant = presented_token(req.headers()).and_then(|token| shared.tokens.lookup(token));
+    let Some(grant) = grant else {
+        return handle(shared, req, None, peer).await;
     };
+    let agent = grant.agent.clone();
     if let Err(refused) = shared.gate.identify(conn, &agent) {
         let mut response =
             refused_response(shared, route::shape_of(req.uri().path()), &agent, &refused);
@@ -341,7 +346,7 @@ async fn admit_and_handle(
     }
     let lease = shared.gate.lease(&agent);
     req.extensions_mut().insert(lease.clone());
-    let response = handle(shared, req, peer).await;
+    let response = handle(shared, req, Some(grant), peer).await;
     // The body the lease paid for is gone with the handler; the answer
     // streams on without it.
     drop(lease);
@@ -434,22 +439,25 @@ fn presented_token(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// The pipeline for one request; `grant` is what its token was found to
+/// be (`None`: no token, or an unknown one).
 async fn handle(
     shared: &ProxyShared,
     req: Request<Incoming>,
+    grant: Option<Grant>,
     _peer: SocketAddr,
 ) -> Response<ProxyBody> {
     let received = Instant::now();
     let path = req.uri().path().to_owned();
     let shape = route::shape_of(&path);
-    let Some(token) = presented_token(req.headers()) else {
+    if presented_token(req.headers()).is_none() {
         return refuse(
             shape,
             RefusalKind::Unauthenticated,
             "no API key: send the scoped token the supervisor put in your environment (`x-api-key` or `Authorization: Bearer`)",
         );
-    };
-    let Some(grant) = shared.tokens.lookup(token) else {
+    }
+    let Some(grant) = grant else {
         return refuse(
             shape,
             RefusalKind::Unauthenticated,
@@ -1140,16 +1148,38 @@ async fn handle_metered(
 
     // 6. forward; everything before this point is the proxy's own overhead.
     meter.metrics.observe_overhead(started.elapsed());
+    // What the parsed body is still needed for is done here, and then it is
+    // dropped, with every copy of the body but the one forwarded: a `Value`
+    // is many times its body, and the body-byte caps bound only what is
+    // held across the upstream wait. Until here nothing awaited, so at most
+    // one parsed body exists on the proxy's thread at a time.
+    let simulated = match &route.provider.kind {
+        ProviderKind::Simulated { latency, .. } => Some((simulated::answer(api, &json), *latency)),
+        ProviderKind::Anthropic { .. } | ProviderKind::OpenAi { .. } => None,
+    };
     let body = if injected {
-        Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
+        let rewritten = Bytes::from(serde_json::to_vec(&json).unwrap_or_default());
+        // The lease paid for the body as read; the rewrite adds a field, and
+        // the lease covers what is held until the answer begins. A refusal
+        // here (for a few dozen bytes) would only confuse the agent, so the
+        // excess then goes uncounted.
+        let grown = (rewritten.len() as u64).saturating_sub(body.len() as u64);
+        if grown > 0
+            && let Some(lease) = body_lease(&parts)
+        {
+            let _ = lease.grow(grown);
+        }
+        drop(body);
+        rewritten
     } else {
         body
     };
+    drop(json);
     // The simulated answer is whole before it is sent, so is its usage.
     let mut simulated_chunks = None;
-    let (status, headers, source): (u16, HeaderMap, Source) = match &route.provider.kind {
-        ProviderKind::Simulated { latency, .. } => {
-            let answer = simulated::answer(api, &json);
+    let (status, headers, source): (u16, HeaderMap, Source) = match simulated {
+        Some((answer, latency)) => {
+            drop(body);
             simulated_chunks = Some(answer.chunks.clone());
             let mut headers = HeaderMap::new();
             headers.insert(
@@ -1159,10 +1189,10 @@ async fn handle_metered(
             (
                 answer.status,
                 headers,
-                Source::Simulated(super::answer::simulated(answer.chunks, *latency)),
+                Source::Simulated(super::answer::simulated(answer.chunks, latency)),
             )
         }
-        ProviderKind::Anthropic { .. } | ProviderKind::OpenAi { .. } => {
+        None => {
             let (body, asked) = WatchedBody::new(body);
             let request = match upstream_request(
                 &route,
@@ -1560,4 +1590,54 @@ fn monotonic_ms() -> u64 {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token registered after admission looked it up (and missed) must
+    /// not be served by `handle` without the body lease admission gives:
+    /// `handle` acts on the grant it was handed and never looks again.
+    #[tokio::test]
+    async fn handle_acts_on_the_grant_it_was_given_not_a_second_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::open(dir.path()).unwrap());
+        let (events, _rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(ProxyShared::new(ProxySpec::default(), ledger, events).unwrap());
+        let token = super::super::tokens::mint().unwrap();
+        let presented = token.expose().to_owned();
+        shared.tokens.insert(
+            token,
+            Grant {
+                agent: "late".to_owned(),
+                entry: 0,
+                launch: 1,
+            },
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = shared.clone();
+        tokio::spawn(async move {
+            let (stream, peer) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(move |req| {
+                let shared = server.clone();
+                // As admission does when its lookup missed.
+                async move { Ok::<_, Infallible>(handle(&shared, req, None, peer).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        let resp = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", presented)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("unknown or expired API key"), "{text}");
+    }
 }
