@@ -104,6 +104,19 @@ pub fn render(snapshot: &FleetSnapshot) -> String {
     }
 
     e.family(
+        "supervisor_agent_velocity_trips_total",
+        MetricType::Counter,
+        "Times the spend-velocity wire tripped for the agent (`runaway.velocity`), with action alert or quarantine: once per episode.",
+    );
+    for (agent, c) in counters {
+        e.sample(
+            "supervisor_agent_velocity_trips_total",
+            &[("agent", agent)],
+            c.velocity_trips,
+        );
+    }
+
+    e.family(
         "supervisor_proxy_overhead_seconds",
         MetricType::Histogram,
         "Time the proxy adds before a metered request leaves for the provider: from its arrival (body read included) through admission and reservation.",
