@@ -303,6 +303,7 @@ mod tests {
             "supervisor_agent_tokens_total{agent=\"a\",kind=\"cache_read\"} 0",
             "supervisor_agent_cost_usd_total{agent=\"a\"} 2.5",
             "supervisor_agent_quarantines_total{agent=\"a\"} 0",
+            "supervisor_agent_velocity_trips_total{agent=\"a\"} 0",
             "supervisor_proxy_overhead_seconds_bucket{agent=\"a\",le=\"0.0005\"} 1",
             "supervisor_proxy_overhead_seconds_bucket{agent=\"a\",le=\"+Inf\"} 1",
             "supervisor_proxy_overhead_seconds_count{agent=\"a\"} 1",

@@ -867,6 +867,24 @@ mod tests {
         assert_eq!(w.open.tokens, 70_000);
     }
 
+    /// The ledger is read off the main loop: spend observed live before its
+    /// answer arrives stays, and the ledger's minutes add to it.
+    #[test]
+    fn a_late_seed_adds_to_what_was_observed_meanwhile() {
+        let mut w = VelocityWire::new(VelocityConfig {
+            max_tokens_per_window: Some(100_000),
+            ..config()
+        });
+        let now = T0 + 3 * MIN;
+        assert!(w.observe(now + 2 * MIN, 40_000).is_none());
+        w.seed_window([(now / MIN - 1, 30_000, 1), (now / MIN, 20_000, 2)], now);
+        assert_eq!(w.spend(), 90_000);
+        assert_eq!(w.buckets.len(), 3, "kept in minute order");
+        assert_eq!(w.open.tokens, 90_000);
+        let e = w.observe(now + 2 * MIN + 1, 20_000).expect("110k > 100k");
+        assert_eq!((e.spend_tokens, e.requests), (110_000, 5));
+    }
+
     #[test]
     fn a_clock_stepping_back_counts_in_the_newest_minute() {
         let mut w = VelocityWire::new(VelocityConfig {
