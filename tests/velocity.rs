@@ -473,7 +473,7 @@ time.sleep(3600)
 
 /// The review's two healthy spenders under the shipped defaults, both new
 /// agents with no history: a coding agent re-reading a 150k cached context
-/// on each of 40 calls (6M tokens billed, ~620k weighted), and an agent
+/// on each of 40 calls (6M tokens billed, about 0.6M weighted), and an agent
 /// whose 8 calls an outage cuts after sending them (each charged at its
 /// ~200k reservation, nothing seen). Counted as charged, either trips the
 /// old wire (5 × the floor with no history: 1M); neither is a runaway.
