@@ -75,7 +75,7 @@ fn velocity_lines(evidence: &Value) -> Option<Vec<String>> {
             n("baseline_windows")
         ),
         None => format!(
-            "baseline: none yet ({} active windows over {period}); the floor stands in",
+            "baseline: none yet ({} active windows over {period}); only `no_baseline_tokens` applies",
             n("baseline_windows")
         ),
     };
@@ -83,6 +83,10 @@ fn velocity_lines(evidence: &Value) -> Option<Vec<String>> {
         Some("limit") => format!(
             "exceeded: max_tokens_per_window {}",
             thousands(e("max_tokens_per_window"))
+        ),
+        Some("no_baseline") => format!(
+            "exceeded: no_baseline_tokens {}",
+            thousands(e("no_baseline_tokens"))
         ),
         _ => format!(
             "exceeded: {} × baseline, limit {} (floor {})",
@@ -93,9 +97,14 @@ fn velocity_lines(evidence: &Value) -> Option<Vec<String>> {
     };
     Some(vec![
         format!(
-            "window {}: {} tokens in {} requests",
+            "window {}: {} {} in {} requests",
             short_duration(n("window_secs")),
             thousands(n("spend_tokens")),
+            // Records from before spend was weighted carry no unit.
+            match evidence.get("unit").and_then(Value::as_str) {
+                Some("weighted_tokens") => "weighted tokens",
+                _ => "tokens",
+            },
             n("requests")
         ),
         baseline,
@@ -277,17 +286,17 @@ mod tests {
         let mut wire = VelocityWire::new(VelocityConfig::default());
         let now = 1_795_000_200_000;
         let w = VelocityConfig::default().window_ms();
-        wire.load_history((1..=20).map(|k| (now / w - k, 30_000)), now);
+        wire.load_history((1..=20).map(|k| (now / w - k, 300_000)), now);
         let trip = wire
-            .observe(now, 260_000)
-            .expect("over 5 x 30k and the floor");
+            .observe(now, 1_600_000)
+            .expect("over 5 x 300k and the floor");
         let evidence = serde_json::to_value(&trip).unwrap();
         assert_eq!(
             evidence_lines(&evidence),
             vec![
-                "window 10m: 260,000 tokens in 1 requests",
-                "baseline: 30,000 tokens per window (p95 of 20 active windows over 7d)",
-                "exceeded: 5 × baseline, limit 200,000 (floor 200,000)",
+                "window 10m: 1,600,000 weighted tokens in 1 requests",
+                "baseline: 300,000 tokens per window (p95 of 20 active windows over 7d)",
+                "exceeded: 5 × baseline, limit 1,500,000 (floor 1,000,000)",
             ]
         );
         let mut wire = VelocityWire::new(VelocityConfig {
@@ -298,9 +307,20 @@ mod tests {
         assert_eq!(
             evidence_lines(&serde_json::to_value(&trip).unwrap())[1..],
             [
-                "baseline: none yet (0 active windows over 7d); the floor stands in",
+                "baseline: none yet (0 active windows over 7d); only `no_baseline_tokens` applies",
                 "exceeded: max_tokens_per_window 100,000",
             ]
         );
+        let mut wire = VelocityWire::new(VelocityConfig::default());
+        let trip = wire
+            .observe(now, 10_000_001)
+            .expect("over no_baseline_tokens");
+        assert_eq!(
+            evidence_lines(&serde_json::to_value(&trip).unwrap())[2..],
+            ["exceeded: no_baseline_tokens 10,000,000"]
+        );
+        let mut old = serde_json::to_value(&trip).unwrap();
+        old.as_object_mut().unwrap().remove("unit");
+        assert!(evidence_lines(&old)[0].ends_with(" 10,000,001 tokens in 1 requests"));
     }
 }

@@ -569,9 +569,14 @@ impl Supervisor {
         crate::logging::set_name_width(fleet.agents.keys().map(String::as_str));
         let recorded = ledger::month_totals(&fleet.state_dir, Month::current())?;
         let providers = shared_providers(&fleet);
-        for name in fleet.agents.keys() {
-            supervisor.install_meter(&resolved, name, &providers, recorded.get(name));
-        }
+        let need_history: Vec<_> = fleet
+            .agents
+            .keys()
+            .filter_map(|name| {
+                supervisor.install_meter(&resolved, name, &providers, recorded.get(name))
+            })
+            .collect();
+        load_velocity_histories(fleet.state_dir.clone(), need_history);
         supervisor.ensure_proxy(&fleet).await?;
         supervisor.start_control();
         supervisor.start_admin(&fleet).await?;
@@ -759,16 +764,17 @@ impl Supervisor {
         }
     }
 
+    /// Installs or updates the agent's meter; the meter to load velocity
+    /// history for when its wire starts afresh (new, or a new window or
+    /// baseline period), to pass to [`load_velocity_histories`].
     fn install_meter(
         &self,
         resolved: &ResolvedFleet,
         name: &str,
         providers: &BTreeMap<String, Arc<ProviderSpec>>,
         recorded: Option<&ledger::AgentMonthUsage>,
-    ) {
-        let Some(spec) = resolved.fleet.agents.get(name) else {
-            return;
-        };
+    ) -> Option<HistoryLoad> {
+        let spec = resolved.fleet.agents.get(name)?;
         let routes = resolved.routes(name, providers);
         let velocity = spec.runaway.velocity;
         let meter = match self.proxy.meters.get(name) {
@@ -778,7 +784,7 @@ impl Supervisor {
                     .is_some_and(|old| old.same_history(&velocity));
                 meter.update(&spec.budget, spec.runaway, routes);
                 if same {
-                    return;
+                    return None;
                 }
                 meter
             }
@@ -795,7 +801,11 @@ impl Supervisor {
                 meter
             }
         };
-        load_velocity_history(&meter, &resolved.fleet.state_dir, &velocity);
+        Some(HistoryLoad {
+            meter,
+            velocity,
+            since_ms: ledger::unix_millis_now(),
+        })
     }
 
     /// Binds the proxy listener the first time an agent needs it.
@@ -1074,9 +1084,13 @@ impl Supervisor {
 
         // Budgets, runaway settings, prices and proxied keys apply in place.
         let providers = shared_providers(&resolved.fleet);
-        for name in resolved.fleet.agents.keys() {
-            self.install_meter(&resolved, name, &providers, None);
-        }
+        let need_history: Vec<_> = resolved
+            .fleet
+            .agents
+            .keys()
+            .filter_map(|name| self.install_meter(&resolved, name, &providers, None))
+            .collect();
+        load_velocity_histories(resolved.fleet.state_dir.clone(), need_history);
 
         for name in &diff.removed {
             if let Some(running) = self.agents.remove(name) {
@@ -1779,29 +1793,90 @@ fn reject_reload(report: &str) -> Response {
     }
 }
 
-/// The spend-velocity history of one agent from the ledger: its spend per
-/// window over the baseline period (the baseline) and per minute over the
-/// last window (so a restart is not blind to what it just spent). A ledger
-/// that cannot be read leaves the wire without history (the floor then
-/// stands in), and says so.
-fn load_velocity_history(
-    meter: &AgentMeter,
-    state_dir: &std::path::Path,
+/// A meter whose velocity wire waits for its history, from when it began
+/// observing live spend.
+pub(crate) struct HistoryLoad {
+    meter: Arc<AgentMeter>,
+    velocity: crate::runaway::VelocityConfig,
+    /// Live spend is observed from here on; the ledger supplies what came before.
+    since_ms: i64,
+}
+
+/// The ledger reads of one set of velocity settings: spend per window over
+/// the baseline period (the baseline) and per minute over the last window
+/// (so a restart is not blind to what the agent just spent), both up to
+/// `before_ms`.
+fn history_queries(
     velocity: &crate::runaway::VelocityConfig,
-) {
-    let now = ledger::unix_millis_now();
+    before_ms: i64,
+) -> [ledger::SpendQuery; 2] {
     let window = velocity.window_ms();
-    let since = now.saturating_sub(window.saturating_mul(velocity.baseline_windows() + 1));
-    let read = ledger::spend_per_window(state_dir, meter.name(), since, window).and_then(|w| {
-        let minutes =
-            ledger::spend_per_window(state_dir, meter.name(), now.saturating_sub(window), 60_000)?;
-        Ok((w, minutes))
-    });
-    match read {
-        Ok((windows, minutes)) => meter.load_velocity_history(&windows, &minutes, now),
-        Err(err) => tracing::warn!(
-            agent = %meter.name(),
-            "cannot read the agent's spend history for `runaway.velocity` (its floor stands in for a baseline): {err:#}"
-        ),
+    [
+        ledger::SpendQuery {
+            since_ms: before_ms
+                .saturating_sub(window.saturating_mul(velocity.baseline_windows() + 1)),
+            before_ms,
+            window_ms: window,
+        },
+        ledger::SpendQuery {
+            since_ms: before_ms.saturating_sub(window),
+            before_ms,
+            window_ms: 60_000,
+        },
+    ]
+}
+
+/// Loads the velocity history of `loads` from the ledger off the main loop:
+/// one blocking task, one connection, one grouped scan per distinct window
+/// and baseline period (usually two scans for the whole fleet), applied to
+/// each meter as it returns. Meanwhile the wires run without history (the
+/// no-baseline rule). A meter whose settings changed again meanwhile is
+/// left to its own, newer load; a ledger that cannot be read leaves the
+/// wires without history, and says so.
+fn load_velocity_histories(state_dir: PathBuf, loads: Vec<HistoryLoad>) {
+    if loads.is_empty() {
+        return;
     }
+    tokio::task::spawn_blocking(move || {
+        let Some(before_ms) = loads.iter().map(|l| l.since_ms).min() else {
+            return;
+        };
+        let mut queries: Vec<ledger::SpendQuery> = loads
+            .iter()
+            .flat_map(|l| history_queries(&l.velocity, before_ms))
+            .collect();
+        queries.sort_unstable();
+        queries.dedup();
+        let read = match ledger::spend_by_agent(&state_dir, &queries) {
+            Ok(read) => read,
+            Err(err) => {
+                tracing::warn!(
+                    agents = loads.len(),
+                    "cannot read spend history for `runaway.velocity` (no baselines until agents build their own): {err:#}"
+                );
+                return;
+            }
+        };
+        let of = |q: &ledger::SpendQuery, agent: &str| -> &[ledger::WindowSpend] {
+            queries
+                .binary_search(q)
+                .ok()
+                .and_then(|i| read.get(i))
+                .and_then(|m| m.get(agent))
+                .map_or(&[], Vec::as_slice)
+        };
+        for load in &loads {
+            if !load
+                .meter
+                .velocity_config()
+                .is_some_and(|now| now.same_history(&load.velocity))
+            {
+                continue;
+            }
+            let [windows, minutes] = history_queries(&load.velocity, before_ms);
+            let name = load.meter.name();
+            load.meter
+                .load_velocity_history(of(&windows, name), of(&minutes, name), before_ms);
+        }
+    });
 }

@@ -18,13 +18,14 @@ use serde_json::Value;
 
 const MINUTE: i64 = 60_000;
 
-/// `NAME N CACHE0 STEP`: `N` Anthropic calls with plain urllib, each a new
-/// conversation about a new, longer document, billed `CACHE0 + STEP * i`
-/// cache-read tokens on top (a growing cached context). Writes the statuses
+/// `NAME N CACHE0 STEP KIND`: `N` Anthropic calls with plain urllib, each a
+/// new conversation about a new, longer document, billed `CACHE0 + STEP * i`
+/// cache tokens on top, `KIND` `read` or `write` (velocity weighs a cache
+/// write at 1.25, a read at 0.1 of a fresh input token). Writes the statuses
 /// so far to `NAME.statuses` after each call, then idles. Its pid is in `NAME.pid`.
 const AGENT: &str = r#"
 import json, os, sys, time, urllib.error, urllib.request
-name, n, cache0, step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+name, n, cache0, step, kind = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 base, key = os.environ["ANTHROPIC_BASE_URL"], os.environ["ANTHROPIC_API_KEY"]
 with open(name + ".pid", "w") as f:
     f.write(str(os.getpid()))
@@ -39,7 +40,7 @@ for i in range(n):
     }).encode()
     req = urllib.request.Request(base + "/v1/messages", data=body, headers={
         "x-api-key": key, "content-type": "application/json", "anthropic-version": "2023-06-01",
-        "x-fake-cache-read": str(cache0 + step * i)})
+        "x-fake-cache-" + kind: str(cache0 + step * i)})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             r.read()
@@ -53,7 +54,8 @@ for i in range(n):
 time.sleep(3600)
 "#;
 
-/// Three weeks of one request every 30 minutes per agent, `tokens` each,
+/// Three weeks of one request every 30 minutes per agent, `tokens` fresh
+/// input tokens each (charged at twice that, which velocity ignores),
 /// written with the real schema: each agent's every active 10-minute window
 /// holds exactly `tokens`, so its baseline (p95) is `tokens`.
 fn write_history(state_dir: &std::path::Path, agents: &[(&str, u64)]) {
@@ -68,9 +70,9 @@ fn write_history(state_dir: &std::path::Path, agents: &[(&str, u64)]) {
             let month = Month::from_unix_secs(at / 1000).to_string();
             tx.execute(
                 "INSERT INTO requests (agent, provider, model, month, started_at_ms, reserved_tokens,
-                                       reserved_micro_usd, settled, outcome, status, charged_tokens,
-                                       charged_micro_usd)
-                 VALUES (?1, 'claude', 'claude-sonnet-4-5', ?2, ?3, ?4, 0, 1, 'ok', 200, ?4, 0)",
+                                       reserved_micro_usd, settled, outcome, status, input_tokens,
+                                       charged_tokens, charged_micro_usd)
+                 VALUES (?1, 'claude', 'claude-sonnet-4-5', ?2, ?3, ?4, 0, 1, 'ok', 200, ?4, ?4 * 2, 0)",
                 rusqlite::params![agent, month, at, tokens as i64],
             )
             .unwrap();
@@ -93,10 +95,10 @@ defaults:
     velocity: {{ floor_tokens: 30k }}
 agents:
   crawler:
-    command: [python3, agent.py, crawler, '20', '3000', '500']
+    command: [python3, agent.py, crawler, '20', '2400', '400', write]
     llm: [ {{ provider: claude, key: anthropic_key }} ]
 {crawler_runaway}  poller:
-    command: [python3, agent.py, poller, '10', '2000', '0']
+    command: [python3, agent.py, poller, '10', '1600', '0', write]
     llm: [ {{ provider: claude, key: anthropic_key }} ]
 "
     )
@@ -319,7 +321,7 @@ fn with_action_quarantine_the_spender_is_refused_stopped_and_its_evidence_record
     assert!(sup.wait_exit().success(), "{}", sup.log());
 }
 
-/// Calls until `stop` exists, 0.1s apart, each ~3,100 tokens; counts them in
+/// Calls until `stop` exists, 0.1s apart, each ~3,100 weighted tokens; counts them in
 /// `steady.count`.
 const STEADY: &str = r#"
 import json, os, time, urllib.request
@@ -330,7 +332,7 @@ while not os.path.exists("stop"):
         "messages": [{"role": "user", "content": f"status report {i}"}]}).encode()
     req = urllib.request.Request(base + "/v1/messages", data=body, headers={
         "x-api-key": key, "content-type": "application/json", "anthropic-version": "2023-06-01",
-        "x-fake-cache-read": "3000"})
+        "x-fake-cache-write": "2400"})
     with urllib.request.urlopen(req, timeout=30) as r:
         r.read()
     i += 1
@@ -412,7 +414,7 @@ providers:
   claude: {{ kind: anthropic, upstream: '{upstream}' }}
 agents:
   burst:
-    command: [python3, agent.py, burst, '8', '5000', '0']
+    command: [python3, agent.py, burst, '8', '4000', '0', write]
     restart: {{ policy: never }}
     llm: [ {{ provider: claude, key: anthropic_key }} ]
     runaway: {{ velocity: {{ multiple: off, max_tokens_per_window: 50k }} }}
@@ -441,6 +443,96 @@ agents:
         "{alert}"
     );
     assert!(statuses(&fleet, "burst", 8).iter().all(|s| s == 200));
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success(), "{}", sup.log());
+}
+
+/// `N`: `N` calls asking for up to 200k output tokens, each sent and then
+/// cut by the provider (half a JSON body), as an outage resetting
+/// connections after the request went out. Writes `outage.done` after.
+const OUTAGE: &str = r#"
+import json, os, time, urllib.request
+base, key, n = os.environ["ANTHROPIC_BASE_URL"], os.environ["ANTHROPIC_API_KEY"], int(os.sys.argv[1])
+outcomes = []
+for i in range(n):
+    body = json.dumps({"model": "claude-sonnet-4-5-fake-cut", "max_tokens": 200000,
+        "messages": [{"role": "user", "content": "write the release notes"}]}).encode()
+    req = urllib.request.Request(base + "/v1/messages", data=body, headers={
+        "x-api-key": key, "content-type": "application/json", "anthropic-version": "2023-06-01"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+            outcomes.append(r.status)
+    except Exception as e:
+        outcomes.append(type(e).__name__)
+with open("outage.done.tmp", "w") as f:
+    json.dump(outcomes, f)
+os.rename("outage.done.tmp", "outage.done")
+time.sleep(3600)
+"#;
+
+/// The review's two healthy spenders under the shipped defaults, both new
+/// agents with no history: a coding agent re-reading a 150k cached context
+/// on each of 40 calls (6M tokens billed, about 0.6M weighted), and an agent
+/// whose 8 calls an outage cuts after sending them (each charged at its
+/// ~200k reservation, nothing seen). Counted as charged, either trips the
+/// old wire (5 × the floor with no history: 1M); neither is a runaway.
+#[test]
+fn cached_contexts_and_cut_retries_of_new_agents_do_not_trip_the_defaults() {
+    let fake = FakeUpstream::start(Config::default());
+    let hook = Webhook::start();
+    let fleet = FleetDir::new();
+    for agent in ["coder", "flaky"] {
+        fleet.write_secret(agent, "anthropic_key", ANTHROPIC_KEY);
+    }
+    std::fs::write(fleet.file("agent.py"), AGENT).unwrap();
+    std::fs::write(fleet.file("outage.py"), OUTAGE).unwrap();
+    fleet.write_fleet(&format!(
+        "version: 1
+proxy: {{ listen: '127.0.0.1:0' }}
+vault: {{ backend: dir, path: secrets }}
+alerts: {{ webhook: '{hook}' }}
+providers:
+  claude: {{ kind: anthropic, upstream: '{upstream}' }}
+defaults:
+  restart: {{ policy: never }}
+  runaway: {{ velocity: {{ action: quarantine }} }}
+agents:
+  coder:
+    command: [python3, agent.py, coder, '40', '150000', '0', read]
+    llm: [ {{ provider: claude, key: anthropic_key }} ]
+  flaky:
+    command: [python3, outage.py, '8']
+    llm: [ {{ provider: claude, key: anthropic_key }} ]
+",
+        hook = hook.url,
+        upstream = fake.url()
+    ));
+    let mut sup = fleet.run(&[]);
+    let coder = statuses(&fleet, "coder", 40);
+    assert!(coder.iter().all(|s| s == 200), "{coder:?}\n{}", sup.log());
+    let flaky: Vec<Value> = wait_for("the flaky agent's 8 calls", || {
+        serde_json::from_str(&fleet.read("outage.done")?).ok()
+    });
+    assert_eq!(flaky.len(), 8, "{flaky:?}");
+    assert!(
+        !flaky.iter().any(|s| s == 403),
+        "refused as quarantined: {flaky:?}\n{}",
+        sup.log()
+    );
+    let billed = fake.billed().total;
+    assert!(
+        billed.cache_read_input_tokens >= 6_000_000,
+        "the coder's cached context was billed: {billed:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        hook.received().is_empty(),
+        "no velocity trip: {:#?}\n{}",
+        hook.received(),
+        sup.log()
+    );
+    assert!(!sup.log().contains("spend velocity"), "{}", sup.log());
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success(), "{}", sup.log());
 }

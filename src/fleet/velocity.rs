@@ -13,13 +13,14 @@ use super::node::{At, Pos};
 use super::schema::{Count, Dur};
 use crate::runaway::{RunawayAction, VelocityConfig};
 
-/// `velocity: { window, multiple, floor_tokens, max_tokens_per_window, baseline, action }`.
+/// `velocity: { window, multiple, floor_tokens, no_baseline_tokens, max_tokens_per_window, baseline, action }`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawVelocity {
     pub window: Option<At<Dur>>,
     pub multiple: Option<At<Off<u32>>>,
     pub floor_tokens: Option<At<Count>>,
+    pub no_baseline_tokens: Option<At<Off<Count>>>,
     pub max_tokens_per_window: Option<At<Off<Count>>>,
     pub baseline: Option<At<Dur>>,
     pub action: Option<At<RunawayAction>>,
@@ -152,6 +153,10 @@ fn merge(
             config.floor_tokens = v.value.0;
             set("floor_tokens", v.pos);
         }
+        if let Some(v) = &layer.no_baseline_tokens {
+            config.no_baseline_tokens = v.value.0.map(|c| c.0);
+            set("no_baseline_tokens", v.pos);
+        }
         if let Some(v) = &layer.max_tokens_per_window {
             config.max_tokens_per_window = v.value.0.map(|c| c.0);
             set("max_tokens_per_window", v.pos);
@@ -189,7 +194,7 @@ mod tests {
     fn defaults_then_the_agents_own_per_field() {
         assert_eq!(velocity("", ""), Ok(VelocityConfig::default()));
         let c = velocity(
-            "multiple: 8x, max_tokens_per_window: 1.5M, action: quarantine",
+            "multiple: 8x, max_tokens_per_window: 1.5M, no_baseline_tokens: off, action: quarantine",
             "window: 5m, floor_tokens: 50k, max_tokens_per_window: 2M, baseline: 14d",
         )
         .unwrap();
@@ -199,6 +204,7 @@ mod tests {
                 window: mins(5),
                 multiple: Some(8),
                 floor_tokens: 50_000,
+                no_baseline_tokens: None,
                 max_tokens_per_window: Some(1_500_000),
                 baseline: Duration::from_secs(14 * 86_400),
                 action: RunawayAction::Quarantine,

@@ -914,20 +914,33 @@ pub struct WindowSpend {
     pub requests: u64,
 }
 
-/// An agent's settled spend per window of `window_ms` since `since_ms`, for
-/// the spend-velocity wire (its baseline, and with one-minute windows its
-/// live window after a restart): oldest first, windows without spend left
-/// out. Released requests cost nothing; unsettled ones are left out (on open
-/// they are settled at their reservation). Empty when there is no ledger yet.
-pub fn spend_per_window(
+/// One grouped read for the spend-velocity wire: every agent's settled
+/// spend per window of `window_ms`, for requests started in
+/// `since_ms..before_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpendQuery {
+    pub since_ms: i64,
+    pub before_ms: i64,
+    pub window_ms: i64,
+}
+
+/// Every agent's settled spend per window, one map per query (in order),
+/// read over one connection with one grouped scan per query: the wire's
+/// baseline (and, with one-minute windows, its live window after a
+/// restart), for all agents at once. Oldest first, windows without spend
+/// left out. Spend is in weighted tokens (`runaway::velocity::weighted_tokens`,
+/// computed here per row, rounded up alike) from the usage the provider
+/// reported — a cut request counts what was seen of it, not its
+/// reservation. Released and unsettled requests are left out. Empty maps
+/// when there is no ledger yet. Blocking: call it off the main loop.
+pub fn spend_by_agent(
     state_dir: &Path,
-    agent: &str,
-    since_ms: i64,
-    window_ms: i64,
-) -> Result<Vec<WindowSpend>> {
+    queries: &[SpendQuery],
+) -> Result<Vec<BTreeMap<String, Vec<WindowSpend>>>> {
+    use crate::runaway::velocity::{CACHE_READ_WEIGHT_PCT, CACHE_WRITE_WEIGHT_PCT};
     let path = state_dir.join(LEDGER_FILE);
     if !path.exists() {
-        return Ok(Vec::new());
+        return Ok(vec![BTreeMap::new(); queries.len()]);
     }
     let conn = Connection::open_with_flags(
         &path,
@@ -935,22 +948,37 @@ pub fn spend_per_window(
     )
     .with_context(|| format!("cannot open the ledger `{}`", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    let mut stmt = conn.prepare(
-        "SELECT started_at_ms / ?3 AS w, SUM(charged_tokens), COUNT(*)
+    let sql = format!(
+        "SELECT agent, started_at_ms / ?3 AS w,
+                SUM(input_tokens + output_tokens
+                    + (cache_creation_input_tokens * {CACHE_WRITE_WEIGHT_PCT}
+                       + cache_read_input_tokens * {CACHE_READ_WEIGHT_PCT} + 99) / 100) AS spend,
+                COUNT(*)
          FROM requests
-         WHERE agent = ?1 AND started_at_ms >= ?2 AND settled = 1 AND outcome != 'released'
-         GROUP BY w HAVING SUM(charged_tokens) > 0 ORDER BY w",
-    )?;
-    let rows = stmt.query_map(params![agent, since_ms, window_ms.max(1)], |r| {
-        Ok(WindowSpend {
-            index: r.get(0)?,
-            tokens: from_sql(r.get(1)?),
-            requests: from_sql(r.get(2)?),
-        })
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        out.push(row?);
+         WHERE started_at_ms >= ?1 AND started_at_ms < ?2 AND settled = 1 AND outcome != 'released'
+         GROUP BY agent, w HAVING spend > 0 ORDER BY agent, w"
+    );
+    let mut stmt = conn
+        .prepare(&sql)
+        .with_context(|| format!("cannot read spend from the ledger `{}`", path.display()))?;
+    let mut out = Vec::with_capacity(queries.len());
+    for q in queries {
+        let rows = stmt.query_map(params![q.since_ms, q.before_ms, q.window_ms.max(1)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                WindowSpend {
+                    index: r.get(1)?,
+                    tokens: from_sql(r.get(2)?),
+                    requests: from_sql(r.get(3)?),
+                },
+            ))
+        })?;
+        let mut by_agent: BTreeMap<String, Vec<WindowSpend>> = BTreeMap::new();
+        for row in rows {
+            let (agent, spend) = row?;
+            by_agent.entry(agent).or_default().push(spend);
+        }
+        out.push(by_agent);
     }
     Ok(out)
 }
@@ -1126,21 +1154,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn spend_per_window_sums_settled_charges_by_window() {
+    async fn spend_by_agent_sums_weighted_usage_by_window() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(
-            spend_per_window(dir.path(), "a", 0, 600_000)
-                .unwrap()
-                .is_empty()
+        let q = |since_ms, window_ms| SpendQuery {
+            since_ms,
+            before_ms: i64::MAX,
+            window_ms,
+        };
+        assert_eq!(
+            spend_by_agent(dir.path(), &[q(0, 600_000)]).unwrap(),
+            vec![BTreeMap::new()]
         );
         let ledger = Ledger::open(dir.path()).unwrap();
         let w = 600_000;
         let base = 3_000 * w;
-        let spend = |agent: &str, at: i64, tokens: u64, outcome: Option<Outcome>| {
+        // `(input, output, cache_write, cache_read)` seen; charged at 10x.
+        let spend = |agent: &str, at: i64, seen: [u64; 4], outcome: Option<Outcome>| {
+            let tokens: u64 = seen.iter().sum();
             let id = ledger
                 .reserve(Reservation {
                     started_at_ms: at,
-                    ..reservation(agent, tokens * 2)
+                    ..reservation(agent, tokens * 20)
                 })
                 .unwrap();
             if let Some(outcome) = outcome {
@@ -1148,33 +1182,55 @@ mod tests {
                     id,
                     Settlement {
                         outcome,
+                        input_tokens: seen[0],
+                        output_tokens: seen[1],
+                        cache_creation_input_tokens: seen[2],
+                        cache_read_input_tokens: seen[3],
                         charged_tokens: if outcome == Outcome::Released {
                             0
                         } else {
-                            tokens
+                            tokens * 10
                         },
                         ..Settlement::default()
                     },
                 );
             }
         };
-        spend("a", base - 1, 1_000, Some(Outcome::Ok)); // before `since`
-        spend("a", base, 100, Some(Outcome::Ok));
-        spend("a", base + w - 1, 200, Some(Outcome::Cut));
-        spend("a", base + w, 400, Some(Outcome::Ok));
-        spend("a", base + w + 5, 50, Some(Outcome::Released));
-        spend("a", base + 3 * w, 9_000, None); // in flight
-        spend("b", base, 7, Some(Outcome::Ok));
+        spend("a", base - 1, [1_000, 0, 0, 0], Some(Outcome::Ok)); // before `since`
+        // 60 + 40 + 0.1 × 1,000 + 1.25 × 3 (3.75, rounded up) = 204.
+        spend("a", base, [60, 40, 3, 1_000], Some(Outcome::Ok));
+        // A cut answer counts what was seen of it (its charge is 10x that).
+        spend("a", base + w - 1, [200, 0, 0, 0], Some(Outcome::Cut));
+        spend("a", base + w, [400, 0, 0, 0], Some(Outcome::Ok));
+        spend("a", base + w + 5, [50, 0, 0, 0], Some(Outcome::Released));
+        spend("a", base + 3 * w, [9_000, 0, 0, 0], None); // in flight
+        spend("a", base + 4 * w, [0, 0, 0, 0], Some(Outcome::Cut)); // nothing seen
+        spend("b", base, [7, 0, 0, 0], Some(Outcome::Ok));
         ledger.flush().await;
-        let spend = |agent: &str, since: i64| -> Vec<(i64, u64, u64)> {
-            spend_per_window(dir.path(), agent, since, w)
-                .unwrap()
-                .iter()
-                .map(|s| (s.index, s.tokens, s.requests))
-                .collect()
-        };
-        assert_eq!(spend("a", base), vec![(3_000, 300, 2), (3_001, 400, 1)]);
-        assert_eq!(spend("b", 0), vec![(3_000, 7, 1)]);
+        let read = spend_by_agent(
+            dir.path(),
+            &[
+                q(base, w),
+                SpendQuery {
+                    before_ms: base + w,
+                    ..q(0, w)
+                },
+            ],
+        )
+        .unwrap();
+        let rows =
+            |map: &BTreeMap<String, Vec<WindowSpend>>, agent: &str| -> Vec<(i64, u64, u64)> {
+                map.get(agent)
+                    .map(|v| v.iter().map(|s| (s.index, s.tokens, s.requests)).collect())
+                    .unwrap_or_default()
+            };
+        assert_eq!(rows(&read[0], "a"), vec![(3_000, 404, 2), (3_001, 400, 1)]);
+        assert_eq!(rows(&read[0], "b"), vec![(3_000, 7, 1)]);
+        // The second query stops before `base + w`.
+        assert_eq!(
+            rows(&read[1], "a"),
+            vec![(2_999, 1_000, 1), (3_000, 404, 2)]
+        );
     }
 
     /// A kill -9: the writer never runs again and nothing is cleaned up.

@@ -180,6 +180,7 @@ pub struct AgentMetrics {
     cost_micro_usd: AtomicU64,
     requests: [AtomicU64; 8],
     quarantines: AtomicU64,
+    velocity_trips: AtomicU64,
     overhead: Histogram,
     duration: Histogram,
 }
@@ -191,6 +192,7 @@ impl Default for AgentMetrics {
             cost_micro_usd: AtomicU64::new(0),
             requests: Default::default(),
             quarantines: AtomicU64::new(0),
+            velocity_trips: AtomicU64::new(0),
             overhead: Histogram::new(OVERHEAD_BUCKETS),
             duration: Histogram::new(DURATION_BUCKETS),
         }
@@ -206,6 +208,8 @@ pub struct AgentCounters {
     /// Indexed like [`RequestOutcome::ALL`].
     pub requests: [u64; 8],
     pub quarantines: u64,
+    /// Spend-velocity trips, alerts and quarantines alike.
+    pub velocity_trips: u64,
     pub overhead: HistogramSnapshot,
     pub duration: HistogramSnapshot,
 }
@@ -245,6 +249,11 @@ impl AgentMetrics {
         self.quarantines.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The spend-velocity wire tripped (once per episode), whatever its action.
+    pub fn count_velocity_trip(&self) {
+        self.velocity_trips.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Time from the request's arrival until it was handed to the provider.
     pub fn observe_overhead(&self, elapsed: Duration) {
         self.overhead.observe(elapsed);
@@ -262,6 +271,7 @@ impl AgentMetrics {
             cost_micro_usd: load(&self.cost_micro_usd),
             requests: self.requests.each_ref().map(load),
             quarantines: load(&self.quarantines),
+            velocity_trips: load(&self.velocity_trips),
             overhead: self.overhead.snapshot(),
             duration: self.duration.snapshot(),
         }
@@ -347,6 +357,7 @@ mod tests {
         m.add_tokens(TokenKind::CacheRead, 7);
         m.add_cost(1_500);
         m.count_quarantine();
+        m.count_velocity_trip();
         let s = m.snapshot();
         assert_eq!(s.requests(RequestOutcome::Ok), 2);
         assert_eq!(s.requests(RequestOutcome::Throttled), 1);
@@ -356,6 +367,7 @@ mod tests {
         assert_eq!(s.tokens(TokenKind::CacheRead), 7);
         assert_eq!(s.cost_micro_usd, 1_500);
         assert_eq!(s.quarantines, 1);
+        assert_eq!(s.velocity_trips, 1);
     }
 
     #[test]

@@ -104,6 +104,19 @@ pub fn render(snapshot: &FleetSnapshot) -> String {
     }
 
     e.family(
+        "supervisor_agent_velocity_trips_total",
+        MetricType::Counter,
+        "Times the spend-velocity wire tripped for the agent (`runaway.velocity`), with action alert or quarantine: once per episode.",
+    );
+    for (agent, c) in counters {
+        e.sample(
+            "supervisor_agent_velocity_trips_total",
+            &[("agent", agent)],
+            c.velocity_trips,
+        );
+    }
+
+    e.family(
         "supervisor_proxy_overhead_seconds",
         MetricType::Histogram,
         "Time the proxy adds before a metered request leaves for the provider: from its arrival (body read included) through admission and reservation.",
@@ -290,6 +303,7 @@ mod tests {
             "supervisor_agent_tokens_total{agent=\"a\",kind=\"cache_read\"} 0",
             "supervisor_agent_cost_usd_total{agent=\"a\"} 2.5",
             "supervisor_agent_quarantines_total{agent=\"a\"} 0",
+            "supervisor_agent_velocity_trips_total{agent=\"a\"} 0",
             "supervisor_proxy_overhead_seconds_bucket{agent=\"a\",le=\"0.0005\"} 1",
             "supervisor_proxy_overhead_seconds_bucket{agent=\"a\",le=\"+Inf\"} 1",
             "supervisor_proxy_overhead_seconds_count{agent=\"a\"} 1",

@@ -260,7 +260,7 @@ impl AgentMeter {
         self.velocity.lock().ok().map(|v| *v.config())
     }
 
-    /// The agent's spend from the ledger (see `ledger::spend_per_window`),
+    /// The agent's spend from the ledger (see `ledger::spend_by_agent`),
     /// as of `now_ms`: per window over the baseline period, and per minute
     /// over the last window.
     pub fn load_velocity_history(
@@ -435,7 +435,7 @@ mod tests {
         let t0 = 1_795_000_200_000;
         assert!(
             meter.observe_spend(t0, 300_000).is_none(),
-            "no history: 5 × the 200k floor"
+            "no history: only `no_baseline_tokens` (10M)"
         );
         let strict = RunawayConfig {
             velocity: VelocityConfig {
@@ -454,7 +454,7 @@ mod tests {
         );
         let reason = meter.quarantine_reason().expect("refused from now on");
         assert!(
-            reason.starts_with("spend velocity: 500,000 tokens"),
+            reason.starts_with("spend velocity: 500,000 weighted tokens"),
             "{reason}"
         );
         meter.set_quarantine(None);

@@ -1512,10 +1512,20 @@ impl Pending {
         }
         metrics.add_cost(settled.charged.micro_usd);
         metrics.observe_duration(self.started.elapsed());
+        // Velocity counts what the provider saw, cache tokens at their price
+        // weight — not the charge: a cut answer is charged at its
+        // reservation, and an outage that resets connections is no runaway.
+        let velocity_tokens = crate::runaway::velocity::weighted_tokens(
+            seen.input_tokens,
+            seen.output_tokens,
+            seen.cache_creation_input_tokens,
+            seen.cache_read_input_tokens,
+        );
         if let Some((evidence, action)) = self
             .meter
-            .observe_spend(ledger::unix_millis_now(), settled.charged.tokens)
+            .observe_spend(ledger::unix_millis_now(), velocity_tokens)
         {
+            metrics.count_velocity_trip();
             if action == RunawayAction::Quarantine {
                 metrics.count_quarantine();
             }

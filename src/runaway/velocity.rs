@@ -1,10 +1,20 @@
 //! The spend-velocity backstop: a trip wire on how fast an agent spends,
 //! whatever the shape of its requests. It catches the loops no structural
-//! rule knows — the agent's token spend over a short sliding window (10
-//! minutes by default) against its own recent baseline (the p95 of its
-//! per-window spend over the last 7 days, from the ledger at start and kept
-//! rolling here afterwards), with an absolute floor so a quiet agent's normal
-//! burst never trips, and an optional hard `max_tokens_per_window`.
+//! rule knows — the agent's spend over a short sliding window (10 minutes by
+//! default) against its own recent baseline (the p95 of its per-window spend
+//! over the last 7 days, from the ledger at start and kept rolling here
+//! afterwards), with an absolute floor so a quiet agent's normal burst never
+//! trips, and an optional hard `max_tokens_per_window`.
+//!
+//! Spend is counted in *weighted tokens* ([`weighted_tokens`]): what the
+//! provider saw, each cache token weighted by its list price against a fresh
+//! input token (reads 0.1, writes 1.25), so a healthy agent re-reading a
+//! large cached context is not "spending" ten times what it pays for. A cut
+//! answer counts the usage actually seen, not the reservation it is charged
+//! at: a provider outage that resets connections is not the agent's spend.
+//! Until an agent has a baseline only `no_baseline_tokens` (much higher than
+//! the floor) and `max_tokens_per_window` apply, so a fleet going live with
+//! no history raises no storm.
 //!
 //! Pure: settled spend with its wall-clock time in, a verdict out. Memory is
 //! bounded: one bucket per minute of the window and one number per active
@@ -30,7 +40,25 @@ pub const BASELINE_PERCENTILE: usize = 95;
 /// Most windows a baseline may span (`baseline / window`); bounds memory.
 pub const MAX_BASELINE_WINDOWS: u64 = 50_000;
 
-/// `runaway: { velocity: { window, multiple, floor_tokens, max_tokens_per_window, baseline, action } }`.
+/// Weight of a cache read against a fresh input token, in hundredths
+/// (Anthropic lists reads at 0.1 × input, OpenAI at 0.1–0.5 ×).
+pub const CACHE_READ_WEIGHT_PCT: u64 = 10;
+/// Weight of a cache write against a fresh input token, in hundredths
+/// (Anthropic's 5-minute cache write is 1.25 × input).
+pub const CACHE_WRITE_WEIGHT_PCT: u64 = 125;
+
+/// The velocity figure of one answer's usage: fresh input and output at
+/// full weight, cache writes at 1.25, cache reads at 0.1, rounded up. The
+/// ledger computes the same figure for the baseline
+/// (`ledger::spend_per_window`).
+pub fn weighted_tokens(input: u64, output: u64, cache_write: u64, cache_read: u64) -> u64 {
+    let cached = u128::from(cache_write) * u128::from(CACHE_WRITE_WEIGHT_PCT)
+        + u128::from(cache_read) * u128::from(CACHE_READ_WEIGHT_PCT);
+    let cached = u64::try_from(cached.div_ceil(100)).unwrap_or(u64::MAX);
+    input.saturating_add(output).saturating_add(cached)
+}
+
+/// `runaway: { velocity: { window, multiple, floor_tokens, no_baseline_tokens, max_tokens_per_window, baseline, action } }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VelocityConfig {
@@ -41,6 +69,10 @@ pub struct VelocityConfig {
     pub multiple: Option<u32>,
     /// The relative rule never trips at or below this many tokens per window.
     pub floor_tokens: u64,
+    /// Until the agent has a baseline (fewer than [`MIN_BASELINE_WINDOWS`]
+    /// active windows of history), the relative rule trips only above this;
+    /// `None` leaves a new agent to `max_tokens_per_window` alone.
+    pub no_baseline_tokens: Option<u64>,
     /// Trip above this many tokens per window, whatever the baseline.
     pub max_tokens_per_window: Option<u64>,
     /// How far back the baseline looks.
@@ -54,7 +86,8 @@ impl Default for VelocityConfig {
         Self {
             window: Duration::from_secs(600),
             multiple: Some(5),
-            floor_tokens: 200_000,
+            floor_tokens: 1_000_000,
+            no_baseline_tokens: Some(10_000_000),
             max_tokens_per_window: None,
             baseline: Duration::from_secs(7 * 86_400),
             action: RunawayAction::Alert,
@@ -107,6 +140,12 @@ impl VelocityConfig {
                 format!("is {m}: it must be from 2 to 1000 (or `off`); hint: the default is 5"),
             ));
         }
+        if self.no_baseline_tokens == Some(0) {
+            out.push((
+                "no_baseline_tokens",
+                "must be larger than zero (or `off`)".to_owned(),
+            ));
+        }
         if self.max_tokens_per_window == Some(0) {
             out.push((
                 "max_tokens_per_window",
@@ -140,14 +179,10 @@ impl VelocityConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "rule")]
 pub enum Exceeded {
-    /// More than `multiple` × the baseline (the floor standing in for a
-    /// baseline too short to trust), and more than the floor.
-    Multiple {
-        multiple: u32,
-        floor_tokens: u64,
-        /// `false` when the agent had too little history and the floor stood in.
-        from_history: bool,
-    },
+    /// More than `multiple` × the baseline, and more than the floor.
+    Multiple { multiple: u32, floor_tokens: u64 },
+    /// No baseline yet (too little history), and more than `no_baseline_tokens`.
+    NoBaseline { no_baseline_tokens: u64 },
     /// More than `max_tokens_per_window`.
     Limit { max_tokens_per_window: u64 },
 }
@@ -159,7 +194,10 @@ pub struct VelocityEvidence {
     /// Always `spend_velocity`, so a stored record says which wire tripped.
     pub wire: &'static str,
     pub window_secs: u64,
-    /// Tokens settled within the window, the request that tripped included.
+    /// Always `weighted_tokens` (see [`weighted_tokens`]): the unit of every
+    /// `*_tokens` figure here.
+    pub unit: &'static str,
+    /// Weighted tokens settled within the window, the request that tripped included.
     pub spend_tokens: u64,
     /// Requests settled within the window.
     pub requests: u64,
@@ -179,7 +217,7 @@ impl fmt::Display for VelocityEvidence {
         let period = short_duration(self.baseline_secs);
         write!(
             f,
-            "{} tokens in the last {window} ({} requests)",
+            "{} weighted tokens in the last {window} ({} requests)",
             thousands(self.spend_tokens),
             self.requests
         )?;
@@ -195,9 +233,13 @@ impl fmt::Display for VelocityEvidence {
                 thousands(baseline),
                 self.baseline_windows
             )?,
-            (Exceeded::Multiple { multiple, .. }, None) => write!(
+            (Exceeded::Multiple { multiple, .. }, None) => {
+                write!(f, ", over {multiple} × its baseline")?
+            }
+            (Exceeded::NoBaseline { .. }, _) => write!(
                 f,
-                ", over {multiple} × the floor ({} active windows in the last {period} are too few for a baseline)",
+                ", over `no_baseline_tokens` {} ({} active windows in the last {period} are too few for a baseline)",
+                thousands(self.threshold_tokens),
                 self.baseline_windows
             )?,
         }
@@ -208,7 +250,7 @@ impl fmt::Display for VelocityEvidence {
                 thousands(self.threshold_tokens),
                 thousands(floor_tokens)
             ),
-            Exceeded::Limit { .. } => Ok(()),
+            Exceeded::Limit { .. } | Exceeded::NoBaseline { .. } => Ok(()),
         }
     }
 }
@@ -326,38 +368,42 @@ impl VelocityWire {
 
     /// The agent's spend per minute just before `now_ms` from the ledger,
     /// `(minute, tokens, requests)` with `minute = started_at_ms / 60_000`:
-    /// replaces the live window (and what the current window holds so far),
-    /// so a restarted supervisor is not blind to what the agent just spent.
+    /// added to the live window (and to what the current window holds so
+    /// far), so a restarted supervisor is not blind to what the agent just
+    /// spent. Added, not replacing: the ledger is read off the main loop and
+    /// the agent may have spent live meanwhile; the caller reads only rows
+    /// started before the wire began observing.
     pub fn seed_window(&mut self, minutes: impl IntoIterator<Item = (i64, u64, u64)>, now_ms: i64) {
-        self.reset_window();
         self.last_ms = self.last_ms.max(now_ms);
         self.roll(self.last_ms);
-        self.open.tokens = 0;
         let now_minute = self.last_ms.div_euclid(BUCKET_MS);
         let window_minutes = self.config.window_ms() / BUCKET_MS;
-        let mut minutes: Vec<(i64, u64, u64)> = minutes
-            .into_iter()
-            .filter(|&(m, t, _)| t > 0 && m > now_minute - window_minutes && m <= now_minute)
+        let mut merged: std::collections::BTreeMap<i64, (u64, u64)> = self
+            .buckets
+            .drain(..)
+            .map(|b| (b.minute, (b.tokens, b.requests)))
             .collect();
-        minutes.sort_unstable();
         for (minute, tokens, requests) in minutes {
-            match self.buckets.back_mut() {
-                Some(b) if b.minute == minute => {
-                    b.tokens = b.tokens.saturating_add(tokens);
-                    b.requests += requests;
-                }
-                _ => self.buckets.push_back(Bucket {
-                    minute,
-                    tokens,
-                    requests,
-                }),
+            if tokens == 0 || minute <= now_minute - window_minutes || minute > now_minute {
+                continue;
             }
+            let slot = merged.entry(minute).or_default();
+            slot.0 = slot.0.saturating_add(tokens);
+            slot.1 += requests;
             self.spend = self.spend.saturating_add(tokens);
             self.requests += requests;
             if (minute * BUCKET_MS).div_euclid(self.config.window_ms()) == self.open.index {
                 self.open.tokens = self.open.tokens.saturating_add(tokens);
             }
         }
+        self.buckets = merged
+            .into_iter()
+            .map(|(minute, (tokens, requests))| Bucket {
+                minute,
+                tokens,
+                requests,
+            })
+            .collect();
     }
 
     /// Forgets the live window and re-arms: after a release from
@@ -418,6 +464,7 @@ impl VelocityWire {
         self.open.alarmed = true;
         Some(VelocityEvidence {
             wire: "spend_velocity",
+            unit: "weighted_tokens",
             window_secs: self.config.window.as_secs(),
             spend_tokens: self.spend,
             requests: self.requests,
@@ -432,16 +479,24 @@ impl VelocityWire {
     /// The lowest limit in force and which rule it is.
     fn threshold(&self) -> Option<(u64, Exceeded)> {
         let c = &self.config;
-        let relative = c.multiple.map(|multiple| {
-            let base = self.baseline.unwrap_or(c.floor_tokens);
-            (
+        // A new agent has no "usual" yet: one floor for a whole fleet going
+        // live would trip its every busy agent, so only a far higher one.
+        let relative = c.multiple.and_then(|multiple| match self.baseline {
+            Some(base) => Some((
                 base.saturating_mul(u64::from(multiple)).max(c.floor_tokens),
                 Exceeded::Multiple {
                     multiple,
                     floor_tokens: c.floor_tokens,
-                    from_history: self.baseline.is_some(),
                 },
-            )
+            )),
+            None => c.no_baseline_tokens.map(|limit| {
+                (
+                    limit,
+                    Exceeded::NoBaseline {
+                        no_baseline_tokens: limit,
+                    },
+                )
+            }),
         });
         let absolute = c.max_tokens_per_window.map(|max| {
             (
@@ -562,37 +617,74 @@ mod tests {
         let cases = vec![
             Case {
                 name: "a quiet agent's normal burst under the floor",
-                history: (200, 2_000),
+                history: (200, 20_000),
                 config: c,
-                spends: burst(40, 4_000), // 160k in 10 minutes: 80x its baseline
+                spends: burst(40, 20_000), // 800k in 10 minutes: 40x its baseline
                 trips_at: None,
             },
             Case {
                 name: "a busy agent at its usual pace",
-                history: (500, 150_000),
+                history: (500, 1_500_000),
                 config: c,
-                spends: burst(40, 15_000), // 600k in 10 minutes, 4x
+                spends: burst(40, 150_000), // 6M in 10 minutes, 4x
                 trips_at: None,
             },
             Case {
                 name: "above the floor and 5x a busy baseline",
-                history: (500, 60_000),
+                history: (500, 600_000),
                 config: c,
-                spends: burst(40, 10_000), // trips past 300k
+                spends: burst(40, 100_000), // trips past 3M
                 trips_at: Some(30),
             },
             Case {
-                name: "no history: the floor stands in, so 5x the floor",
+                name: "too little history: a loop 80x its five windows trips by the baseline's rule only once it has one",
+                history: (5, 100_000),
+                config: c,
+                spends: burst(40, 200_000), // 8M: under `no_baseline_tokens`
+                trips_at: None,
+            },
+            Case {
+                name: "no history: only `no_baseline_tokens`",
                 history: (0, 0),
                 config: c,
-                spends: burst(40, 30_000), // 1M = 5 x 200k, tripped past it
+                spends: burst(40, 300_000), // tripped past 10M
                 trips_at: Some(33),
             },
             Case {
-                name: "spread over more than the window never adds up",
-                history: (200, 20_000),
+                name: "no history, `no_baseline_tokens: off`: only a hard limit would trip",
+                history: (0, 0),
+                config: VelocityConfig {
+                    no_baseline_tokens: None,
+                    ..c
+                },
+                spends: burst(40, 1_000_000),
+                trips_at: None,
+            },
+            Case {
+                name: "a new coding agent re-reading a 150k cached context every 10s for an hour",
+                history: (0, 0),
                 config: c,
-                spends: (0..60).map(|i| (i * 2, 40_000)).collect(), // 200k per 10 minutes
+                // 60 calls per window of 20k weighted (9.3M raw tokens per window).
+                spends: (0..360)
+                    .map(|i| (i / 6, weighted_tokens(2_000, 500, 2_000, 150_000)))
+                    .collect(),
+                trips_at: None,
+            },
+            Case {
+                name: "the same agent, once it has a baseline, looping at 8x its pace",
+                history: (500, 1_200_000),
+                config: c,
+                spends: (0..480)
+                    .map(|i| (i / 48, weighted_tokens(2_000, 500, 2_000, 150_000)))
+                    .collect(),
+                // 48 calls a minute of 20k: past 6M at the 301st.
+                trips_at: Some(300),
+            },
+            Case {
+                name: "spread over more than the window never adds up",
+                history: (200, 300_000),
+                config: c,
+                spends: (0..60).map(|i| (i * 2, 300_000)).collect(), // 1.5M per 10 minutes
                 trips_at: None,
             },
             Case {
@@ -612,7 +704,7 @@ mod tests {
                     multiple: None,
                     ..c
                 },
-                spends: burst(40, 100_000),
+                spends: burst(40, 1_000_000),
                 trips_at: None,
             },
         ];
@@ -635,24 +727,45 @@ mod tests {
         }
     }
 
+    /// `(input, output, cache_write, cache_read) → weighted tokens`.
+    #[test]
+    fn cache_tokens_weigh_by_their_price() {
+        for (usage, want) in [
+            ((0, 0, 0, 0), 0),
+            ((1_000, 200, 0, 0), 1_200),
+            ((0, 0, 0, 150_000), 15_000),
+            ((0, 0, 1_000, 0), 1_250),
+            ((2_000, 500, 2_000, 150_000), 20_000),
+            // Rounded up once over the cache terms: 0.1 + 1.25 → 2.
+            ((0, 0, 1, 1), 2),
+            ((0, 0, 0, 1), 1),
+            ((u64::MAX, 1, 0, 0), u64::MAX),
+            ((0, 0, u64::MAX, u64::MAX), u64::MAX),
+        ] {
+            let (i, o, w, r) = usage;
+            assert_eq!(weighted_tokens(i, o, w, r), want, "{usage:?}");
+        }
+    }
+
     #[test]
     fn evidence_names_window_spend_baseline_and_rule() {
-        let mut w = with_history(config(), 100, 50_000);
+        let mut w = with_history(config(), 100, 500_000);
         let mut trip = None;
         for i in 0..30 {
-            trip = trip.or(w.observe(T0 + i * 10_000, 20_000));
+            trip = trip.or(w.observe(T0 + i * 10_000, 200_000));
         }
-        let e = trip.expect("trips past 250k");
-        assert_eq!(e.spend_tokens, 260_000);
+        let e = trip.expect("trips past 2.5M");
+        assert_eq!(e.spend_tokens, 2_600_000);
         assert_eq!(e.requests, 13);
-        assert_eq!(e.baseline_tokens, Some(50_000));
-        assert_eq!(e.threshold_tokens, 250_000);
+        assert_eq!(e.baseline_tokens, Some(500_000));
+        assert_eq!(e.threshold_tokens, 2_500_000);
         assert_eq!(
             e.to_string(),
-            "260,000 tokens in the last 10m (13 requests), over 5 × its baseline of 50,000 per 10m (p95 of 100 active windows in the last 7d); limit 250,000, floor 200,000"
+            "2,600,000 weighted tokens in the last 10m (13 requests), over 5 × its baseline of 500,000 per 10m (p95 of 100 active windows in the last 7d); limit 2,500,000, floor 1,000,000"
         );
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["wire"], "spend_velocity");
+        assert_eq!(json["unit"], "weighted_tokens");
         assert_eq!(json["exceeded"]["rule"], "multiple");
         assert_eq!(json["window_secs"], 600);
 
@@ -663,7 +776,17 @@ mod tests {
         let e = w.observe(T0, 1_500).expect("over the limit");
         assert_eq!(
             e.to_string(),
-            "1,500 tokens in the last 10m (1 requests), over `max_tokens_per_window` 1,000"
+            "1,500 weighted tokens in the last 10m (1 requests), over `max_tokens_per_window` 1,000"
+        );
+        let mut w = with_history(config(), 3, 500_000);
+        let e = w.observe(T0, 10_000_001).expect("over no_baseline_tokens");
+        assert_eq!(
+            e.to_string(),
+            "10,000,001 weighted tokens in the last 10m (1 requests), over `no_baseline_tokens` 10,000,000 (3 active windows in the last 7d are too few for a baseline)"
+        );
+        assert_eq!(
+            serde_json::to_value(&e).unwrap()["exceeded"],
+            serde_json::json!({"rule": "no_baseline", "no_baseline_tokens": 10_000_000})
         );
         assert_eq!(thousands(0), "0");
         assert_eq!(thousands(999), "999");
@@ -708,7 +831,7 @@ mod tests {
         assert!(w.observe(window(6), 1).is_none());
         assert_eq!(w.baseline(), Some(10_000));
         // A runaway window: tripped, and not folded in when it closes.
-        assert!(w.observe(window(7), 250_000).is_some());
+        assert!(w.observe(window(7), 1_100_000).is_some());
         assert!(w.observe(window(8), 1).is_none());
         assert_eq!(w.baseline(), Some(10_000), "the tripped window is left out");
         assert_eq!(w.history.len(), 7);
@@ -744,6 +867,24 @@ mod tests {
         assert_eq!(w.open.tokens, 70_000);
     }
 
+    /// The ledger is read off the main loop: spend observed live before its
+    /// answer arrives stays, and the ledger's minutes add to it.
+    #[test]
+    fn a_late_seed_adds_to_what_was_observed_meanwhile() {
+        let mut w = VelocityWire::new(VelocityConfig {
+            max_tokens_per_window: Some(100_000),
+            ..config()
+        });
+        let now = T0 + 3 * MIN;
+        assert!(w.observe(now + 2 * MIN, 40_000).is_none());
+        w.seed_window([(now / MIN - 1, 30_000, 1), (now / MIN, 20_000, 2)], now);
+        assert_eq!(w.spend(), 90_000);
+        assert_eq!(w.buckets.len(), 3, "kept in minute order");
+        assert_eq!(w.open.tokens, 90_000);
+        let e = w.observe(now + 2 * MIN + 1, 20_000).expect("110k > 100k");
+        assert_eq!((e.spend_tokens, e.requests), (110_000, 5));
+    }
+
     #[test]
     fn a_clock_stepping_back_counts_in_the_newest_minute() {
         let mut w = VelocityWire::new(VelocityConfig {
@@ -758,11 +899,11 @@ mod tests {
     #[test]
     fn reset_and_reconfigure() {
         let mut w = with_history(config(), 100, 50_000);
-        assert!(w.observe(T0, 300_000).is_some());
+        assert!(w.observe(T0, 1_100_000).is_some());
         w.reset_window();
         assert_eq!(w.spend(), 0);
         assert!(
-            w.observe(T0 + 1, 300_000).is_some(),
+            w.observe(T0 + 1, 1_100_000).is_some(),
             "re-armed by the reset"
         );
         w.set_config(VelocityConfig {
@@ -815,6 +956,13 @@ mod tests {
                     ..c
                 },
                 "max_tokens_per_window",
+            ),
+            (
+                VelocityConfig {
+                    no_baseline_tokens: Some(0),
+                    ..c
+                },
+                "no_baseline_tokens",
             ),
             (
                 VelocityConfig {
