@@ -1213,13 +1213,14 @@ impl Supervisor {
                 );
                 let file = self.fleet_path.display();
                 for err in failures {
-                    match record.is_empty() {
-                        true => tracing::warn!(
+                    if record.is_empty() {
+                        tracing::warn!(
                             "{err}; while `{file}` does not load, the CLI finds this supervisor only through the file's `state_dir:` line"
-                        ),
-                        false => tracing::warn!(
+                        );
+                    } else {
+                        tracing::warn!(
                             "{err}; a CLI looking only there will not find this supervisor while `{file}` does not load"
-                        ),
+                        );
                     }
                 }
                 files.discovery = Some(record);

@@ -150,14 +150,13 @@ pub fn find(fleet_path: &Path) -> Found {
         (Source::FleetFile, Ok(f)) => f.state_dir == default_state_dir(fleet_path, &env),
         _ => false,
     };
-    let (state_dir, source) =
-        match names_none && crate::orphans::running_supervisor(&state_dir).is_none() {
-            true => match unit_state_dir() {
-                Some(dir) => (dir, Source::UnitStateDir),
-                None => (state_dir, source),
-            },
-            false => (state_dir, source),
-        };
+    let unit = (names_none && crate::orphans::running_supervisor(&state_dir).is_none())
+        .then(unit_state_dir)
+        .flatten();
+    let (state_dir, source) = match unit {
+        Some(dir) => (dir, Source::UnitStateDir),
+        None => (state_dir, source),
+    };
     let socket = match (runtime_directory(), &record) {
         (Some(dir), _) => socket_path(Path::new(""), Some(&dir)),
         (None, Some(r)) => r.socket.clone(),
@@ -518,7 +517,7 @@ fn read_record(place: &Place, owner: u32, path: &Path, me: u32) -> Option<Record
     .then_some(record)
 }
 
-/// Every record `me` may believe, searched in order, as (place, record).
+/// Every record the caller may believe, in search order.
 fn records() -> impl Iterator<Item = Record> {
     let me = nix::unistd::geteuid().as_raw();
     places().into_iter().flat_map(move |place| {
