@@ -1245,17 +1245,24 @@ impl Supervisor {
             Ok((listener, mut files)) => {
                 tracing::info!(socket = %files.socket.display(), "control socket listening");
                 // Lets the CLI find this socket while fleet.yaml is broken or gone.
-                match crate::control::discovery::register(
+                let (record, failures) = crate::control::discovery::register(
                     &self.fleet_path,
                     &self.current.state_dir,
                     &files.socket,
-                ) {
-                    Ok(record) => files.discovery = Some(record),
-                    Err(err) => tracing::warn!(
-                        "{err}; while `{}` does not load, the CLI finds this supervisor only through the file's `state_dir:` line",
-                        self.fleet_path.display()
-                    ),
+                );
+                let file = self.fleet_path.display();
+                for err in failures {
+                    if record.is_empty() {
+                        tracing::warn!(
+                            "{err}; while `{file}` does not load, the CLI finds this supervisor only through the file's `state_dir:` line"
+                        );
+                    } else {
+                        tracing::warn!(
+                            "{err}; a CLI looking only there will not find this supervisor while `{file}` does not load"
+                        );
+                    }
                 }
+                files.discovery = Some(record);
                 tokio::spawn(crate::control::server::serve(
                     listener,
                     self.control.clone(),

@@ -107,7 +107,10 @@ fn cli(fleet: &FleetDir, xdg: &Path, args: &[&str]) -> Output {
         .arg(fleet.file("fleet.yaml"))
         .env_remove("RUNTIME_DIRECTORY")
         .env_remove("STATE_DIRECTORY")
-        .env("XDG_RUNTIME_DIR", xdg);
+        .env("XDG_RUNTIME_DIR", xdg)
+        // Not this host's service, if it runs one.
+        .env("SUPERVISOR_UNIT_RUNTIME_DIR", "/nonexistent/run")
+        .env("SUPERVISOR_UNIT_STATE_DIR", "/nonexistent/state");
     // Well under the client's own patience (a reload waits up to 40s): an
     // answer this late would mean a read blocked somewhere.
     output_within(cmd, Duration::from_secs(20), &args.join(" "))
@@ -362,6 +365,132 @@ fn every_command_answers_while_fleet_yaml_is_broken() {
     let out = cli(&fleet, xdg.path(), &["status"]);
     expect(&out, 3, "status, nothing running");
     assert!(text(&out.stderr).contains("invalid YAML"));
+}
+
+/// The shipped unit's layout, simulated: fleet.yaml names no state dir
+/// (the service relies on `$STATE_DIRECTORY`), the service has a private
+/// /tmp and no `$XDG_RUNTIME_DIR`, and a host shell has neither
+/// `$RUNTIME_DIRECTORY` nor `$STATE_DIRECTORY`. The shell's CLI finds the
+/// service through the unit's runtime folder (its record), else through the
+/// unit's state dir, with the file valid or broken; the well-known folders
+/// are temp dirs here, named by the test-only overrides.
+#[test]
+fn a_host_shell_finds_the_systemd_service() {
+    const NO_STATE_DIR: &str = "version: 1
+vault: { backend: dir, path: secrets }
+agents:
+  a:
+    command: [sh, -c, 'echo $$ > a.pid; exec sleep 1000']
+    stop: { grace: 2s }
+    budget: { monthly_tokens: 5M, monthly_usd: 20 }
+";
+    let fleet = FleetDir::new();
+    std::fs::create_dir_all(fleet.file("secrets")).unwrap();
+    std::fs::set_permissions(
+        fleet.file("secrets"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    fleet.write_fleet(NO_STATE_DIR);
+    // /run/agent-supervisor, /var/lib/agent-supervisor, the private /tmp.
+    let (run, state, private_tmp) = (xdg_dir(), xdg_dir(), xdg_dir());
+    let sup = fleet.run(&[
+        ("RUNTIME_DIRECTORY", run.path().to_str().unwrap()),
+        ("STATE_DIRECTORY", state.path().to_str().unwrap()),
+        ("TMPDIR", private_tmp.path().to_str().unwrap()),
+        ("XDG_RUNTIME_DIR", ""),
+    ]);
+    sup.wait_log("control socket listening");
+    let pid = fleet.wait_pid("a");
+    assert!(run.path().join("control.sock").exists());
+    let fleet_file = fleet.file("fleet.yaml");
+    let host_tmp = xdg_dir();
+    let missing = xdg_dir();
+    // A root shell: its own /tmp, no runtime folder of its own.
+    let shell = |unit_run: &Path, unit_state: &Path, args: &[&str]| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .arg("-f")
+            .arg(&fleet_file)
+            .env_remove("RUNTIME_DIRECTORY")
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("TMPDIR", host_tmp.path())
+            .env("SUPERVISOR_UNIT_RUNTIME_DIR", unit_run)
+            .env("SUPERVISOR_UNIT_STATE_DIR", unit_state);
+        output_within(cmd, Duration::from_secs(20), &args.join(" "))
+    };
+    let nowhere = missing.path().join("none");
+    // (how it is found, the unit's runtime folder, the unit's state dir)
+    let ways = [
+        ("the record", run.path(), nowhere.as_path()),
+        ("the state dir", nowhere.as_path(), state.path()),
+    ];
+    for (way, unit_run, unit_state) in ways {
+        let what = |cmd: &str, file: &str| format!("{cmd} via {way}, {file} file");
+
+        fleet.write_fleet(NO_STATE_DIR);
+        let out = shell(unit_run, unit_state, &["status", "--json"]);
+        expect(&out, 0, &what("status", "valid"));
+        assert_eq!(json(&out)[0]["pid"], pid, "{}", what("status", "valid"));
+        let out = shell(unit_run, unit_state, &["reload"]);
+        expect(&out, 0, &what("reload", "valid"));
+        assert!(text(&out.stdout).contains("unchanged: 1 agent"));
+        let out = shell(unit_run, unit_state, &["usage", "--json"]);
+        expect(&out, 0, &what("usage", "valid"));
+        assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
+
+        std::fs::write(&fleet_file, "version: 1\nagents:\n  a: [\n    - : :\n").unwrap();
+        let out = shell(unit_run, unit_state, &["reload"]);
+        expect(&out, 1, &what("reload", "broken"));
+        let err = text(&out.stderr);
+        assert!(err.starts_with("error: reload rejected"), "{err}");
+        assert!(has_location(&err, &fleet_file), "{err}");
+        let out = shell(unit_run, unit_state, &["status", "--json"]);
+        expect(&out, 0, &what("status", "broken"));
+        assert_eq!(json(&out)[0]["pid"], pid);
+        let says = match way {
+            "the record" => "using the running supervisor's".to_owned(),
+            _ => format!(
+                "using the state dir of the agent-supervisor service, `{}`",
+                state.path().display()
+            ),
+        };
+        assert!(text(&out.stderr).contains(&says), "{}", text(&out.stderr));
+        let out = shell(unit_run, unit_state, &["usage", "--json"]);
+        expect(&out, 0, &what("usage", "broken"));
+        assert!(
+            !text(&out.stderr).contains("ceilings are unavailable"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    assert!(!fleet.file(".supervisor").exists(), "never the default");
+
+    // A runtime folder someone else could write in is not believed.
+    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o770)).unwrap();
+    let out = shell(run.path(), &nowhere, &["reload"]);
+    expect(&out, 3, "reload, group-writable runtime folder");
+    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Nor a record someone else could have written.
+    let record = std::fs::read_dir(run.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("the service's record in its runtime folder");
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o622)).unwrap();
+    let out = shell(run.path(), &nowhere, &["reload"]);
+    expect(&out, 3, "reload, group-writable record");
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = shell(run.path(), &nowhere, &["reload"]);
+    expect(&out, 1, "reload, record private again");
+
+    // Its records go with it.
+    let mut sup = sup;
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success(), "{}", sup.log());
+    assert!(!record.exists(), "the record is removed on exit");
 }
 
 /// `check` and `run` on a FIFO fail at once with a clear message instead of

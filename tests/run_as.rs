@@ -428,3 +428,68 @@ fn the_control_socket_answers_only_its_own_user_and_root() {
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit().success(), "{}", sup.log());
 }
+
+/// README "Live control": root's CLI finds a supervisor a user runs by hand
+/// through that user's discovery record (in `$TMPDIR/agent-supervisor-UID`),
+/// whether the fleet file loads or not, though nothing else says where its
+/// state dir is. As another user, the supervisor runs as that user and is
+/// found through the CLI's own folder.
+#[test]
+fn root_finds_a_supervisor_another_user_runs() {
+    let fleet = FleetDir::new();
+    let good =
+        "version: 1\nagents:\n  a:\n    command: [sh, -c, 'echo $$ > a.pid; exec sleep 1000']\n";
+    fleet.write_fleet(good);
+    let who = is_root().then_some(NOBODY);
+    // A shared /tmp, and a state dir only the fleet's `STATE_DIRECTORY` names.
+    let tmp = tempfile::tempdir().expect("tmp");
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let state = tempfile::tempdir().expect("state");
+    fs::set_permissions(state.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    if let Some(who) = who {
+        hand_over(&fleet, who);
+        std::os::unix::fs::chown(state.path(), Some(who.0), Some(who.1)).expect("chown");
+    }
+    let log = fleet.file("supervisor.log");
+    let out = fs::File::create(&log).expect("log file");
+    let err = out.try_clone().expect("clone log");
+    let child = supervisor_as(&fleet, who, &["run", "--log-format", "plain"])
+        .env("STATE_DIRECTORY", state.path())
+        .env("TMPDIR", tmp.path())
+        .env("XDG_RUNTIME_DIR", "")
+        .env_remove("RUNTIME_DIRECTORY")
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn supervisor");
+    let mut sup = Supervisor { child, log };
+    sup.wait_log("control socket listening");
+    let agent = fleet.wait_pid("a");
+    let cli = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .arg("-f")
+            .arg(fleet.file("fleet.yaml"))
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("RUNTIME_DIRECTORY")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("TMPDIR", tmp.path())
+            .env("SUPERVISOR_UNIT_RUNTIME_DIR", "/nonexistent/run")
+            .env("SUPERVISOR_UNIT_STATE_DIR", "/nonexistent/state")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the CLI")
+    };
+    let broken = "version: 1\nagents:\n  a: [\n    - : :\n";
+    for (file, status_code, reload_code) in [(good, 0, 0), (broken, 0, 1)] {
+        fs::write(fleet.file("fleet.yaml"), file).expect("write fleet.yaml");
+        let out = cli(&["status", "--json"]);
+        assert_eq!(out.status.code(), Some(status_code), "{out:?}");
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON rows");
+        assert_eq!(rows[0]["pid"], agent, "{rows}");
+        let out = cli(&["reload"]);
+        assert_eq!(out.status.code(), Some(reload_code), "{out:?}");
+    }
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success(), "{}", sup.log());
+}

@@ -6,16 +6,23 @@
 //! Three sources, most trusted first:
 //! 1. the **discovery record** a running supervisor keeps in a per-user
 //!    runtime folder (`$XDG_RUNTIME_DIR/agent-supervisor/`, else
-//!    `$TMPDIR/agent-supervisor-UID/`), keyed by the canonical path of its
-//!    fleet file; it survives any change to the file, even its deletion, and
-//!    is trusted only while its supervisor still holds the state dir's lock;
+//!    `$TMPDIR/agent-supervisor-UID/`) and, under systemd, in its
+//!    `$RUNTIME_DIRECTORY` too (the unit's `/run/agent-supervisor`, which a
+//!    host shell sees where it cannot see the service's private /tmp), keyed
+//!    by the canonical path of its fleet file; it survives any change to the
+//!    file, even its deletion, and is trusted only while its supervisor still
+//!    holds the state dir's lock, and only from folders and files owned by
+//!    root or the caller (root also reads other users' per-user folders);
 //! 2. the fleet file, when it loads;
 //! 3. a line scan of the file for a top-level `state_dir:`, which survives
 //!    any breakage elsewhere in the file.
 //!
 //! Then the default (`$STATE_DIRECTORY`, else `.supervisor` beside the file),
-//! as `fleet::load` would resolve it. Must not decide anything about agents;
-//! the record holds paths and a pid, never anything secret.
+//! as `fleet::load` would resolve it; when no supervisor holds that one and
+//! the file names no state dir of its own, the shipped unit's
+//! `StateDirectory` (`/var/lib/agent-supervisor`) if a supervisor holds it.
+//! Must not decide anything about agents; the record holds paths and a pid,
+//! never anything secret.
 
 use std::io::{self, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
@@ -51,6 +58,9 @@ pub enum Source {
     StateDirLine,
     /// Nothing said where: the default state dir.
     Default,
+    /// Nothing said where and no supervisor holds the default, but one
+    /// holds the shipped unit's `StateDirectory`.
+    UnitStateDir,
 }
 
 /// A fleet's state dir and control socket, and the fleet file as it loads now.
@@ -94,6 +104,10 @@ impl Found {
                 "using the state dir its `state_dir:` line names, `{}`",
                 self.state_dir.display()
             ),
+            Source::UnitStateDir => format!(
+                "using the state dir of the agent-supervisor service, `{}`",
+                self.state_dir.display()
+            ),
             Source::Default | Source::FleetFile => {
                 format!("using the default state dir `{}`", self.state_dir.display())
             }
@@ -131,6 +145,18 @@ pub fn find(fleet_path: &Path) -> Found {
             None => (default_state_dir(fleet_path, &env), Source::Default),
         },
     };
+    let names_none = match (&source, &fleet) {
+        (Source::Default, _) => true,
+        (Source::FleetFile, Ok(f)) => f.state_dir == default_state_dir(fleet_path, &env),
+        _ => false,
+    };
+    let unit = (names_none && crate::orphans::running_supervisor(&state_dir).is_none())
+        .then(unit_state_dir)
+        .flatten();
+    let (state_dir, source) = match unit {
+        Some(dir) => (dir, Source::UnitStateDir),
+        None => (state_dir, source),
+    };
     let socket = match (runtime_directory(), &record) {
         (Some(dir), _) => socket_path(Path::new(""), Some(&dir)),
         (None, Some(r)) => r.socket.clone(),
@@ -150,16 +176,23 @@ pub fn find(fleet_path: &Path) -> Found {
     }
 }
 
+/// The shipped unit's state dir, when a supervisor holds it and `me` may
+/// trust it (the checks of a service's runtime folder).
+fn unit_state_dir() -> Option<PathBuf> {
+    let me = nix::unistd::geteuid().as_raw();
+    let place = Place {
+        dir: unit_dir(UNIT_STATE_DIR_ENV, UNIT_STATE_DIR),
+        kind: Kind::Service,
+    };
+    open_place(&place, me)?;
+    crate::orphans::running_supervisor(&place.dir).map(|_| place.dir)
+}
+
 /// The live record of whichever supervisor holds `state_dir`, if it wrote one.
 fn supervisor_of(state_dir: &Path) -> Option<Record> {
     let pid = crate::orphans::running_supervisor(state_dir)?;
     let wanted = std::path::absolute(state_dir).ok()?;
-    std::fs::read_dir(registry_dir(false)?)
-        .ok()?
-        .flatten()
-        .filter_map(|e| fleet::read_regular_file(&e.path(), MAX_RECORD_BYTES).ok())
-        .filter_map(|b| serde_json::from_slice::<Record>(&b).ok())
-        .find(|r| r.pid == pid && r.state_dir == wanted)
+    records().find(|r| r.pid == pid && r.state_dir == wanted)
 }
 
 /// The control socket of the supervisor holding `state_dir` (known from a
@@ -257,15 +290,258 @@ fn one_line_scalar(value: &[u8]) -> Option<String> {
     (!inner.trim().is_empty()).then(|| inner.to_owned())
 }
 
-/// The per-user folder that holds discovery records, created 0700 if need
-/// be; `None` (no discovery) if it is not a folder of ours that only we can
-/// enter.
-fn registry_dir(create: bool) -> Option<PathBuf> {
-    let uid = nix::unistd::geteuid().as_raw();
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+/// The shipped unit's `RuntimeDirectory=agent-supervisor`
+/// (systemd/agent-supervisor.service): where a host shell finds the record
+/// of the service, whose own /tmp is private.
+pub const UNIT_RUNTIME_DIR: &str = "/run/agent-supervisor";
+/// The shipped unit's `StateDirectory=agent-supervisor`: the state dir of a
+/// service whose fleet file names none (it relies on `$STATE_DIRECTORY`).
+pub const UNIT_STATE_DIR: &str = "/var/lib/agent-supervisor";
+/// Replace [`UNIT_RUNTIME_DIR`] / [`UNIT_STATE_DIR`] for the CLI. Meant for
+/// tests (which cannot run systemd) and for packagers whose unit uses other
+/// names; a user setting them only changes where their own CLI looks, and
+/// the same ownership checks apply.
+pub const UNIT_RUNTIME_DIR_ENV: &str = "SUPERVISOR_UNIT_RUNTIME_DIR";
+pub const UNIT_STATE_DIR_ENV: &str = "SUPERVISOR_UNIT_STATE_DIR";
+
+fn unit_dir(env: &str, default: &str) -> PathBuf {
+    match std::env::var_os(env).map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir,
+        _ => PathBuf::from(default),
+    }
+}
+
+/// Who made a folder of records, which decides whose records it may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The caller's own per-user folder.
+    Own,
+    /// A runtime folder systemd made for the service (`$RUNTIME_DIRECTORY`,
+    /// the unit's well-known one).
+    Service,
+    /// Another user's per-user folder, read by root only.
+    OtherUser(u32),
+}
+
+/// What the trust rules look at in a file or folder (`lstat`, never followed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stat {
+    uid: u32,
+    mode: u32,
+    dir: bool,
+    file: bool,
+}
+
+impl Stat {
+    fn of(path: &Path) -> Option<Stat> {
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        Some(Stat::from_meta(&meta))
+    }
+
+    fn from_meta(meta: &std::fs::Metadata) -> Stat {
+        Stat {
+            uid: meta.uid(),
+            mode: meta.mode(),
+            dir: meta.file_type().is_dir(),
+            file: meta.file_type().is_file(),
+        }
+    }
+
+    fn others_may_write(self) -> bool {
+        self.mode & 0o022 != 0
+    }
+}
+
+/// Whether `me` may read records in a folder of `kind` (`dir`, whose parent
+/// is `parent`), and if so whose records it holds besides root's and ours.
+/// A link, or a folder someone else could write in, could steer the CLI to
+/// another user's socket.
+fn folder_owner(kind: Kind, dir: Stat, parent: Option<Stat>, me: u32) -> Option<u32> {
+    if !dir.dir || dir.others_may_write() {
+        return None;
+    }
+    match kind {
+        Kind::Own => (dir.uid == me && dir.mode & 0o077 == 0).then_some(me),
+        Kind::Service if dir.uid == me || dir.uid == 0 => Some(dir.uid),
+        // A unit's `User=` owns its runtime folder; only root (systemd)
+        // can have made it in a folder only root may write in.
+        Kind::Service => {
+            let made_by_root = parent.is_some_and(|p| p.uid == 0 && !p.others_may_write());
+            (me == 0 && made_by_root).then_some(dir.uid)
+        }
+        Kind::OtherUser(uid) => (me == 0 && dir.uid == uid && dir.mode & 0o077 == 0).then_some(uid),
+    }
+}
+
+/// Whether a record file in a folder whose records belong to `owner` may be
+/// believed by `me`: a regular file of root, ours or the folder's owner,
+/// that no one else could have written.
+fn record_file_trusted(file: Stat, owner: u32, me: u32) -> bool {
+    file.file && !file.others_may_write() && (file.uid == 0 || file.uid == me || file.uid == owner)
+}
+
+/// What a record owned by another user (`writer`, neither root nor `me`)
+/// must hold for root to believe it: every path it names is the writer's,
+/// and, outside a folder systemd made for the service, so is the fleet file
+/// or its folder, so a user cannot claim someone else's fleet file.
+fn foreign_claims_hold(
+    kind: Kind,
+    writer: u32,
+    me: u32,
+    state_dir: Option<u32>,
+    socket: Option<u32>,
+    fleet: [Option<u32>; 2],
+) -> bool {
+    if writer == 0 || writer == me {
+        return true;
+    }
+    let theirs = |uid: Option<u32>| uid == Some(writer);
+    theirs(state_dir) && theirs(socket) && (kind == Kind::Service || fleet.into_iter().any(theirs))
+}
+
+/// A folder that may hold records, in the order they are searched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Place {
+    dir: PathBuf,
+    kind: Kind,
+}
+
+/// The caller's own per-user folder: `$XDG_RUNTIME_DIR/agent-supervisor`,
+/// else `$TMPDIR/agent-supervisor-UID`.
+fn own_dir(uid: u32) -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
         Some(runtime) if runtime.is_absolute() => runtime.join("agent-supervisor"),
         _ => std::env::temp_dir().join(format!("agent-supervisor-{uid}")),
+    }
+}
+
+/// Every folder the CLI searches for records: its own, the service's
+/// runtime folders, and for root every user's per-user folder (a
+/// supervisor run by hand as another user).
+fn places() -> Vec<Place> {
+    let me = nix::unistd::geteuid().as_raw();
+    let mut places = vec![Place {
+        dir: own_dir(me),
+        kind: Kind::Own,
+    }];
+    if let Some(dir) = runtime_directory() {
+        places.push(Place {
+            dir,
+            kind: Kind::Service,
+        });
+    }
+    places.push(Place {
+        dir: unit_dir(UNIT_RUNTIME_DIR_ENV, UNIT_RUNTIME_DIR),
+        kind: Kind::Service,
+    });
+    if me == 0 {
+        places.extend(other_users_places(
+            Path::new("/run/user"),
+            &std::env::temp_dir(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    places.retain(|p| seen.insert(p.dir.clone()));
+    places
+}
+
+/// Bounds what a huge /tmp costs root's CLI.
+const MAX_SCANNED_ENTRIES: usize = 10_000;
+
+/// `/run/user/UID/agent-supervisor` and `$TMPDIR/agent-supervisor-UID` of
+/// every user but root.
+fn other_users_places(run_user: &Path, tmp: &Path) -> Vec<Place> {
+    let uids_in = |dir: &Path, parse: &dyn Fn(&str) -> Option<u32>| -> Vec<u32> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .take(MAX_SCANNED_ENTRIES)
+                    .flatten()
+                    .filter_map(|e| parse(e.file_name().to_str()?))
+                    .filter(|uid| *uid != 0)
+                    .collect()
+            })
+            .unwrap_or_default()
     };
+    let mut places: Vec<Place> = uids_in(run_user, &|name| name.parse().ok())
+        .into_iter()
+        .map(|uid| Place {
+            dir: run_user.join(uid.to_string()).join("agent-supervisor"),
+            kind: Kind::OtherUser(uid),
+        })
+        .collect();
+    let from_tmp = uids_in(tmp, &|name| {
+        name.strip_prefix("agent-supervisor-")?.parse().ok()
+    });
+    places.extend(from_tmp.into_iter().map(|uid| Place {
+        dir: tmp.join(format!("agent-supervisor-{uid}")),
+        kind: Kind::OtherUser(uid),
+    }));
+    places.sort_by(|a, b| a.dir.cmp(&b.dir));
+    places
+}
+
+/// `place`'s folder, if `me` may read records there, with whose they may be.
+fn open_place(place: &Place, me: u32) -> Option<u32> {
+    let dir = Stat::of(&place.dir)?;
+    let parent = place.dir.parent().and_then(Stat::of);
+    folder_owner(place.kind, dir, parent, me)
+}
+
+/// Reads the record at `path` (never through a link, never blocking),
+/// if the trust rules let `me` believe it.
+fn read_record(place: &Place, owner: u32, path: &Path, me: u32) -> Option<Record> {
+    use std::io::Read as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    let stat = Stat::from_meta(&file.metadata().ok()?);
+    if !record_file_trusted(stat, owner, me) {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_RECORD_BYTES).read_to_end(&mut bytes).ok()?;
+    let record: Record = serde_json::from_slice(&bytes).ok()?;
+    let uid = |p: &Path| Stat::of(p).map(|s| s.uid);
+    let fleet_folder = record.fleet.parent().and_then(uid);
+    foreign_claims_hold(
+        place.kind,
+        stat.uid,
+        me,
+        uid(&record.state_dir),
+        uid(&record.socket),
+        [uid(&record.fleet), fleet_folder],
+    )
+    .then_some(record)
+}
+
+/// Every record the caller may believe, in search order.
+fn records() -> impl Iterator<Item = Record> {
+    let me = nix::unistd::geteuid().as_raw();
+    places().into_iter().flat_map(move |place| {
+        let Some(owner) = open_place(&place, me) else {
+            return Vec::new();
+        };
+        std::fs::read_dir(&place.dir)
+            .map(|entries| {
+                entries
+                    .take(MAX_SCANNED_ENTRIES)
+                    .flatten()
+                    .filter(|e| is_record_name(&e.file_name()))
+                    .filter_map(|e| read_record(&place, owner, &e.path(), me))
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// The per-user folder that holds this supervisor's records, created 0700
+/// if need be; `None` if it is not a folder of ours that only we can enter.
+fn registry_dir(create: bool) -> Option<PathBuf> {
+    let uid = nix::unistd::geteuid().as_raw();
+    let dir = own_dir(uid);
     if create {
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
@@ -273,10 +549,11 @@ fn registry_dir(create: bool) -> Option<PathBuf> {
             Err(_) => return None,
         }
     }
-    // Not followed if a link: someone else's folder (in a shared /tmp) could
-    // otherwise steer the CLI to their socket.
-    let meta = std::fs::symlink_metadata(&dir).ok()?;
-    (meta.is_dir() && meta.uid() == uid && meta.mode() & 0o077 == 0).then_some(dir)
+    let place = Place {
+        dir,
+        kind: Kind::Own,
+    };
+    open_place(&place, uid).map(|_| place.dir)
 }
 
 /// The fleet file's identity: its folder's canonical path and its name, so
@@ -294,16 +571,32 @@ fn record_name(canonical: &Path) -> String {
     format!("{hex}.json")
 }
 
-/// The live record for `fleet_path`: its supervisor still holds the lock of
-/// the state dir it names. A record left by a killed supervisor is ignored.
+/// Whether a file name is one [`record_name`] makes: the sweep and the
+/// search touch nothing else in a folder (a `$RUNTIME_DIRECTORY` may hold
+/// other files).
+fn is_record_name(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .and_then(|n| n.strip_suffix(".json"))
+        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Whether `record` is for `canonical` and its supervisor is alive: it
+/// still holds the lock of the state dir the record names. A record left
+/// by a killed supervisor is ignored.
+fn is_live(record: &Record) -> bool {
+    crate::orphans::running_supervisor(&record.state_dir) == Some(record.pid)
+}
+
+/// The live record for `fleet_path`, from the first folder that has one.
 pub fn lookup(fleet_path: &Path) -> Option<Record> {
     let canonical = canonical_fleet(fleet_path)?;
-    let path = registry_dir(false)?.join(record_name(&canonical));
-    let bytes = fleet::read_regular_file(&path, MAX_RECORD_BYTES).ok()?;
-    let record: Record = serde_json::from_slice(&bytes).ok()?;
-    let live = record.fleet == canonical
-        && crate::orphans::running_supervisor(&record.state_dir) == Some(record.pid);
-    live.then_some(record)
+    let name = record_name(&canonical);
+    let me = nix::unistd::geteuid().as_raw();
+    places().into_iter().find_map(|place| {
+        let owner = open_place(&place, me)?;
+        let record = read_record(&place, owner, &place.dir.join(&name), me)?;
+        (record.fleet == canonical && is_live(&record)).then_some(record)
+    })
 }
 
 /// Removes the records of supervisors that are gone (killed before they
@@ -315,79 +608,110 @@ fn sweep(dir: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "json") {
+        if !is_record_name(&entry.file_name()) {
             continue;
         }
+        let path = entry.path();
         let live = fleet::read_regular_file(&path, MAX_RECORD_BYTES)
             .ok()
             .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-            .is_some_and(|r| crate::orphans::running_supervisor(&r.state_dir) == Some(r.pid));
+            .is_some_and(|r| is_live(&r));
         if !live {
             let _ = std::fs::remove_file(&path);
         }
     }
 }
 
-/// A supervisor's discovery record; removed when dropped, unless another
-/// supervisor of the same fleet file has replaced it meanwhile.
+/// A supervisor's discovery records; removed when dropped, unless another
+/// supervisor of the same fleet file has replaced them meanwhile.
 #[derive(Debug)]
 pub struct Registration {
-    path: PathBuf,
+    paths: Vec<PathBuf>,
     pid: i32,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let ours = fleet::read_regular_file(&self.path, MAX_RECORD_BYTES)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-            .is_some_and(|r| r.pid == self.pid);
-        if ours {
-            let _ = std::fs::remove_file(&self.path);
+        for path in &self.paths {
+            let ours = fleet::read_regular_file(path, MAX_RECORD_BYTES)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+                .is_some_and(|r| r.pid == self.pid);
+            if ours {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
 
+impl Registration {
+    /// Whether any record was written.
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+}
+
 /// Writes the record of this supervisor (pid, state dir, socket) for the
-/// fleet at `fleet_path`, atomically and 0600. A failure only costs
-/// discovery, so it is returned for a warning, never fatal.
-pub fn register(
-    fleet_path: &Path,
-    state_dir: &Path,
-    socket: &Path,
-) -> Result<Registration, String> {
-    let canonical = canonical_fleet(fleet_path)
-        .ok_or_else(|| format!("cannot resolve the folder of `{}`", fleet_path.display()))?;
-    let dir = registry_dir(true).ok_or_else(|| {
-        "no private runtime folder ($XDG_RUNTIME_DIR/agent-supervisor or \
-         $TMPDIR/agent-supervisor-UID, ours and mode 0700)"
-            .to_owned()
-    })?;
-    sweep(&dir);
+/// fleet at `fleet_path`, atomically and 0600, in its per-user folder and,
+/// under systemd, in `$RUNTIME_DIRECTORY` (which a host shell can see when
+/// the service's /tmp is private). A failure only costs discovery from
+/// that folder, so each is returned for a warning, never fatal.
+pub fn register(fleet_path: &Path, state_dir: &Path, socket: &Path) -> (Registration, Vec<String>) {
     let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+    let mut registration = Registration {
+        paths: Vec::new(),
+        pid,
+    };
+    let Some(canonical) = canonical_fleet(fleet_path) else {
+        let err = format!("cannot resolve the folder of `{}`", fleet_path.display());
+        return (registration, vec![err]);
+    };
     let record = Record {
         fleet: canonical.clone(),
         state_dir: std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_owned()),
         socket: std::path::absolute(socket).unwrap_or_else(|_| socket.to_owned()),
         pid,
     };
-    let path = dir.join(record_name(&canonical));
-    let tmp = dir.join(format!(".{}.tmp", record_name(&canonical)));
-    let written = serde_json::to_vec(&record)
+    let mut failures = Vec::new();
+    let mut dirs = Vec::new();
+    match registry_dir(true) {
+        Some(dir) => dirs.push(dir),
+        None => failures.push(
+            "no private runtime folder ($XDG_RUNTIME_DIR/agent-supervisor or \
+             $TMPDIR/agent-supervisor-UID, ours and mode 0700)"
+                .to_owned(),
+        ),
+    }
+    if let Some(dir) = runtime_directory() {
+        dirs.push(dir);
+    }
+    for dir in dirs {
+        sweep(&dir);
+        match write_record(&dir, &record_name(&canonical), &record) {
+            Ok(path) => registration.paths.push(path),
+            Err(err) => failures.push(err),
+        }
+    }
+    (registration, failures)
+}
+
+fn write_record(dir: &Path, name: &str, record: &Record) -> Result<PathBuf, String> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let written = serde_json::to_vec(record)
         .map_err(io::Error::other)
         .and_then(|text| {
+            let _ = std::fs::remove_file(&tmp);
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
             file.write_all(&text)?;
             std::fs::rename(&tmp, &path)
         });
     match written {
-        Ok(()) => Ok(Registration { path, pid }),
+        Ok(()) => Ok(path),
         Err(err) => {
             let _ = std::fs::remove_file(&tmp);
             Err(format!("cannot write `{}`: {err}", path.display()))
@@ -462,5 +786,245 @@ mod tests {
             record_name(&canonical.join("other.yaml"))
         );
         assert!(record_name(&here).ends_with(".json") && record_name(&here).len() == 37);
+    }
+
+    fn stat(uid: u32, mode: u32, dir: bool) -> Stat {
+        Stat {
+            uid,
+            mode,
+            dir,
+            file: !dir,
+        }
+    }
+
+    #[test]
+    fn record_folders_are_trusted_by_owner_and_mode() {
+        let root_parent = Some(stat(0, 0o755, true));
+        let tmp_parent = Some(stat(0, 0o1777, true));
+        let user_parent = Some(stat(1000, 0o700, true));
+        // (kind, folder, parent, me, whose records it may hold)
+        let cases = [
+            // Our own per-user folder: ours and 0700 only.
+            (
+                Kind::Own,
+                stat(1000, 0o700, true),
+                tmp_parent,
+                1000,
+                Some(1000),
+            ),
+            (Kind::Own, stat(1000, 0o750, true), tmp_parent, 1000, None),
+            (Kind::Own, stat(1001, 0o700, true), tmp_parent, 1000, None),
+            (Kind::Own, stat(1000, 0o700, false), tmp_parent, 1000, None),
+            // A service's runtime folder: root's or ours, nobody else may write.
+            (
+                Kind::Service,
+                stat(0, 0o700, true),
+                root_parent,
+                1000,
+                Some(0),
+            ),
+            (
+                Kind::Service,
+                stat(0, 0o755, true),
+                root_parent,
+                1000,
+                Some(0),
+            ),
+            (
+                Kind::Service,
+                stat(1000, 0o700, true),
+                root_parent,
+                1000,
+                Some(1000),
+            ),
+            (Kind::Service, stat(0, 0o775, true), root_parent, 0, None),
+            (Kind::Service, stat(0, 0o757, true), root_parent, 0, None),
+            (
+                Kind::Service,
+                stat(1001, 0o700, true),
+                root_parent,
+                1000,
+                None,
+            ),
+            // Root trusts a `User=` service's folder made by root (systemd)...
+            (
+                Kind::Service,
+                stat(1001, 0o700, true),
+                root_parent,
+                0,
+                Some(1001),
+            ),
+            // ...not one anybody could have made, or a user's.
+            (Kind::Service, stat(1001, 0o700, true), tmp_parent, 0, None),
+            (Kind::Service, stat(1001, 0o700, true), user_parent, 0, None),
+            (Kind::Service, stat(1001, 0o700, true), None, 0, None),
+            // Another user's per-user folder: root only, owner as named.
+            (
+                Kind::OtherUser(1000),
+                stat(1000, 0o700, true),
+                tmp_parent,
+                0,
+                Some(1000),
+            ),
+            (
+                Kind::OtherUser(1000),
+                stat(1001, 0o700, true),
+                tmp_parent,
+                0,
+                None,
+            ),
+            (
+                Kind::OtherUser(1000),
+                stat(1000, 0o755, true),
+                tmp_parent,
+                0,
+                None,
+            ),
+            (
+                Kind::OtherUser(1000),
+                stat(1000, 0o700, true),
+                tmp_parent,
+                1001,
+                None,
+            ),
+        ];
+        for (kind, dir, parent, me, want) in cases {
+            assert_eq!(
+                folder_owner(kind, dir, parent, me),
+                want,
+                "{kind:?} {dir:?} parent {parent:?} me {me}"
+            );
+        }
+    }
+
+    #[test]
+    fn record_files_are_trusted_by_owner_and_mode() {
+        // (file, folder's owner, me, trusted)
+        let cases = [
+            (stat(1000, 0o600, false), 1000, 1000, true),
+            (stat(0, 0o644, false), 1000, 1000, true),
+            (stat(1001, 0o600, false), 0, 0, false),
+            (stat(1001, 0o600, false), 1001, 0, true),
+            (stat(1000, 0o620, false), 1000, 1000, false),
+            (stat(1000, 0o602, false), 1000, 1000, false),
+            (stat(1001, 0o600, false), 1000, 1000, false),
+            (stat(1000, 0o700, true), 1000, 1000, false),
+        ];
+        for (file, owner, me, want) in cases {
+            assert_eq!(
+                record_file_trusted(file, owner, me),
+                want,
+                "{file:?} owner {owner} me {me}"
+            );
+        }
+    }
+
+    #[test]
+    fn another_users_record_must_name_only_their_own_things() {
+        let u = Some(1000);
+        let other = Some(1001);
+        // (kind, writer, me, state dir, socket, [fleet file, its folder], believed)
+        let cases = [
+            // Root's and our own records need nothing more.
+            (Kind::Own, 0, 0, None, None, [None, None], true),
+            (Kind::Own, 1000, 1000, other, other, [other, other], true),
+            // A user's record, read by root: all theirs.
+            (Kind::OtherUser(1000), 1000, 0, u, u, [u, Some(0)], true),
+            (Kind::OtherUser(1000), 1000, 0, u, u, [None, u], true),
+            (
+                Kind::OtherUser(1000),
+                1000,
+                0,
+                u,
+                u,
+                [Some(0), Some(0)],
+                false,
+            ),
+            (Kind::OtherUser(1000), 1000, 0, other, u, [u, u], false),
+            (Kind::OtherUser(1000), 1000, 0, u, Some(0), [u, u], false),
+            (Kind::OtherUser(1000), 1000, 0, u, None, [u, u], false),
+            // A `User=` service's record names a fleet file root owns.
+            (Kind::Service, 1000, 0, u, u, [Some(0), Some(0)], true),
+            (Kind::Service, 1000, 0, u, other, [Some(0), Some(0)], false),
+        ];
+        for (kind, writer, me, state, socket, fleet, want) in cases {
+            assert_eq!(
+                foreign_claims_hold(kind, writer, me, state, socket, fleet),
+                want,
+                "{kind:?} writer {writer} me {me} {state:?} {socket:?} {fleet:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_record_names_are_searched_or_swept() {
+        let name = record_name(Path::new("/etc/agent-supervisor/fleet.yaml"));
+        assert!(is_record_name(std::ffi::OsStr::new(&name)));
+        for other in ["control.sock", "x.json", ".0123.json.tmp", "fleet.json"] {
+            assert!(!is_record_name(std::ffi::OsStr::new(other)), "{other}");
+        }
+    }
+
+    #[test]
+    fn root_searches_every_users_folder_but_its_own() {
+        let run_user = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        for name in ["0", "1000", "gdm"] {
+            std::fs::create_dir(run_user.path().join(name)).unwrap();
+        }
+        for name in [
+            "agent-supervisor-0",
+            "agent-supervisor-1001",
+            "agent-supervisor-x",
+            "other",
+        ] {
+            std::fs::create_dir(tmp.path().join(name)).unwrap();
+        }
+        let places = other_users_places(run_user.path(), tmp.path());
+        let want = [
+            (
+                run_user.path().join("1000/agent-supervisor"),
+                Kind::OtherUser(1000),
+            ),
+            (
+                tmp.path().join("agent-supervisor-1001"),
+                Kind::OtherUser(1001),
+            ),
+        ];
+        let mut got: Vec<_> = places.into_iter().map(|p| (p.dir, p.kind)).collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut want = want.to_vec();
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got, want);
+    }
+
+    /// The consts name what the shipped unit sets up; a rename in one place
+    /// only would send the CLI looking in the wrong folder.
+    #[test]
+    fn the_unit_file_and_the_well_known_dirs_agree() {
+        let unit = include_str!("../../systemd/agent-supervisor.service");
+        let setting = |key: &str| -> Vec<&str> {
+            unit.lines()
+                .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+                .map(str::trim)
+                .collect()
+        };
+        assert_eq!(
+            setting("RuntimeDirectory")
+                .iter()
+                .map(|d| format!("/run/{d}"))
+                .collect::<Vec<_>>(),
+            [UNIT_RUNTIME_DIR]
+        );
+        assert_eq!(
+            setting("StateDirectory")
+                .iter()
+                .map(|d| format!("/var/lib/{d}"))
+                .collect::<Vec<_>>(),
+            [UNIT_STATE_DIR]
+        );
+        // The unit runs as root unless `User=` is set: then root's CLI
+        // relies on the `User=` rules above.
+        assert!(setting("User").is_empty() && setting("DynamicUser").is_empty());
     }
 }
