@@ -225,7 +225,10 @@ fn judge(trace: &Trace, out: &Outcome) -> Result<(), String> {
             }
             for s in &ev.steps {
                 if let Some(f) = &s.failure
-                    && (f.chars().count() > 201 || f.bytes().any(|b| b.is_ascii_digit()))
+                    && (f.chars().count() > 201
+                        || f.as_bytes()
+                            .windows(4)
+                            .any(|w| w.iter().all(u8::is_ascii_digit)))
                 {
                     return Err(format!("evidence excerpt not normalised/bounded: {f:?}"));
                 }

@@ -172,15 +172,27 @@ struct Answer {
 struct FailingStep {
     failures: Vec<super::summary::FailureId>,
     calls: Vec<Fingerprint>,
+    /// The calls themselves, for [`ToolCall::same_shape`].
+    shapes: Vec<ToolCall>,
 }
 
 impl FailingStep {
+    /// The same call failing again, or the same failure after a call of the
+    /// same shape (a retry with a bumped counter or a fresh id) or without
+    /// calls. The same failure after a call naming something else (the next
+    /// test id, another file) is the agent moving on, not a retry.
     fn repeats(&self, other: &FailingStep) -> bool {
         intersects(&self.calls, &other.calls)
-            || self
-                .failures
-                .iter()
-                .any(|f| other.failures.iter().any(|g| f.same_failure(g)))
+            || ((self.calls.is_empty()
+                || other.calls.is_empty()
+                || self
+                    .shapes
+                    .iter()
+                    .any(|a| other.shapes.iter().any(|b| a.same_shape(b))))
+                && self
+                    .failures
+                    .iter()
+                    .any(|f| other.failures.iter().any(|g| f.same_failure(g))))
     }
 }
 
@@ -447,6 +459,7 @@ impl Detector {
                     .map(|c| c.fingerprint)
                     .take(MAX_MARKS)
                     .collect(),
+                shapes: calls.iter().take(MAX_MARKS).map(|c| (*c).clone()).collect(),
             };
             let period = conv
                 .run

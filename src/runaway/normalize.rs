@@ -349,7 +349,12 @@ fn digits_look_random(part: &str, has_letter_part: bool) -> bool {
         .filter(|(b, prev)| b.is_ascii_digit() && !prev.is_ascii_digit())
         .count();
     let letters: String = part.chars().filter(char::is_ascii_alphabetic).collect();
-    bytes[0].is_ascii_digit() || runs > 2 || digits > 4 || looks_random(&letters)
+    // One letter before a counter (`a100`, an IMAP tag) is a counter too.
+    bytes[0].is_ascii_digit()
+        || runs > 2
+        || digits > 4
+        || (letters.len() == 1 && digits >= 3)
+        || looks_random(&letters)
 }
 
 /// The length of a uuid-like chain at the start of `s`: 3+ groups of hex
