@@ -497,6 +497,10 @@ pub(super) fn resolve_runaway(
             config.poll_budget_tokens = v.value.0;
             at.push(("poll_budget_tokens", v.pos));
         }
+        if let Some(v) = &layer.max_polls {
+            config.max_polls = v.value;
+            at.push(("max_polls", v.pos));
+        }
         if let Some(action) = layer.action {
             config.action = action;
         }
@@ -667,7 +671,7 @@ providers:
         .unwrap_err();
         assert!(
             errors.iter().any(|e| e
-                == "fleet.yaml:12:56: agent \"a\": `runaway.poll_budget_tokens` is 0: it must be at least 1; hint: the default is 1000000"),
+                == "fleet.yaml:12:56: agent \"a\": `runaway.poll_budget_tokens` is 0: it must be at least 1; hint: the default is 2000000"),
             "{errors:#?}"
         );
         let errors = parse(&format!(

@@ -63,6 +63,8 @@ pub enum TripReason {
     NoProgress,
     /// Polls with identical answers spent the poll budget.
     PollBudget,
+    /// More identical polls in a row than `max_polls`.
+    PollCount,
 }
 
 /// One step of a conversation as shown in evidence. Never holds a prompt,
@@ -114,6 +116,11 @@ impl fmt::Display for Evidence {
             TripReason::NoProgress => write!(
                 f,
                 "the same tool call got a byte-identical result {} times in a row",
+                self.count
+            )?,
+            TripReason::PollCount => write!(
+                f,
+                "polled {} times in a row with identical answers (more than `max_polls`)",
                 self.count
             )?,
             TripReason::PollBudget => write!(
@@ -317,6 +324,7 @@ impl Detector {
             no_progress_repeats,
             poll_interval_ms,
             poll_budget_tokens,
+            max_polls,
             ..
         } = self.config;
         let key = self.resolve(req.conversation);
@@ -494,11 +502,14 @@ impl Detector {
         }
 
         if !observation.is_empty() && observation == conv.observation {
-            if is_poll {
-                // The agent waited: polling, capped by its cost, not its count.
+            if is_poll && conv.polls < max_polls {
+                // The agent waited: polling, capped by its cost and a
+                // generous count (the wait may be a slow tool, not a sleep).
                 conv.polls += 1;
                 conv.polling = true;
                 conv.identical_answers = 1;
+            } else if is_poll {
+                tripped = tripped.or(Some((TripReason::PollCount, conv.polls + 1)));
             } else {
                 conv.identical_answers += 1;
             }
@@ -559,7 +570,10 @@ impl Detector {
                 last.input_tokens = Some(usage.total());
             }
             if conv.polling {
-                let spent = last.input_tokens.unwrap_or(last.estimated_input_tokens);
+                // Charged by what the poll cost: a cached context is cheap.
+                let spent = resp
+                    .usage
+                    .map_or(last.estimated_input_tokens, |u| u.billed());
                 conv.poll_tokens = conv.poll_tokens.saturating_add(spent);
             }
         }

@@ -792,6 +792,12 @@ impl InputUsage {
     pub fn total(&self) -> u64 {
         self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
     }
+
+    /// What the input cost, in uncached-token equivalents: cache reads are
+    /// billed at a tenth (Anthropic, and OpenAI's cached input at most).
+    pub fn billed(&self) -> u64 {
+        self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens / 10
+    }
 }
 
 /// What the detector needs from one upstream answer (JSON or SSE).
