@@ -739,6 +739,49 @@ mod tests {
     }
 
     #[test]
+    fn same_failure_after_calls_naming_other_things_is_progress() {
+        // Each call names another test; the failure text does not say which.
+        let mut d = detector();
+        let mut chat = Chat::new("find the failing tests");
+        assert_eq!(step(&mut d, &chat), Verdict::Healthy);
+        for n in 1..=40 {
+            let args = json!({"args": format!("tests/test_api.py::test_case_{n}"), "timeout": 60});
+            chat.tool(
+                "run_tests",
+                args,
+                "E       assert 200 == 404\n1 failed in 0.12s",
+                true,
+            );
+            assert_eq!(step(&mut d, &chat), Verdict::Healthy, "call {n}");
+        }
+        // The same failure after calls that differ only by a counter or a
+        // respelling is a retry loop, and trips as before.
+        let mut d = detector();
+        let mut chat = Chat::new("export");
+        assert_eq!(step(&mut d, &chat), Verdict::Healthy);
+        let mut tripped = None;
+        for n in 1..=9 {
+            let spelling = if n % 2 == 0 {
+                "orders"
+            } else {
+                "--table orders"
+            };
+            let args = json!({"table": spelling, "chunk": n, "request": format!("req_{n:04}")});
+            chat.tool(
+                "start_export",
+                args,
+                "OSError: No space left on device",
+                true,
+            );
+            if step(&mut d, &chat).is_tripped() {
+                tripped = Some(n);
+                break;
+            }
+        }
+        assert_eq!(tripped, Some(5));
+    }
+
+    #[test]
     fn failing_retries_is_configurable() {
         for n in 1..=6u32 {
             let mut d = Detector::new(RunawayConfig {
