@@ -656,13 +656,14 @@ providers:
     #[test]
     fn runaway_poll_settings_resolve_and_are_located() {
         let fleet = parse(&format!(
-            "{PROVIDERS}defaults:\n  runaway: {{ poll_interval: 30s }}\nagents:\n  a:\n    command: [x]\n    llm: [ {{ provider: sim }} ]\n    runaway: {{ poll_budget_tokens: 250k, no_progress_repeats: 6 }}\n"
+            "{PROVIDERS}defaults:\n  runaway: {{ poll_interval: 30s }}\nagents:\n  a:\n    command: [x]\n    llm: [ {{ provider: sim }} ]\n    runaway: {{ poll_budget_tokens: 250k, no_progress_repeats: 6, max_polls: 400 }}\n"
         ))
         .unwrap();
         let r = fleet.agents["a"].runaway;
         assert_eq!(r.poll_interval_ms, 30_000, "from defaults");
         assert_eq!(r.poll_budget_tokens, 250_000);
         assert_eq!(r.no_progress_repeats, 6);
+        assert_eq!(r.max_polls, 400);
         assert_eq!(r.failing_retries, 4);
 
         let errors = parse(&format!(
