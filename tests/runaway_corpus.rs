@@ -202,6 +202,7 @@ fn judge(trace: &Trace, out: &Outcome) -> Result<(), String> {
                 TripReason::FailingRetries => "failing_retries",
                 TripReason::NoProgress => "no_progress",
                 TripReason::PollBudget => "poll_budget",
+                TripReason::PollCount => "poll_count",
             };
             if e.reason.as_deref().unwrap_or("failing_retries") != reason {
                 return Err(format!("tripped for `{reason}`, expected {:?}", e.reason));
@@ -210,7 +211,7 @@ fn judge(trace: &Trace, out: &Outcome) -> Result<(), String> {
                 TripReason::FailingRetries => trace.config.failing_retries as usize + 1,
                 TripReason::NoProgress => trace.config.no_progress_repeats as usize,
                 // Bounded by tokens, not calls: the trace states its own bound.
-                TripReason::PollBudget => by + 1 - start,
+                TripReason::PollBudget | TripReason::PollCount => by + 1 - start,
             };
             if by + 1 - start > bound {
                 return Err(format!(
@@ -225,7 +226,10 @@ fn judge(trace: &Trace, out: &Outcome) -> Result<(), String> {
             }
             for s in &ev.steps {
                 if let Some(f) = &s.failure
-                    && (f.chars().count() > 201 || f.bytes().any(|b| b.is_ascii_digit()))
+                    && (f.chars().count() > 201
+                        || f.as_bytes()
+                            .windows(4)
+                            .any(|w| w.iter().all(u8::is_ascii_digit)))
                 {
                     return Err(format!("evidence excerpt not normalised/bounded: {f:?}"));
                 }

@@ -524,6 +524,10 @@ pub(super) fn resolve_runaway(
             config.poll_budget_tokens = v.value.0;
             at.push(("poll_budget_tokens", v.pos));
         }
+        if let Some(v) = &layer.max_polls {
+            config.max_polls = v.value;
+            at.push(("max_polls", v.pos));
+        }
         if let Some(action) = layer.action {
             config.action = action;
         }
@@ -705,13 +709,14 @@ providers:
     #[test]
     fn runaway_poll_settings_resolve_and_are_located() {
         let fleet = parse(&format!(
-            "{PROVIDERS}defaults:\n  runaway: {{ poll_interval: 30s }}\nagents:\n  a:\n    command: [x]\n    llm: [ {{ provider: sim }} ]\n    runaway: {{ poll_budget_tokens: 250k, no_progress_repeats: 6 }}\n"
+            "{PROVIDERS}defaults:\n  runaway: {{ poll_interval: 30s }}\nagents:\n  a:\n    command: [x]\n    llm: [ {{ provider: sim }} ]\n    runaway: {{ poll_budget_tokens: 250k, no_progress_repeats: 6, max_polls: 400 }}\n"
         ))
         .unwrap();
         let r = fleet.agents["a"].runaway;
         assert_eq!(r.poll_interval_ms, 30_000, "from defaults");
         assert_eq!(r.poll_budget_tokens, 250_000);
         assert_eq!(r.no_progress_repeats, 6);
+        assert_eq!(r.max_polls, 400);
         assert_eq!(r.failing_retries, 4);
 
         let errors = parse(&format!(
@@ -720,7 +725,7 @@ providers:
         .unwrap_err();
         assert!(
             errors.iter().any(|e| e
-                == "fleet.yaml:12:56: agent \"a\": `runaway.poll_budget_tokens` is 0: it must be at least 1; hint: the default is 1000000"),
+                == "fleet.yaml:12:56: agent \"a\": `runaway.poll_budget_tokens` is 0: it must be at least 1; hint: the default is 2000000"),
             "{errors:#?}"
         );
         let errors = parse(&format!(

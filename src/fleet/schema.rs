@@ -263,7 +263,7 @@ impl FromStr for Percent {
 }
 
 /// `runaway: { failing_retries, no_progress_repeats, poll_interval,
-/// poll_budget_tokens, action }`, merged per field.
+/// poll_budget_tokens, max_polls, action }`, merged per field.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRunaway {
@@ -271,6 +271,7 @@ pub struct RawRunaway {
     pub no_progress_repeats: Option<At<u32>>,
     pub poll_interval: Option<At<Dur>>,
     pub poll_budget_tokens: Option<At<Count>>,
+    pub max_polls: Option<At<u32>>,
     pub action: Option<crate::runaway::RunawayAction>,
     pub velocity: Option<super::velocity::RawVelocity>,
 }

@@ -17,7 +17,7 @@ pub enum RunawayAction {
 }
 
 /// `runaway: { failing_retries: 4, no_progress_repeats: 8, poll_interval: 2s,
-/// poll_budget_tokens: 1M, action: quarantine }` (fleet.yaml writes the
+/// poll_budget_tokens: 2M, max_polls: 200, action: quarantine }` (fleet.yaml writes the
 /// interval as a duration; here it is milliseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -31,8 +31,11 @@ pub struct RunawayConfig {
     /// previous answer is a poll: it never trips by count. 0 = no polls.
     pub poll_interval_ms: u64,
     /// Input tokens a run of polls with identical answers may spend before
-    /// it trips.
+    /// it trips, cache reads counted at a tenth (what they are billed).
     pub poll_budget_tokens: u64,
+    /// Identical polls in a row that trip whatever they cost: a model
+    /// re-running a slow tool looks like a poller to the clock.
+    pub max_polls: u32,
     pub action: RunawayAction,
     /// The spend-velocity backstop (`velocity.rs`), with its own action.
     pub velocity: VelocityConfig,
@@ -44,7 +47,8 @@ impl Default for RunawayConfig {
             failing_retries: 4,
             no_progress_repeats: 8,
             poll_interval_ms: 2_000,
-            poll_budget_tokens: 1_000_000,
+            poll_budget_tokens: 2_000_000,
+            max_polls: 200,
             action: RunawayAction::Quarantine,
             velocity: VelocityConfig::default(),
         }
@@ -77,6 +81,12 @@ impl RunawayConfig {
                 u64::from(self.no_progress_repeats),
                 2,
                 u64::from(defaults.no_progress_repeats),
+            ),
+            (
+                "max_polls",
+                u64::from(self.max_polls),
+                1,
+                u64::from(defaults.max_polls),
             ),
             (
                 "poll_budget_tokens",

@@ -63,6 +63,8 @@ pub enum TripReason {
     NoProgress,
     /// Polls with identical answers spent the poll budget.
     PollBudget,
+    /// More identical polls in a row than `max_polls`.
+    PollCount,
 }
 
 /// One step of a conversation as shown in evidence. Never holds a prompt,
@@ -114,6 +116,11 @@ impl fmt::Display for Evidence {
             TripReason::NoProgress => write!(
                 f,
                 "the same tool call got a byte-identical result {} times in a row",
+                self.count
+            )?,
+            TripReason::PollCount => write!(
+                f,
+                "polled {} times in a row with identical answers (more than `max_polls`)",
                 self.count
             )?,
             TripReason::PollBudget => write!(
@@ -172,15 +179,27 @@ struct Answer {
 struct FailingStep {
     failures: Vec<super::summary::FailureId>,
     calls: Vec<Fingerprint>,
+    /// The calls themselves, for [`ToolCall::same_shape`].
+    shapes: Vec<ToolCall>,
 }
 
 impl FailingStep {
+    /// The same call failing again, or the same failure after a call of the
+    /// same shape (a retry with a bumped counter or a fresh id) or without
+    /// calls. The same failure after a call naming something else (the next
+    /// test id, another file) is the agent moving on, not a retry.
     fn repeats(&self, other: &FailingStep) -> bool {
         intersects(&self.calls, &other.calls)
-            || self
-                .failures
-                .iter()
-                .any(|f| other.failures.iter().any(|g| f.same_failure(g)))
+            || ((self.calls.is_empty()
+                || other.calls.is_empty()
+                || self
+                    .shapes
+                    .iter()
+                    .any(|a| other.shapes.iter().any(|b| a.same_shape(b))))
+                && self
+                    .failures
+                    .iter()
+                    .any(|f| other.failures.iter().any(|g| f.same_failure(g))))
     }
 }
 
@@ -305,6 +324,7 @@ impl Detector {
             no_progress_repeats,
             poll_interval_ms,
             poll_budget_tokens,
+            max_polls,
             ..
         } = self.config;
         let key = self.resolve(req.conversation);
@@ -447,6 +467,7 @@ impl Detector {
                     .map(|c| c.fingerprint)
                     .take(MAX_MARKS)
                     .collect(),
+                shapes: calls.iter().take(MAX_MARKS).map(|c| (*c).clone()).collect(),
             };
             let period = conv
                 .run
@@ -481,11 +502,14 @@ impl Detector {
         }
 
         if !observation.is_empty() && observation == conv.observation {
-            if is_poll {
-                // The agent waited: polling, capped by its cost, not its count.
+            if is_poll && conv.polls < max_polls {
+                // The agent waited: polling, capped by its cost and a
+                // generous count (the wait may be a slow tool, not a sleep).
                 conv.polls += 1;
                 conv.polling = true;
                 conv.identical_answers = 1;
+            } else if is_poll {
+                tripped = tripped.or(Some((TripReason::PollCount, conv.polls + 1)));
             } else {
                 conv.identical_answers += 1;
             }
@@ -546,7 +570,10 @@ impl Detector {
                 last.input_tokens = Some(usage.total());
             }
             if conv.polling {
-                let spent = last.input_tokens.unwrap_or(last.estimated_input_tokens);
+                // Charged by what the poll cost: a cached context is cheap.
+                let spent = resp
+                    .usage
+                    .map_or(last.estimated_input_tokens, |u| u.billed());
                 conv.poll_tokens = conv.poll_tokens.saturating_add(spent);
             }
         }
@@ -709,6 +736,49 @@ mod tests {
         assert_eq!(step(&mut d, &chat), Verdict::Healthy);
         let results = vec!["malformed JSON at byte 17 (req 8a7f)"; 10];
         assert_eq!(failing_loop(&mut d, &mut chat, &results), Some(5));
+    }
+
+    #[test]
+    fn same_failure_after_calls_naming_other_things_is_progress() {
+        // Each call names another test; the failure text does not say which.
+        let mut d = detector();
+        let mut chat = Chat::new("find the failing tests");
+        assert_eq!(step(&mut d, &chat), Verdict::Healthy);
+        for n in 1..=40 {
+            let args = json!({"args": format!("tests/test_api.py::test_case_{n}"), "timeout": 60});
+            chat.tool(
+                "run_tests",
+                args,
+                "E       assert 200 == 404\n1 failed in 0.12s",
+                true,
+            );
+            assert_eq!(step(&mut d, &chat), Verdict::Healthy, "call {n}");
+        }
+        // The same failure after calls that differ only by a counter or a
+        // respelling is a retry loop, and trips as before.
+        let mut d = detector();
+        let mut chat = Chat::new("export");
+        assert_eq!(step(&mut d, &chat), Verdict::Healthy);
+        let mut tripped = None;
+        for n in 1..=9 {
+            let spelling = if n % 2 == 0 {
+                "orders"
+            } else {
+                "--table orders"
+            };
+            let args = json!({"table": spelling, "chunk": n, "request": format!("req_{n:04}")});
+            chat.tool(
+                "start_export",
+                args,
+                "OSError: No space left on device",
+                true,
+            );
+            if step(&mut d, &chat).is_tripped() {
+                tripped = Some(n);
+                break;
+            }
+        }
+        assert_eq!(tripped, Some(5));
     }
 
     #[test]

@@ -99,7 +99,16 @@ pub enum BlockKind {
 pub struct ToolCall {
     pub name: String,
     pub fingerprint: Fingerprint,
+    /// The tool's name.
+    pub shape: Fingerprint,
+    /// Top-level arguments that name something (strings, objects, arrays;
+    /// not numbers or flags), as (key, normalised value) digests, sorted,
+    /// at most [`MAX_NAMED_ARGS`]. See [`ToolCall::same_shape`].
+    pub named_args: Vec<(Fingerprint, Fingerprint)>,
 }
+
+/// Named arguments kept per call.
+pub const MAX_NAMED_ARGS: usize = 8;
 
 const TOOL_NAME_CHARS: usize = 64;
 
@@ -108,29 +117,83 @@ impl ToolCall {
     /// (OpenAI `arguments`); a string is parsed first so key order and
     /// whitespace do not matter.
     pub fn new(name: &str, arguments: &Value) -> Self {
-        let args = match arguments {
-            Value::String(s) => Fingerprint::of_value_canonical(
-                &serde_json::from_str::<Value>(s)
-                    .unwrap_or_else(|_| Value::String(s.trim().to_owned())),
-            ),
-            other => Fingerprint::of_value_canonical(other),
+        let parsed;
+        let value = match arguments {
+            Value::String(s) => {
+                parsed = serde_json::from_str::<Value>(s)
+                    .unwrap_or_else(|_| Value::String(s.trim().to_owned()));
+                &parsed
+            }
+            other => other,
         };
+        let args = Fingerprint::of_value_canonical(value);
+        let mut named_args: Vec<(Fingerprint, Fingerprint)> = match value {
+            Value::Object(map) => map
+                .iter()
+                .filter_map(|(k, v)| {
+                    let text = match v {
+                        Value::String(s) => normalize(s),
+                        // serde_json's map is ordered by key: canonical text.
+                        Value::Array(_) | Value::Object(_) => normalize(&v.to_string()),
+                        _ => return None,
+                    };
+                    Some((Fingerprint::of_str(k), names_in(&text)))
+                })
+                .take(MAX_NAMED_ARGS)
+                .collect(),
+            Value::String(s) => vec![(Fingerprint(0), names_in(&normalize(s)))],
+            _ => Vec::new(),
+        };
+        named_args.sort_unstable();
         let name: String = name.chars().take(TOOL_NAME_CHARS).collect();
+        let named = Fingerprint::of_str(&name);
         Self {
-            fingerprint: Fingerprint::of_str(&name).combine(args),
+            fingerprint: named.combine(args),
+            shape: named,
+            named_args,
             name,
         }
     }
 
     /// A call whose arguments were already reduced to a digest (by the
-    /// proxy's answer tap, the same for streamed and JSON answers).
+    /// proxy's answer tap, the same for streamed and JSON answers). Its
+    /// arguments cannot be normalised any more, so its shape is its name:
+    /// the failure alone decides whether such a call's step repeats.
     pub fn from_digest(name: &str, arguments_digest: u64) -> Self {
         let name: String = name.chars().take(TOOL_NAME_CHARS).collect();
+        let named = Fingerprint::of_str(&name);
         Self {
-            fingerprint: Fingerprint::of_str(&name).combine(Fingerprint(arguments_digest)),
+            fingerprint: named.combine(Fingerprint(arguments_digest)),
+            shape: named,
+            named_args: Vec::new(),
             name,
         }
     }
+
+    /// Whether `other` is this call again with a bumped counter, a fresh id
+    /// or an argument added or dropped (`{"n": 3}` / `{"n": 4}`): same tool,
+    /// and every argument both name agrees once normalised. Calls naming
+    /// different things (`::test_case_1` / `::test_case_2`) differ.
+    pub fn same_shape(&self, other: &ToolCall) -> bool {
+        self.shape == other.shape
+            && self
+                .named_args
+                .iter()
+                .all(|(k, v)| other.named_args.iter().all(|(ok, ov)| ok != k || ov == v))
+    }
+}
+
+/// The set of names (words of 3+ characters) in a normalised argument, so
+/// two spellings of one command (`a.py::test_x`, `a.py -k test_x`) agree
+/// and commands naming different things (`test_case_1`, `test_case_2`) not.
+fn names_in(normalized: &str) -> Fingerprint {
+    let mut words: Vec<&str> = normalized
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| w.chars().count() >= 3)
+        .collect();
+    words.sort_unstable();
+    words.dedup();
+    Fingerprint::of_str(&words.join(" "))
 }
 
 /// Distinct lines kept per failure; further lines fold into the last one.
@@ -728,6 +791,12 @@ impl InputUsage {
     /// The growth measure of the design: all input, cached or not.
     pub fn total(&self) -> u64 {
         self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+    }
+
+    /// What the input cost, in uncached-token equivalents: cache reads are
+    /// billed at a tenth (Anthropic, and OpenAI's cached input at most).
+    pub fn billed(&self) -> u64 {
+        self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens / 10
     }
 }
 

@@ -813,8 +813,55 @@ def polls():
     ci_polling("ci_polling_back_to_back", "The same poll fired back to back (150 ms of tool time, no wait): a "
                "stuck model, not a poller.", 150, 14, trips(10, 3, "no_progress"))
     ci_polling("ci_polling_over_budget", "Identical polls with waits, under a small `poll_budget_tokens` "
-               "(20k): capped by what they cost.", 20_000, 40, trips(16, 3, "poll_budget"),
-               {"poll_budget_tokens": 20_000})
+               "(4k, cache reads at a tenth): capped by what they cost.", 20_000, 40, trips(18, 3, "poll_budget"),
+               {"poll_budget_tokens": 4_000})
+
+def cached_ci_polling():
+    # A real merge agent: system prompt and tool schemas of ~40k tokens, all
+    # cached; polls every 20 s for 35 minutes (105 polls).
+    system = "You are a merge agent. " + " ".join(
+        f"Rule {k}: keep the branch green, check the required status checks, never force-push." for k in range(1800))
+    c = Anthropic(system, "Merge PR 4821 once CI is green.")
+    c.first(lambda: c.call("fetch", {"url": "https://ci.example.com/pr/4821"}))
+    c.result("PR 4821: checks queued", lambda: c.call("poll_export", {"id": "ci-pr-4821"}, "Waiting for CI."))
+    for i in range(105):
+        c.result("status: pending", lambda: c.call("poll_export", {"id": "ci-pr-4821"}, "Still pending; waiting."))
+        c.steps[-1]["wait_ms"] = 20_000
+    trace("healthy_ci_polling_cached_40k_context", "A merge agent with a ~40k-token cached context polls CI "
+          "every 20 s for 35 minutes (105 byte-identical `status: pending`): charged at the cache-read price, "
+          "well inside the poll budget.", c, NEVER)
+
+
+def slow_tool_rerun():
+    c = Anthropic("You are a data agent.", "Rebuild the search index.")
+    c.first(lambda: c.call("fetch", {"url": "https://search.example.com/rebuild"}))
+    c.result("rebuild requested", lambda: c.call("poll_export", {"id": "index-rebuild"}))
+    for i in range(206):
+        # A 30 s tool re-run, fired again as soon as it returns: the gap looks like a wait.
+        c.result("index: 18220 documents, last rebuild 2025-06-03", lambda: c.call("poll_export", {"id": "index-rebuild"}))
+        c.steps[-1]["wait_ms"] = 30_000
+    trace("slow_tool_rerun_identical_results", "A stuck model re-runs a 30 s tool that returns a byte-identical, "
+          "error-free result: the tool time reads as a wait, so only `max_polls` (200) stops it.",
+          c, trips(204, 3, "poll_count"))
+
+
+def pytest_walker():
+    c = Anthropic("You are a coding agent working in /home/dev/api.", "Find which API tests fail.")
+    c.first(lambda: c.call("run_tests", {"args": "tests/test_api.py::test_case_1"}))
+    for n in range(1, 46):
+        out = (BANNER + "collecting ... collected 1 item\n\n"
+               f"tests/test_api.py::test_case_{n} FAILED\n\n"
+               "=================================== FAILURES ===================================\n"
+               f"_______________________________ test_case_{n} _______________________________\n\n"
+               "    def test_case(client):\n>       assert client.get(url).status_code == 404\n"
+               "E       assert 200 == 404\n\ntests/test_api.py:12: AssertionError\n"
+               "=========================== short test summary info ============================\n"
+               f"FAILED tests/test_api.py::test_case_{n} - assert 200 == 404\n"
+               f"============================== 1 failed in {0.1 + 0.01 * n:.2f}s ===============================")
+        c.result(out, lambda n=n: c.call("run_tests", {"args": f"tests/test_api.py::test_case_{n + 1}"}), is_error=True)
+    trace("healthy_pytest_walking_test_ids", "A coding agent runs test_case_1 … test_case_45 one by one; each fails "
+          "with `assert 200 == 404` under one banner: different tests, not a retry (46 calls).", c, NEVER)
+
 
 if __name__ == "__main__":
     for f in os.listdir(HERE):
@@ -846,3 +893,6 @@ if __name__ == "__main__":
     pytest_healthy()
     pytest_same_failure()
     polls()
+    cached_ci_polling()
+    slow_tool_rerun()
+    pytest_walker()
