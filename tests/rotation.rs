@@ -143,8 +143,10 @@ fn a_new_env_secret_restarts_only_its_agent_with_the_new_value() {
     wait_for("a restarted with the new value", || {
         (fleet.read("a.token").as_deref() == Some("tok-a-2\n")).then_some(())
     });
-    let new_pid_a = fleet.wait_pid("a");
-    assert_ne!(new_pid_a, pid_a);
+    // The agent writes its token before its pid: wait for the new pid too.
+    wait_for("a's new pid", || {
+        (fleet.wait_pid("a") != pid_a).then_some(())
+    });
     wait_gone(pid_a);
     assert!(process_alive(pid_b), "b must not restart");
     assert_eq!(fleet.read("b.pid").unwrap().trim(), pid_b.to_string());
