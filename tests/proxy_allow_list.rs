@@ -149,12 +149,7 @@ fn nothing_but_the_allowed_canonical_paths_reaches_upstream() {
     fleet.write_secret("agent", "openai_key", OPENAI_KEY);
     fleet.write_fleet(&fleet_yaml(&fake.url()));
     let _sup = fleet.run(&[]);
-    let env_text = wait_for("agent.env", || {
-        fleet
-            .read("agent.env")
-            .filter(|t| t.contains("OPENAI_API_KEY"))
-    });
-    let env: BTreeMap<&str, &str> = env_text.lines().filter_map(|l| l.split_once('=')).collect();
+    let env = fleet.wait_env("agent.env", "OPENAI_API_KEY");
     let addr = env["ANTHROPIC_BASE_URL"]
         .trim_start_matches("http://")
         .to_owned();
@@ -311,7 +306,7 @@ fn nothing_but_the_allowed_canonical_paths_reaches_upstream() {
             r.key
         );
     }
-    assert!(!fake.saw(&anthropic_token) && !fake.saw(env["OPENAI_API_KEY"]));
+    assert!(!fake.saw(&anthropic_token) && !fake.saw(&env["OPENAI_API_KEY"]));
     for r in &seen {
         for (name, _) in OVERRIDES {
             assert!(

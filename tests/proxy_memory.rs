@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,12 +87,7 @@ agents:
 "
     ));
     let supervisor = fleet.run(&[]);
-    let text = wait_for("a.env", || {
-        fleet
-            .read("a.env")
-            .filter(|t| t.contains("ANTHROPIC_API_KEY"))
-    });
-    let env: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    let env = fleet.wait_env("a.env", "ANTHROPIC_API_KEY");
     let url = format!("{}/v1/messages", env["ANTHROPIC_BASE_URL"]);
     let token = env["ANTHROPIC_API_KEY"].to_owned();
     let pid = supervisor.pid();

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -99,14 +98,9 @@ agents:
 "
     ));
     let _sup = fleet.run(&[]);
-    let text = wait_for("a.env", || {
-        fleet
-            .read("a.env")
-            .filter(|t| t.contains("ANTHROPIC_API_KEY"))
-    });
-    let env: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
-    let base = env["ANTHROPIC_BASE_URL"];
-    let token = env["ANTHROPIC_API_KEY"];
+    let env = fleet.wait_env("a.env", "ANTHROPIC_API_KEY");
+    let base = env["ANTHROPIC_BASE_URL"].as_str();
+    let token = env["ANTHROPIC_API_KEY"].as_str();
     // The agent's own client must not follow either, to see what came back.
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

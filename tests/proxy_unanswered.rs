@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::time::Duration;
@@ -36,15 +35,10 @@ struct Agent {
 }
 
 fn wait_agent(fleet: &FleetDir, name: &str) -> Agent {
-    let text = wait_for(&format!("{name}.env"), || {
-        fleet
-            .read(&format!("{name}.env"))
-            .filter(|t| t.contains("ANTHROPIC_API_KEY"))
-    });
-    let env: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    let env = fleet.wait_env(&format!("{name}.env"), "ANTHROPIC_API_KEY");
     Agent {
-        base: env["ANTHROPIC_BASE_URL"].to_owned(),
-        token: env["ANTHROPIC_API_KEY"].to_owned(),
+        base: env["ANTHROPIC_BASE_URL"].clone(),
+        token: env["ANTHROPIC_API_KEY"].clone(),
     }
 }
 

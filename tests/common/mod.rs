@@ -82,6 +82,16 @@ impl FleetDir {
     }
 
     /// Reads a pid an agent wrote (`echo $$ > NAME.pid`) once it is there.
+    /// The environment an agent dumped with `env > FILE`, once `FILE` holds
+    /// `needle` (so a half-written dump is not read).
+    pub fn wait_env(&self, file: &str, needle: &str) -> std::collections::BTreeMap<String, String> {
+        let text = wait_for(file, || self.read(file).filter(|t| t.contains(needle)));
+        text.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
     pub fn wait_pid(&self, name: &str) -> i32 {
         wait_for(&format!("{name}.pid"), || {
             self.read(&format!("{name}.pid"))
