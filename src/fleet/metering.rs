@@ -554,6 +554,16 @@ mod tests {
     use super::super::model::Fleet;
     use super::*;
 
+    /// Every wanted error is among `errors` (order aside).
+    fn assert_has_all(errors: &[String], want: &[&str]) {
+        for w in want {
+            assert!(
+                errors.iter().any(|e| e == w),
+                "missing {w:?} in {errors:#?}"
+            );
+        }
+    }
+
     fn parse(source: &str) -> Result<Fleet, Vec<String>> {
         parse_for_tests(source)
     }
@@ -633,12 +643,7 @@ providers:
             "fleet.yaml:15:19: `proxy.header_timeout` must be longer than zero",
         ];
         assert_eq!(errors.len(), want.len(), "{errors:#?}");
-        for w in want {
-            assert!(
-                errors.iter().any(|e| e == w),
-                "missing {w:?} in {errors:#?}"
-            );
-        }
+        assert_has_all(&errors, &want);
     }
 
     #[test]
@@ -659,12 +664,7 @@ providers:
             "fleet.yaml:11:33: `proxy.max_body_in_flight_per_agent` (69793218560 bytes) is above the 64GiB the proxy accepts; it is memory held for request bodies",
         ];
         assert_eq!(errors.len(), want.len(), "{errors:#?}");
-        for w in want {
-            assert!(
-                errors.iter().any(|e| e == w),
-                "missing {w:?} in {errors:#?}"
-            );
-        }
+        assert_has_all(&errors, &want);
     }
 
     #[test]
@@ -677,12 +677,7 @@ providers:
             "fleet.yaml:8:39: `proxy.max_body`: invalid size `32 parsecs`: use bytes or a unit, like `32MiB` or `512KiB`",
             "fleet.yaml:8:18: `proxy.listen`: invalid address `localhost`; use IP:PORT, like `127.0.0.1:7878`",
         ];
-        for w in want {
-            assert!(
-                errors.iter().any(|e| e == w),
-                "missing {w:?} in {errors:#?}"
-            );
-        }
+        assert_has_all(&errors, &want);
         let contains = |needle: &str| errors.iter().any(|e| e.contains(needle));
         assert!(
             contains(
@@ -832,12 +827,7 @@ agents:
             "fleet.budgets.yaml:3:60: `agents.a.budget.alert_at`: invalid percentage `120%`: use a whole percentage from 1% to 100%, like `80%`",
             "fleet.budgets.yaml:4:5: `agents.a`: unknown field `env`, expected `budget`",
         ];
-        for w in want {
-            assert!(
-                errors.iter().any(|e| e == w),
-                "missing {w:?} in {errors:#?}"
-            );
-        }
+        assert_has_all(&errors, &want);
         assert!(
             errors.iter().any(|e| e
                 .starts_with("fleet.budgets.yaml:3:31: agent \"a\": `budget.monthly_tokens` is 0")),
